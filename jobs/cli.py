@@ -1,0 +1,59 @@
+"""The `mcad` command line: a thin click layer over library functions.
+
+Each command group lives in its own `jobs/cmd_*.py` module. Those modules
+import only click at module level; heavy imports (torch, ray, transformers)
+happen inside the command functions, so `mcad --help` answers at once.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from storage.errors import InputError
+
+EPILOG = """\b
+Examples:
+  mcad demo                                  the whole flow on the shapes benchmark
+  mcad data synth --out data/shapes          write the benchmark as WebDataset shards
+  mcad pipeline teacher-pass --help          the Ray job that runs the teachers once
+"""
+
+
+class McadGroup(click.Group):
+    """A group whose commands turn bad input into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            _fail(str(exc))
+        except OSError as exc:  # unreadable input, read-only output, full disk
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            _fail(f"{exc.strerror or exc}{where}")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"mcad: error: {' '.join(message.split())}", err=True)
+    sys.exit(2)
+
+
+@click.group(cls=McadGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mcad")
+def main():
+    """mcad: distil big image-text teachers into a mobile-sized dual encoder (MCAD).
+
+    The teachers run once (`mcad pipeline teacher-pass`) and write their
+    evidence to a Parquet signal store; students then train from that store
+    as cheaply as a plain CLIP fine-tune, as often as you like.
+    """
+
+
+def _register() -> None:
+    from jobs import cmd_bench, cmd_data
+
+    for group in (cmd_data.data, cmd_bench.bench):
+        main.add_command(group)
+
+
+_register()

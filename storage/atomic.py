@@ -1,0 +1,52 @@
+"""Crash-safe file writes: write a temporary file beside the target, fsync, rename.
+
+A reader, or a rerun after a crash at any moment, sees either no file or a
+complete one. Temporary names start with `.tmp-` so a resume can sweep them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+TMP_PREFIX = ".tmp-"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) for a temporary file beside `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files a crashed writer left in `folder`; return what was removed."""
+    folder = Path(folder)
+    removed = sorted(folder.glob(TMP_PREFIX + "*")) if folder.is_dir() else []
+    for tmp in removed:
+        tmp.unlink()
+    return removed

@@ -1,0 +1,127 @@
+"""Signal store schema v1: the only place a column is named or typed.
+
+The teacher pass writes, and the student reads, one row per kept sample.
+Batches everywhere are dicts keyed by these names. Feature widths (D, F) and
+the candidate count K are pass parameters, so the Arrow schema is built from
+them; the schema version travels in the Parquet key-value metadata and in the
+manifest, and readers refuse a version they do not know.
+
+Candidate lists hold K entries sorted by dual logit, highest first, the
+positive always included. A pool smaller than K pads its lists with
+`PAD_IDX` in `*_idx` and -inf in `*_dual` and `*_itm`.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from storage.errors import InputError
+
+SCHEMA_VERSION = 1
+KNOWN_VERSIONS = (1,)
+METADATA_VERSION_KEY = b"mcad.schema_version"
+PAD_IDX = -1
+
+# --- signal columns -------------------------------------------------------
+KEY = "key"              # WebDataset key of the sample
+SHARD = "shard"          # input shard name (file stem)
+ROW = "row"              # index among the shard's kept samples
+POOL = "pool"            # pool index within the shard: row // P
+IMG_EMB = "img_emb"      # v_i, L2-normalised, float16[D]
+TXT_EMB = "txt_emb"      # t_i, L2-normalised, float16[D]
+FUSED = "fused"          # f_ii, single teacher's fused [CLS], float16[F]
+FUSED_PROJ = "fused_proj"  # g_i = normalise(f_ii W), float16[D]
+ITM_POS = "itm_pos"      # m_ii = logit(match) - logit(no match), float32
+
+DIRECTIONS = ("i2t", "t2i")
+IDX, DUAL, ITM, DUAL_LSE = "idx", "dual", "itm", "dual_lse"
+
+
+def col(direction: str, field: str) -> str:
+    """Name of a per-direction column, e.g. col("i2t", IDX) == "i2t_idx"."""
+    if direction not in DIRECTIONS or field not in (IDX, DUAL, ITM, DUAL_LSE):
+        raise KeyError(f"no column {direction}_{field}")
+    return f"{direction}_{field}"
+
+
+# --- batch keys that are not columns ---------------------------------------
+DATA = "data"            # in joined batches: the decoded samples (image, captions) of each row
+
+# --- rejects columns -------------------------------------------------------
+REJECT_KEY = "key"
+REJECT_REASON = "reason"
+REJECT_DETAIL = "detail"
+
+REJECTS_SCHEMA = pa.schema(
+    [(REJECT_KEY, pa.string()), (REJECT_REASON, pa.string()), (REJECT_DETAIL, pa.string())],
+    metadata={METADATA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
+)
+
+
+def signal_schema(*, d: int, f: int, k: int) -> pa.Schema:
+    """Arrow schema of a signals file for dual width d, fused width f, k candidates."""
+    if min(d, f, k) < 1:
+        raise ValueError(f"dimensions must be positive, got d={d} f={f} k={k}")
+    f16, f32, i32 = pa.float16(), pa.float32(), pa.int32()
+    fields = [
+        (KEY, pa.string()),
+        (SHARD, pa.string()),
+        (ROW, i32),
+        (POOL, i32),
+        (IMG_EMB, pa.list_(f16, d)),
+        (TXT_EMB, pa.list_(f16, d)),
+        (FUSED, pa.list_(f16, f)),
+        (FUSED_PROJ, pa.list_(f16, d)),
+        (ITM_POS, f32),
+    ]
+    for direction in DIRECTIONS:
+        fields += [
+            (col(direction, IDX), pa.list_(i32, k)),
+            (col(direction, DUAL), pa.list_(f32, k)),
+            (col(direction, ITM), pa.list_(f32, k)),
+            (col(direction, DUAL_LSE), f32),
+        ]
+    return pa.schema(fields, metadata={METADATA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+SIGNAL_COLUMNS = tuple(signal_schema(d=1, f=1, k=1).names)
+
+
+def dims_of(schema: pa.Schema) -> dict[str, int]:
+    """Recover d, f, k from a signals schema."""
+    return {
+        "d": schema.field(IMG_EMB).type.list_size,
+        "f": schema.field(FUSED).type.list_size,
+        "k": schema.field(col("i2t", IDX)).type.list_size,
+    }
+
+
+def version_of(schema: pa.Schema) -> int | None:
+    meta = schema.metadata or {}
+    raw = meta.get(METADATA_VERSION_KEY)
+    return int(raw) if raw is not None else None
+
+
+def check_version(version: int | None, where: str) -> None:
+    if version not in KNOWN_VERSIONS:
+        raise InputError(
+            f"{where}: signal schema version {version} is not supported by this mcad "
+            f"(it reads versions {', '.join(map(str, KNOWN_VERSIONS))})"
+        )
+
+
+def validate(table: pa.Table, *, where: str = "table") -> dict[str, int]:
+    """Check a signals table against schema v1; return its dims or raise InputError."""
+    check_version(version_of(table.schema), where)
+    missing = [c for c in SIGNAL_COLUMNS if c not in table.schema.names]
+    if missing:
+        raise InputError(f"{where}: missing signal columns {missing}")
+    try:
+        dims = dims_of(table.schema)
+    except (AttributeError, KeyError) as exc:
+        raise InputError(f"{where}: feature columns are not fixed-size lists ({exc})") from None
+    expected = signal_schema(**dims)
+    for field in expected:
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise InputError(f"{where}: column {field.name} has type {got}, expected {field.type}")
+    return dims
