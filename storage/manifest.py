@@ -1,0 +1,142 @@
+"""The signal store's manifest: `OUT/manifest.json`.
+
+It says what a store was made from and how far the teacher pass got: the
+schema and mcad versions, the teachers' identities (paths and sha256
+digests), the pass parameters (pool size P, candidates K, widths D and F,
+dtypes, image sizes...) and, per input shard, its source identity (path,
+size, mtime), row counts and status. A shard is complete when its signals
+file exists AND its manifest entry says "done"; the manifest is rewritten
+atomically after each shard, so a crash never leaves a half-written one.
+
+    m = Manifest(teachers={...}, params={"pool_size": 64, "k": 8, "d": 512, "f": 768})
+    m.record_shard("00000", {**source_identity(tar), "rows": 990, "rejected": 10,
+                             "pools": 16, "seconds": 3.2, "status": STATUS_DONE})
+    m.save(out)                    # later: Manifest.load(out)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.atomic import atomic_write_json
+from storage.errors import InputError
+from storage.schema import SCHEMA_VERSION, check_version
+
+MANIFEST_NAME = "manifest.json"
+SIGNALS_DIR = "signals"
+REJECTS_DIR = "rejects"
+FUSION_PROJ_NAME = "fusion_proj.safetensors"
+
+# Pass parameters every reader needs; the rest of `params` is free-form.
+PARAM_POOL_SIZE, PARAM_K, PARAM_D, PARAM_F = "pool_size", "k", "d", "f"
+REQUIRED_PARAMS = (PARAM_POOL_SIZE, PARAM_K, PARAM_D, PARAM_F)
+
+# Per-shard entry fields.
+SOURCE, SIZE, MTIME = "source", "size", "mtime"
+ROWS, REJECTED, POOLS, SECONDS, STATUS = "rows", "rejected", "pools", "seconds", "status"
+SHARD_FIELDS = (SOURCE, SIZE, MTIME, ROWS, REJECTED, POOLS, SECONDS, STATUS)
+STATUS_DONE = "done"
+
+_DIGEST_CHUNK = 1 << 20
+
+
+def mcad_version() -> str:
+    try:
+        return importlib.metadata.version("mcad")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def manifest_path(store: str | os.PathLike) -> Path:
+    return Path(store) / MANIFEST_NAME
+
+
+def signals_path(store: str | os.PathLike, shard: str) -> Path:
+    return Path(store) / SIGNALS_DIR / f"{shard}.parquet"
+
+
+def rejects_path(store: str | os.PathLike, shard: str) -> Path:
+    return Path(store) / REJECTS_DIR / f"{shard}.parquet"
+
+
+@dataclass
+class Manifest:
+    """The contents of manifest.json. Mutable on purpose: the pass records shards as they finish."""
+
+    teachers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    mcad_version: str = field(default_factory=mcad_version)
+
+    @classmethod
+    def load(cls, store: str | os.PathLike) -> "Manifest":
+        path = manifest_path(store)
+        if not path.is_file():
+            raise InputError(f"{store}: not a signal store (no {MANIFEST_NAME})")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: expected a JSON object")
+        check_version(raw.get("schema_version"), str(path))
+        known = {"teachers", "params", "shards", "schema_version", "mcad_version"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown manifest fields {unknown}")
+        return cls(**raw)
+
+    def save(self, store: str | os.PathLike) -> None:
+        """Atomically rewrite manifest.json (temp file + rename)."""
+        atomic_write_json(manifest_path(store), self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record_shard(self, name: str, entry: dict[str, Any]) -> None:
+        """Add or replace a shard's entry; it must carry every field of SHARD_FIELDS."""
+        missing = [k for k in SHARD_FIELDS if k not in entry]
+        if missing:
+            raise ValueError(f"shard {name}: manifest entry lacks {missing}")
+        self.shards[name] = dict(entry)
+
+    def done_shards(self) -> list[str]:
+        """Names of the finished shards, in sorted (store) order."""
+        return sorted(n for n, e in self.shards.items() if e.get(STATUS) == STATUS_DONE)
+
+
+def load(store: str | os.PathLike) -> Manifest:
+    return Manifest.load(store)
+
+
+def source_identity(path: str | os.PathLike) -> dict[str, Any]:
+    """{"source", "size", "mtime"} of an input file: cheap to take, changes when the file does."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    return {SOURCE: str(path.resolve()), SIZE: st.st_size, MTIME: st.st_mtime}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file, streamed; of a folder, over its files' relative names and digests."""
+    path = Path(path)
+    if path.is_dir():
+        outer = hashlib.sha256()
+        for sub in sorted(p for p in path.rglob("*") if p.is_file()):
+            outer.update(f"{sub.relative_to(path).as_posix()}\0{file_digest(sub)}\n".encode())
+        return outer.hexdigest()
+    if not path.is_file():
+        raise InputError(f"{path}: no such file to digest")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_DIGEST_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,379 @@
+"""Stream a signal store: checked opening, pool replay, row remix, and the join with the data.
+
+`open_store(path)` checks the store against its manifest (schema version,
+files present, no orphans, row counts) from Parquet footers only, then:
+
+- `iter_pools`: one dict per pool (replay mode), in shard order or shuffled
+  at pool granularity, split over (rank, worker) slots;
+- `iter_rows`: batches of rows shuffled across pools through a bounded
+  buffer (remix mode);
+- `iter_joined_pools` / `iter_joined_rows`: the same, with the decoded
+  samples attached under `schema.DATA`, read side by side with each shard's
+  tar through an iterator the caller hands in (storage never parses tars).
+
+Batches are dicts keyed by schema column names: fixed-size lists as 2-D
+numpy arrays (n, width) of their stored dtype, scalars as 1-D arrays,
+strings (and DATA) as lists. Memory stays bounded: one row group per open
+file (at most _OPEN_FILES files), plus the shuffle buffers the caller sizes.
+Every split hands each pool (row) to exactly one slot per epoch; the global
+order depends only on (seed, epoch), so all slots agree on it without
+talking. Storage never imports torch: callers pass worker ids themselves.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import schema as S
+from storage.atomic import TMP_PREFIX
+from storage.errors import InputError
+from storage.manifest import (
+    MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS,
+    SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, rejects_path, signals_path,
+)
+
+Batch = dict[str, Any]
+OpenSamples = Callable[[str], Iterable[tuple[str, Any]]]
+_OPEN_FILES = 4  # Parquet files kept open at once by one iterator (pool-shuffled replay)
+
+
+def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "Store":
+    """Open and check a store; InputError (one line, naming the shard) on any mismatch.
+
+    With allow_incomplete, shards whose manifest status is not "done" are
+    left out (for inspecting a pass still running); otherwise they are refused.
+    """
+    path = Path(path)
+    manifest = Manifest.load(path)
+    params = manifest.params
+    for key in REQUIRED_PARAMS:
+        if not isinstance(params.get(key), int) or params[key] < 1:
+            raise InputError(f"{path}: manifest params need a positive integer {key!r}, got {params.get(key)!r}")
+    unfinished = sorted(n for n, e in manifest.shards.items() if e.get(STATUS) != STATUS_DONE)
+    if unfinished and not allow_incomplete:
+        first = unfinished[0]
+        raise InputError(f"{path}: shard {first} has status {manifest.shards[first].get(STATUS)!r}, "
+                         f"not {STATUS_DONE!r} ({len(unfinished)} unfinished; rerun the teacher pass)")
+    on_disk = {p.name[: -len(".parquet")] for p in (path / SIGNALS_DIR).glob("*.parquet")
+               if not p.name.startswith(TMP_PREFIX)}
+    orphans = sorted(on_disk - set(manifest.shards))
+    if orphans:
+        raise InputError(f"{path}: shard {orphans[0]} has a signals file but no manifest entry "
+                         f"({len(orphans)} such; an interrupted pass or files copied in)")
+    names = manifest.done_shards()
+    starts = {name: _check_shard(path, name, manifest) for name in names}
+    return Store(path, manifest, names, starts)
+
+
+def _check_shard(store: Path, name: str, manifest: Manifest) -> np.ndarray:
+    """Check one done shard's files from their footers; return its row-group start rows (+ total)."""
+    entry, params = manifest.shards[name], manifest.params
+    where = f"{store}: shard {name}"
+    spath, rpath = signals_path(store, name), rejects_path(store, name)
+    for p in (spath, rpath):
+        if not p.is_file():
+            raise InputError(f"{where}: manifest says done but {p.relative_to(store)} is missing")
+    try:
+        with pq.ParquetFile(spath) as pf:
+            meta, arrow_schema = pf.metadata, pf.schema_arrow
+        rejected = pq.read_metadata(rpath).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{where}: unreadable Parquet file ({' '.join(str(exc).split())})") from None
+    S.check_version(S.version_of(arrow_schema), f"{where} (signals file)")
+    dims = S.validate(arrow_schema.empty_table(), where=f"{where} (signals file)")
+    want = {"d": params[PARAM_D], "f": params[PARAM_F], "k": params[PARAM_K]}
+    if dims != want:
+        raise InputError(f"{where}: signals file has dims {dims}, the manifest says {want}")
+    pools = -(-meta.num_rows // params[PARAM_POOL_SIZE])
+    for field, got in ((ROWS, meta.num_rows), (REJECTED, rejected), (POOLS, pools)):
+        if entry.get(field) != got:
+            raise InputError(f"{where}: files hold {got} {field}, the manifest says {entry.get(field)}")
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """A short stable id (sha256 of canonical JSON) of a fingerprint, for names and logs."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+class Store:
+    """An opened, checked signal store. Iterators open files lazily and close them when done."""
+
+    def __init__(self, path: Path, manifest: Manifest, shards: Sequence[str],
+                 row_group_starts: dict[str, np.ndarray]):
+        self.path = path
+        self.manifest = manifest
+        self.shards: tuple[str, ...] = tuple(shards)
+        params = manifest.params
+        self.dims = {"d": params[PARAM_D], "f": params[PARAM_F], "k": params[PARAM_K]}
+        self.pool_size: int = params[PARAM_POOL_SIZE]
+        self._starts = row_group_starts
+        self.shard_rows = {n: int(manifest.shards[n][ROWS]) for n in self.shards}
+        self.num_rows = sum(self.shard_rows.values())
+        self._units = [(n, p) for n in self.shards for p in range(-(-self.shard_rows[n] // self.pool_size))]
+        self.num_pools = len(self._units)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, shards={len(self.shards)}, rows={self.num_rows}, pools={self.num_pools})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a student pins: schema version, teacher digests, pass params, per-shard source identity."""
+        m = self.manifest
+        return {
+            "schema_version": m.schema_version,
+            "teachers": {role: {k: v for k, v in sorted(t.items()) if k.endswith("sha256")}
+                         for role, t in sorted(m.teachers.items())},
+            "params": m.params,
+            "shards": {n: {k: m.shards[n][k] for k in (SOURCE, SIZE, MTIME)} for n in self.shards},
+        }
+
+    def rejected_keys(self, shard: str) -> set[str]:
+        return set(pq.read_table(rejects_path(self.path, shard), columns=[S.REJECT_KEY])
+                   .column(S.REJECT_KEY).to_pylist())
+
+    # --- replay and remix ------------------------------------------------
+
+    def iter_pools(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
+                   world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                   columns: Sequence[str] | None = None) -> Iterator[Batch]:
+        """Yield this slot's pools: all pools in shard order (or shuffled by seed+epoch), dealt round-robin."""
+        slot, slots = _slot(rank, world_size, worker, num_workers)
+        cols = _columns(columns)
+        order = _order(len(self._units), shuffle, seed, epoch)[slot::slots]
+        files = _Files(self)
+        try:
+            for u in order:
+                yield files.pool(*self._units[u], cols)
+        finally:
+            files.close()
+
+    def iter_rows(self, *, batch_size: int, buffer_size: int = 4096, shuffle: bool = True,
+                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, worker: int = 0,
+                  num_workers: int = 1, columns: Sequence[str] | None = None) -> Iterator[Batch]:
+        """Yield batches of rows mixed across pools through a bounded buffer; the last may be smaller."""
+        pools = self.iter_pools(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                worker=worker, num_workers=num_workers, columns=columns)
+        slot, _ = _slot(rank, world_size, worker, num_workers)
+        rng = np.random.default_rng([seed, epoch, slot]) if shuffle else None
+        return rebatch(pools, batch_size=batch_size, buffer_size=buffer_size, rng=rng)
+
+    # --- joined with the data ---------------------------------------------
+
+    def iter_joined_pools(self, open_samples: OpenSamples, *, shuffle: bool = False, seed: int = 0,
+                          epoch: int = 0, rank: int = 0, world_size: int = 1, worker: int = 0,
+                          num_workers: int = 1, buffer_pools: int = 4,
+                          columns: Sequence[str] | None = None) -> Iterator[Batch]:
+        """Yield pools with their samples under schema.DATA, reading each shard beside its tar.
+
+        `open_samples(source)` yields (key, sample) in tar order; samples the
+        teacher pass rejected (listed in rejects/) may be included, they are
+        skipped. Whole shards are dealt to slots (shuffled by seed+epoch when
+        shuffle), and with shuffle a buffer of `buffer_pools` pools mixes them.
+        """
+        slot, slots = _slot(rank, world_size, worker, num_workers)
+        cols = _columns(columns, need=(S.KEY,))
+        mine = _order(len(self.shards), shuffle, seed, epoch)[slot::slots]
+        pools = (p for i in mine for p in self._joined_shard(open_samples, self.shards[i], cols))
+        if shuffle and buffer_pools > 1:
+            pools = _pool_buffer(pools, buffer_pools, np.random.default_rng([seed, epoch, slot]))
+        yield from pools
+
+    def iter_joined_rows(self, open_samples: OpenSamples, *, batch_size: int, buffer_size: int = 4096,
+                         shuffle: bool = True, seed: int = 0, epoch: int = 0, rank: int = 0,
+                         world_size: int = 1, worker: int = 0, num_workers: int = 1,
+                         buffer_pools: int = 4, columns: Sequence[str] | None = None) -> Iterator[Batch]:
+        """Remix on top of iter_joined_pools: batches of rows (with DATA) through a bounded buffer."""
+        pools = self.iter_joined_pools(open_samples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                                       world_size=world_size, worker=worker, num_workers=num_workers,
+                                       buffer_pools=buffer_pools, columns=columns)
+        slot, _ = _slot(rank, world_size, worker, num_workers)
+        rng = np.random.default_rng([seed, epoch, slot, 1]) if shuffle else None
+        return rebatch(pools, batch_size=batch_size, buffer_size=buffer_size, rng=rng)
+
+    def _joined_shard(self, open_samples: OpenSamples, name: str, cols: list[str]) -> Iterator[Batch]:
+        samples = iter(open_samples(self.manifest.shards[name][SOURCE]))
+        rejected: set[str] | None = None
+        files = _Files(self, max_open=1)
+        try:
+            for pool_index in range(-(-self.shard_rows[name] // self.pool_size)):
+                pool = files.pool(name, pool_index, cols)
+                data = []
+                for offset, key in enumerate(pool[S.KEY]):
+                    row = pool_index * self.pool_size + offset
+                    while True:
+                        got = next(samples, None)
+                        if got is None:
+                            raise InputError(f"shard {name}, row {row}: the data ended where the store "
+                                             f"has key {key!r}")
+                        if got[0] == key:
+                            break
+                        rejected = self.rejected_keys(name) if rejected is None else rejected
+                        if got[0] not in rejected:
+                            raise InputError(f"shard {name}, row {row}: the data has key {got[0]!r} "
+                                             f"where the store has key {key!r}")
+                    data.append(got[1])
+                pool[S.DATA] = data
+                yield pool
+            for got_key, _ in samples:
+                rejected = self.rejected_keys(name) if rejected is None else rejected
+                if got_key not in rejected:
+                    raise InputError(f"shard {name}, row {self.shard_rows[name]}: the data has key "
+                                     f"{got_key!r} after the store's last row")
+        finally:
+            files.close()
+            getattr(samples, "close", lambda: None)()
+
+
+class _Files:
+    """Open Parquet files of one iterator (LRU-bounded), each caching its last row groups read."""
+
+    def __init__(self, store: Store, max_open: int = _OPEN_FILES):
+        self.store, self.max_open = store, max_open
+        self.open: OrderedDict[str, tuple[pq.ParquetFile, list]] = OrderedDict()
+
+    def pool(self, shard: str, index: int, cols: list[str]) -> Batch:
+        pf, cache = self._file(shard)
+        p = self.store.pool_size
+        lo, hi = index * p, min((index + 1) * p, self.store.shard_rows[shard])
+        starts = self.store._starts[shard]
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left")) - 1
+        groups = tuple(range(first, last + 1))
+        if not cache or cache[0] != (groups, tuple(cols)):
+            cache[:] = [(groups, tuple(cols)), pf.read_row_groups(list(groups), columns=cols)]
+        table = cache[1].slice(lo - int(starts[first]), hi - lo)
+        if table.num_rows != hi - lo:
+            raise InputError(f"shard {shard}: pool {index} has {table.num_rows} rows, expected {hi - lo}")
+        return to_numpy(table)
+
+    def _file(self, shard: str) -> tuple[pq.ParquetFile, list]:
+        if shard in self.open:
+            self.open.move_to_end(shard)
+        else:
+            while len(self.open) >= self.max_open:
+                self.open.popitem(last=False)[1][0].close()
+            self.open[shard] = (pq.ParquetFile(signals_path(self.store.path, shard)), [])
+        return self.open[shard]
+
+    def close(self) -> None:
+        while self.open:
+            self.open.popitem()[1][0].close()
+
+
+def to_numpy(table: pa.Table) -> Batch:
+    """Arrow table -> batch dict: fixed-size lists as (n, width) arrays, strings as lists."""
+    out: Batch = {}
+    for name, chunked in zip(table.column_names, table.columns):
+        arr = chunked.combine_chunks()
+        if pa.types.is_fixed_size_list(arr.type):
+            flat = arr.flatten().to_numpy(zero_copy_only=False)
+            out[name] = flat.reshape(len(arr), arr.type.list_size)
+        elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+            out[name] = arr.to_pylist()
+        else:
+            out[name] = arr.to_numpy(zero_copy_only=False)
+    return out
+
+
+def rebatch(pools: Iterable[Batch], *, batch_size: int, buffer_size: int,
+            rng: np.random.Generator | None) -> Iterator[Batch]:
+    """Cut a stream of pool dicts into batches of batch_size rows (the last may be smaller).
+
+    With rng, rows are shuffled through a buffer of about buffer_size rows:
+    once it fills, it is permuted and the rows above half of it leave as
+    batches, so each row mixes with rows of about buffer_size / P pools.
+    """
+    if batch_size < 1 or (rng is not None and buffer_size < batch_size):
+        raise ValueError(f"need 1 <= batch_size <= buffer_size, got {batch_size}, {buffer_size}")
+    parts: list[Batch] = []
+    n = 0
+    for pool in pools:
+        parts.append(pool)
+        n += _len(pool)
+        if n < (buffer_size if rng is not None else batch_size):
+            continue
+        buf = _concat(parts)
+        if rng is not None:
+            buf = _take(buf, rng.permutation(n))
+            emit = max(batch_size, (n - buffer_size // 2) // batch_size * batch_size)
+        else:
+            emit = n // batch_size * batch_size
+        for i in range(0, emit, batch_size):
+            yield _take(buf, slice(i, i + batch_size))
+        parts = [_take(buf, slice(emit, n))] if emit < n else []
+        n -= emit
+    if n:
+        buf = _concat(parts)
+        if rng is not None:
+            buf = _take(buf, rng.permutation(n))
+        for i in range(0, n, batch_size):
+            yield _take(buf, slice(i, i + batch_size))
+
+
+def _pool_buffer(pools: Iterable[Batch], size: int, rng: np.random.Generator) -> Iterator[Batch]:
+    """Shuffle a stream of pools through a buffer holding at most `size` of them."""
+    held: list[Batch] = []
+    for pool in pools:
+        held.append(pool)
+        if len(held) >= size:
+            i = int(rng.integers(len(held)))
+            held[i], held[-1] = held[-1], held[i]
+            yield held.pop()
+    for i in rng.permutation(len(held)):
+        yield held[i]
+
+
+def _len(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _concat(parts: list[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    out: Batch = {}
+    for key, first in parts[0].items():
+        if isinstance(first, np.ndarray):
+            out[key] = np.concatenate([p[key] for p in parts])
+        else:
+            out[key] = [x for p in parts for x in p[key]]
+    return out
+
+
+def _take(batch: Batch, idx: np.ndarray | slice) -> Batch:
+    out: Batch = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray) or isinstance(idx, slice):
+            out[key] = value[idx]
+        else:
+            out[key] = [value[i] for i in idx]
+    return out
+
+
+def _slot(rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ValueError(f"need 0 <= rank < world_size and 0 <= worker < num_workers, "
+                         f"got rank={rank} world_size={world_size} worker={worker} num_workers={num_workers}")
+    return rank * num_workers + worker, world_size * num_workers
+
+
+def _order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    # Seeded by (seed, epoch) only, so that every slot computes the same global order.
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+def _columns(columns: Sequence[str] | None, need: Sequence[str] = ()) -> list[str]:
+    if columns is None:
+        return list(S.SIGNAL_COLUMNS)
+    unknown = [c for c in columns if c not in S.SIGNAL_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown signal columns {unknown}")
+    return list(dict.fromkeys([*need, *columns]))

@@ -1,0 +1,246 @@
+"""Writer and manifest: round trip of every column type, input checks, crash safety."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage import schema as S
+from storage import writer
+from storage.atomic import TMP_PREFIX, sweep_temporaries
+from storage.errors import InputError
+from storage.manifest import (
+    MANIFEST_NAME, STATUS_DONE, Manifest, file_digest, rejects_path, signals_path, source_identity,
+)
+from storage.writer import write_shard
+
+DIMS = {"d": 8, "f": 12, "k": 3, "pool_size": 4}
+TESTS_DIR = Path(__file__).resolve().parents[1]
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_round_trip_every_column_type(tmp_path, make_columns):
+    cols = make_columns("s0", 10, seed=3)
+    rejects = [("s0-x", "decode_error", "truncated jpeg"), ("s0-y", "no_caption", "")]
+    info = write_shard(tmp_path, "s0", cols, rejects, **DIMS)
+    assert info["rows"] == 10 and info["rejected"] == 2 and info["pools"] == 3
+    assert info["bytes"] == signals_path(tmp_path, "s0").stat().st_size
+
+    table = pq.read_table(signals_path(tmp_path, "s0"))
+    assert S.version_of(table.schema) == S.SCHEMA_VERSION
+    assert S.validate(table) == {"d": 8, "f": 12, "k": 3}
+    assert table.column(S.KEY).to_pylist() == cols[S.KEY]
+    assert table.column(S.SHARD).to_pylist() == ["s0"] * 10
+    for name in (S.IMG_EMB, S.TXT_EMB, S.FUSED, S.FUSED_PROJ):
+        got = np.array(table.column(name).to_pylist(), dtype=np.float16)
+        np.testing.assert_array_equal(got, cols[name])
+    for name in (S.ROW, S.POOL, S.ITM_POS, S.col("t2i", S.DUAL_LSE)):
+        np.testing.assert_array_equal(table.column(name).to_numpy(), np.asarray(cols[name]))
+    idx = np.array(table.column(S.col("i2t", S.IDX)).to_pylist())
+    dual = np.array(table.column(S.col("i2t", S.DUAL)).to_pylist(), dtype=np.float32)
+    itm = np.array(table.column(S.col("t2i", S.ITM)).to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(idx, cols[S.col("i2t", S.IDX)])
+    np.testing.assert_array_equal(dual, cols[S.col("i2t", S.DUAL)])
+    np.testing.assert_array_equal(itm, cols[S.col("t2i", S.ITM)])
+    # The last pool (rows 8, 9) is smaller than K = 3: padded.
+    assert (idx[8:, 2] == S.PAD_IDX).all() and np.isneginf(dual[8:, 2]).all()
+
+    rej = pq.read_table(rejects_path(tmp_path, "s0"))
+    assert rej.schema.names == S.REJECTS_SCHEMA.names
+    assert [tuple(r.values()) for r in rej.to_pylist()] == rejects
+    assert S.version_of(rej.schema) == S.SCHEMA_VERSION
+
+
+def test_row_groups_hold_whole_pools(tmp_path, make_columns, monkeypatch):
+    assert writer.row_group_rows(64) == 256 and writer.row_group_rows(300) == 300
+    monkeypatch.setattr(writer, "ROW_GROUP_MIN_ROWS", 6)
+    write_shard(tmp_path, "s0", make_columns("s0", 19), [], **DIMS)
+    meta = pq.read_metadata(signals_path(tmp_path, "s0"))
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [8, 8, 3]
+
+
+def test_empty_rejects_and_empty_shard_are_written(tmp_path, make_columns):
+    info = write_shard(tmp_path, "s0", make_columns("s0", 5), [], **DIMS)
+    assert info["rejected"] == 0 and pq.read_table(rejects_path(tmp_path, "s0")).num_rows == 0
+    empty = {name: value[:0] for name, value in make_columns("s1", 5).items()}
+    info = write_shard(tmp_path, "s1", empty, [("s1-a", "decode_error", "x")], **DIMS)
+    assert info == {**info, "rows": 0, "pools": 0, "rejected": 1}
+    assert pq.read_table(signals_path(tmp_path, "s1")).num_rows == 0
+
+
+def _break(cols, name, fn):
+    cols[name] = fn(np.array(cols[name]) if not isinstance(cols[name], list) else list(cols[name]))
+    return cols
+
+
+def _set(index, value):
+    def fn(a):
+        a = a.copy()
+        a[index] = value
+        return a
+    return fn
+
+
+def _drop_positive_of_row0(idx):
+    """Row 0's candidates are 3 of pool 0's rows {0..3}: swap its positive for the one left out."""
+    idx = idx.copy()
+    left_out = ({0, 1, 2, 3} - set(idx[0].tolist())).pop()
+    idx[0][idx[0] == 0] = left_out
+    return idx
+
+
+BAD_INPUTS = {  # case: (column, how to break it, expected message)
+    "embedding width": (S.IMG_EMB, lambda a: a[:, :5], "img_emb has shape"),
+    "fewer rows": (S.ITM_POS, lambda a: a[:-1], "itm_pos has shape"),
+    "rows out of order": (S.ROW, lambda a: a[::-1], "row must be 0..9"),
+    "pool not row//P": (S.POOL, _set(5, 0), "pool must equal row // 4"),
+    "candidate in another pool": (S.col("i2t", S.IDX), _set((0, 2), 7), "row 0 has candidates outside"),
+    "positive missing": (S.col("t2i", S.IDX), _drop_positive_of_row0, "positive"),
+    "padding where the pool is full": (S.col("i2t", S.IDX), _set((1, 2), S.PAD_IDX), "min\\(K, pool size\\)"),
+    "-inf logit on a real candidate": (S.col("i2t", S.DUAL), _set((0, 0), -np.inf), "i2t_dual must be finite"),
+    "finite logit on padding": (S.col("t2i", S.ITM), _set((9, 2), 0.5), "t2i_itm must be finite"),
+    "nan embedding": (S.TXT_EMB, _set((3, 3), np.nan), "txt_emb holds non-finite"),
+    "float candidate ids": (S.col("i2t", S.IDX), lambda a: a.astype(np.float32), "must be integers"),
+    "other shard name": (S.SHARD, lambda a: ["s9"] * 10, "other shard names"),
+    "non-string key": (S.KEY, lambda a: list(range(10)), "keys must be strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_write_shard_refuses_inconsistent_columns(tmp_path, make_columns, case):
+    name, fn, message = BAD_INPUTS[case]
+    cols = make_columns("s0", 10)
+    cols.setdefault(S.SHARD, ["s0"] * 10)
+    cols = _break(cols, name, fn)
+    with pytest.raises(ValueError, match=f"^shard s0: .*{message}"):
+        write_shard(tmp_path, "s0", cols, [], **DIMS)
+    assert _files(tmp_path) == []
+
+
+def test_write_shard_refuses_missing_or_unknown_columns_and_bad_rejects(tmp_path, make_columns):
+    cols = make_columns("s0", 6)
+    del cols[S.FUSED]
+    with pytest.raises(ValueError, match="missing columns \\['fused'\\]"):
+        write_shard(tmp_path, "s0", cols, [], **DIMS)
+    with pytest.raises(ValueError, match="unknown columns \\['extra'\\]"):
+        write_shard(tmp_path, "s0", {**make_columns("s0", 6), "extra": np.zeros(6)}, [], **DIMS)
+    with pytest.raises(ValueError, match="triples"):
+        write_shard(tmp_path, "s0", make_columns("s0", 6), [("k", "reason")], **DIMS)
+    assert _files(tmp_path) == []
+
+
+def test_failed_rename_leaves_no_signals_and_no_temporary(tmp_path, make_columns, monkeypatch):
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(f"{os.sep}signals{os.sep}s0.parquet"):
+            raise OSError("disk full (injected)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        write_shard(tmp_path, "s0", make_columns("s0", 10), [], **DIMS)
+    assert not signals_path(tmp_path, "s0").exists()
+    assert not list((tmp_path / "signals").glob(TMP_PREFIX + "*"))
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    import numpy as np
+    from conftest import random_columns
+    from storage.writer import write_shard
+    keys = [f"big-{i:06d}" for i in range(3000)]
+    cols = random_columns("big", keys, pool=64, d=256, f=384, k=8, rng=np.random.default_rng(0))
+    rejects = [(f"bad-{i}", "decode_error", "x" * 100) for i in range(2000)]
+    while True:
+        write_shard(sys.argv[1], "big", cols, rejects, d=256, f=384, k=8, pool_size=64)
+        print("wrote", flush=True)
+""")
+
+
+def test_killed_writer_leaves_complete_files_or_none(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(TESTS_DIR)],
+                            stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"wrote"  # one whole write done
+        time.sleep(0.15)  # now somewhere inside the next write
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for path, rows in ((signals_path(tmp_path, "big"), 3000), (rejects_path(tmp_path, "big"), 2000)):
+        if path.exists():  # whatever is under a final name is complete and valid
+            table = pq.read_table(path)
+            assert table.num_rows == rows
+    S.validate(pq.read_table(signals_path(tmp_path, "big")))
+    for folder in ("signals", "rejects"):
+        leftovers = sweep_temporaries(tmp_path / folder)
+        assert all(p.name.startswith(TMP_PREFIX) for p in leftovers)
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["big.parquet"]
+
+
+# --- manifest ---------------------------------------------------------------
+
+def test_manifest_round_trip_and_atomic_save(tmp_path):
+    m = Manifest(teachers={"dual": {"path": "/t", "config_sha256": "a", "weights_sha256": "b"}},
+                 params={"pool_size": 4, "k": 3, "d": 8, "f": 12})
+    entry = {"source": "/d/0.tar", "size": 10, "mtime": 1.5, "rows": 3, "rejected": 0,
+             "pools": 1, "seconds": 0.1, "status": STATUS_DONE}
+    m.record_shard("00001", entry)
+    m.record_shard("00000", {**entry, "status": "failed"})
+    m.save(tmp_path)
+    back = Manifest.load(tmp_path)
+    assert back == m and back.done_shards() == ["00001"]
+    assert isinstance(back.mcad_version, str) and back.mcad_version
+    assert [p.name for p in tmp_path.iterdir()] == [MANIFEST_NAME]
+    with pytest.raises(ValueError, match="lacks \\['status'\\]"):
+        m.record_shard("x", {k: v for k, v in entry.items() if k != "status"})
+
+
+def test_manifest_load_refuses_bad_files(tmp_path):
+    with pytest.raises(InputError, match="not a signal store"):
+        Manifest.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**Manifest().to_dict(), "schema_version": 7}))
+    with pytest.raises(InputError, match="version 7"):
+        Manifest.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**Manifest().to_dict(), "colour": 1}))
+    with pytest.raises(InputError, match="unknown manifest fields \\['colour'\\]"):
+        Manifest.load(tmp_path)
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        Manifest.load(tmp_path)
+
+
+def test_source_identity_and_file_digest(tmp_path):
+    src = tmp_path / "0.tar"
+    src.write_bytes(b"abc")
+    os.utime(src, (1000.0, 1000.0))
+    ident = source_identity(src)
+    assert ident == {"source": str(src.resolve()), "size": 3, "mtime": 1000.0}
+    os.utime(src, (2000.0, 2000.0))
+    assert source_identity(src)["mtime"] == 2000.0
+    assert file_digest(src) == hashlib.sha256(b"abc").hexdigest()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    before = file_digest(model)
+    (model / "config.json").write_text('{"a": 1}')
+    assert file_digest(model) != before
+    with pytest.raises(InputError):
+        source_identity(tmp_path / "missing.tar")
+    with pytest.raises(InputError):
+        file_digest(tmp_path / "missing.bin")
