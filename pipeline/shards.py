@@ -1,0 +1,416 @@
+"""Tolerant WebDataset input: find the shards, read one shard as Samples and Rejects.
+
+The teacher pass and the student both read shards through `iter_shard`, so they
+see the same samples in the same order. Every sample of a shard comes out as
+exactly one item: a `Sample` (usable) or a `Reject` (key, reason, detail) that
+the store records; nothing raises and nothing is dropped silently.
+
+    from pipeline.shards import list_shards, iter_shard, shard_name
+    for path in list_shards("data/{00000..00009}.tar"):
+        for item in iter_shard(path):
+            ...  # isinstance(item, Sample) or Reject
+
+Why stdlib `tarfile` (streaming, `r|*`) and not webdataset's `group_by_keys`:
+that raises on a repeated suffix (or, with a handler, skips it unrecorded) and
+cannot say which sample a tar break cost, and we need one Reject per unusable
+sample. Plain `tarfile` ends quietly on a tar cut at a header boundary or on a
+garbage header; we watch the header reads (`TarInfo.fromtarfile`) to tell a
+real end-of-archive marker from a break. webdataset's key rule
+(`base_plus_ext`) and its `braceexpand` dependency are reused.
+
+Rules for one shard (tar order, one member in memory at a time):
+- Consecutive members with the same key (member path up to the first dot of
+  the basename, as webdataset) form a sample; a suffix repeating inside such a
+  run starts a new occurrence of the key. Suffixes are lowercased.
+- Checks, first failure wins: name with `..`, absolute, or a link/special
+  member (never used as a path) -> UNSAFE_MEMBER; key seen before in the shard
+  (the first occurrence wins, whatever its fate) -> DUPLICATE_KEY; no
+  jpg/jpeg/png/webp -> NO_IMAGE; txt not UTF-8 -> UNDECODABLE_TEXT; json not an
+  object or caption(s) of the wrong type -> MALFORMED_JSON (even beside a good
+  txt: a broken json means a broken sample); no caption -> NO_CAPTION; all
+  captions blank -> EMPTY_CAPTION; width*height over `max_pixels` (from the
+  header, before decoding) or Pillow's bomb error -> IMAGE_TOO_LARGE; zero-byte
+  or undecodable image -> CORRUPT_IMAGE.
+- Captions: txt first, then json `captions` (list of str) if present, else json
+  `caption` (str); stripped, blanks and repeats dropped. `meta` = the json ({}).
+- Image: the first of jpg, jpeg, png, webp, as RGB: transparency composited on
+  white, 16-bit grey scaled to 8 bit, CMYK/palette/grey converted by Pillow.
+- A broken tar (cut member or header, no end marker) keeps the samples before
+  the break plus one TRUNCATED_TAR Reject keyed by the sample being read (or
+  the shard name); a non-tar (or zero-byte) file yields one NOT_A_TAR Reject
+  keyed by the shard name; an empty tar yields nothing. .tar.gz/bz2/xz work.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from storage.errors import InputError
+
+CORRUPT_IMAGE = "corrupt_image"
+NO_IMAGE = "no_image"
+NO_CAPTION = "no_caption"
+EMPTY_CAPTION = "empty_caption"
+UNDECODABLE_TEXT = "undecodable_text"
+MALFORMED_JSON = "malformed_json"
+DUPLICATE_KEY = "duplicate_key"
+IMAGE_TOO_LARGE = "image_too_large"
+TRUNCATED_TAR = "truncated_tar"
+NOT_A_TAR = "not_a_tar"
+UNSAFE_MEMBER = "unsafe_member"
+REASONS = (
+    CORRUPT_IMAGE, NO_IMAGE, NO_CAPTION, EMPTY_CAPTION, UNDECODABLE_TEXT, MALFORMED_JSON,
+    DUPLICATE_KEY, IMAGE_TOO_LARGE, TRUNCATED_TAR, NOT_A_TAR, UNSAFE_MEMBER,
+)
+
+# 8192 x 8192: far above web images (img2dataset usually resizes to <= 512) and
+# below Pillow's own warning limit, so the decoded RGB stays under ~200 MB.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXT = "txt"
+JSON_EXT = "json"
+_READ_EXTS = frozenset(IMAGE_EXTS + (TEXT_EXT, JSON_EXT))
+# Decoders we let Pillow try: the web formats (a .jpg may hold a PNG or GIF);
+# nothing that calls out to external programs (EPS) or is rarely fuzzed.
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG covers MPO
+_LIST_FILE_SUFFIXES = (".txt", ".lst", ".list")
+_TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# What a broken or non-tar stream raises from tarfile and its decompressors.
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+ShardSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A usable sample: RGB image (loaded), captions (>= 1, stripped), json meta."""
+
+    key: str
+    image: Image.Image
+    captions: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A sample that cannot be used; `reason` is one of REASONS."""
+
+    key: str
+    reason: str
+    detail: str
+
+
+# ---------------------------------------------------------------- listing
+
+
+def shard_name(path: str | os.PathLike) -> str:
+    """The shard's name in the store: its file name without the tar suffix."""
+    name = os.path.basename(os.fspath(path))
+    for suffix in _TAR_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    stem, _ = os.path.splitext(name)
+    return stem or name
+
+
+def list_shards(spec: ShardSpec) -> list[str]:
+    """Absolute paths of the shards `spec` names, sorted and de-duplicated.
+
+    `spec` is a folder (its `*.tar` files; sidecars and dot-files ignored), a
+    glob, a brace pattern, an existing file (a shard, or with a .txt/.lst/.list
+    name a list of shard paths/patterns, one a line, `#` comments, relative to
+    the list's folder), or a list/tuple of these. Non-tar files named
+    explicitly are listed; `iter_shard` reports them as NOT_A_TAR.
+    """
+    return sorted(set(_resolve(spec, base=None)))
+
+
+def _resolve(spec, *, base: str | None) -> list[str]:
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise InputError("no shards given: the shard list is empty")
+        return [path for item in spec for path in _resolve(item, base=base)]
+    if not isinstance(spec, (str, os.PathLike)):
+        raise InputError(f"a shard spec must be a path, a pattern or a list, not {type(spec).__name__}")
+    text = os.path.expanduser(os.fspath(spec).strip())
+    if not text:
+        raise InputError("no shards given: the shard spec is empty")
+    if base is not None and not os.path.isabs(text):
+        text = os.path.join(base, text)
+    if os.path.isdir(text):
+        return _folder_shards(text)
+    if os.path.isfile(text):
+        # Lines of a list file are shards or patterns, never further list files.
+        if base is None and text.lower().endswith(_LIST_FILE_SUFFIXES):
+            return _list_file_shards(text)
+        return [os.path.abspath(text)]
+    return _pattern_shards(text)
+
+
+def _folder_shards(folder: str) -> list[str]:
+    names = [n for n in os.listdir(folder) if n.endswith(".tar") and not n.startswith(".")]
+    paths = [os.path.abspath(os.path.join(folder, n)) for n in names]
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise InputError(f"no shards match {folder}: the folder has no *.tar files")
+    return paths
+
+
+def _list_file_shards(list_file: str) -> list[str]:
+    try:
+        with open(list_file, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except UnicodeDecodeError:
+        raise InputError(f"shard list {list_file} is not UTF-8 text") from None
+    entries = [line for line in lines if line and not line.startswith("#")]
+    if not entries:
+        raise InputError(f"no shards match {list_file}: the list file names no shards")
+    base = os.path.dirname(os.path.abspath(list_file))
+    return [path for entry in entries for path in _resolve(entry, base=base)]
+
+
+def _pattern_shards(pattern: str) -> list[str]:
+    try:
+        expanded = list(braceexpand(pattern)) if "{" in pattern else [pattern]
+    except ValueError as exc:
+        raise InputError(f"bad brace pattern {pattern}: {exc}") from None
+    paths: list[str] = []
+    for item in expanded:
+        if _GLOB_CHARS.search(item):
+            paths += [os.path.abspath(p) for p in glob.glob(item) if os.path.isfile(p)]
+        elif os.path.isdir(item):
+            paths += _folder_shards(item)
+        elif os.path.isfile(item):
+            paths.append(os.path.abspath(item))
+        else:  # an explicit path (plain or brace-expanded) must exist
+            raise InputError(f"shard not found: {item}")
+    if not paths:
+        raise InputError(f"no shards match {pattern}")
+    return paths
+
+
+# ---------------------------------------------------------------- reading
+
+
+class _Unusable(Exception):
+    """Internal: why a sample is rejected; turned into a Reject at once."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+class _WatchedTarInfo(tarfile.TarInfo):
+    """Remembers on the TarFile why header reading stopped: tarfile ends quietly
+    on a missing, short or garbage header, which for us is a broken tar."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as exc:
+            tf.mcad_stop = exc
+            raise
+
+
+@dataclass
+class _Group:
+    """The members of one sample occurrence, as read from the tar."""
+
+    key: str
+    suffixes: set = field(default_factory=set)
+    data: dict = field(default_factory=dict)  # known suffix -> bytes
+    unsafe: list = field(default_factory=list)
+
+
+def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample | Reject]:
+    """Stream one shard: a Sample or a Reject per sample, in tar order.
+
+    Raises InputError only when the file itself cannot be opened (missing,
+    unreadable); everything wrong inside it becomes a Reject.
+    """
+    path = os.fspath(path)
+    name = shard_name(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            tf = tarfile.open(fileobj=fh, mode="r|*", tarinfo=_WatchedTarInfo)
+        except _TAR_ERRORS as exc:
+            yield Reject(name, NOT_A_TAR, f"{path}: {exc}")
+            return
+        seen: set[str] = set()
+        for group in _read_groups(tf, name):
+            yield group if isinstance(group, Reject) else _to_item(group, seen, max_pixels)
+
+
+def _read_groups(tf: tarfile.TarFile, shard: str) -> Iterator[_Group | Reject]:
+    current: _Group | None = None
+    try:
+        while (info := tf.next()) is not None:
+            # Streaming mode still appends every header to tf.members; drop them
+            # so a long shard does not grow memory (webdataset does the same).
+            tf.members = []
+            if info.isdir():
+                continue
+            key, suffix = _split_name(info.name)
+            if current is None or key != current.key or suffix in current.suffixes:
+                if current is not None:
+                    yield current
+                current = _Group(key)
+            _add_member(tf, current, info, suffix)
+    except _TAR_ERRORS as exc:
+        yield _truncated(current, shard, f"tar breaks: {type(exc).__name__}: {exc}")
+        return
+    stop = getattr(tf, "mcad_stop", None)
+    if not isinstance(stop, tarfile.EOFHeaderError):
+        yield _truncated(current, shard, f"tar ends without an end-of-archive marker ({stop})")
+        return
+    if current is not None:
+        yield current
+
+
+def _truncated(current: _Group | None, shard: str, detail: str) -> Reject:
+    # The sample being read at the break may be missing members: reject it.
+    return Reject(current.key if current else shard, TRUNCATED_TAR, detail)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    key, suffix = base_plus_ext(name)
+    if key is None:  # no extension: its own key with no known member -> NO_IMAGE
+        return name, ""
+    return key, suffix.lower()
+
+
+def _add_member(tf: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, suffix: str) -> None:
+    group.suffixes.add(suffix)
+    parts = PurePosixPath(info.name.replace("\\", "/")).parts
+    if info.name.startswith(("/", "\\")) or ".." in parts:
+        group.unsafe.append(f"member name {info.name!r} escapes the shard")
+    elif not info.isreg():
+        group.unsafe.append(f"member {info.name!r} is a link or special file")
+    elif suffix in _READ_EXTS:
+        group.data[suffix] = tf.extractfile(info).read()
+
+
+def _to_item(group: _Group, seen: set[str], max_pixels: int) -> Sample | Reject:
+    key = group.key
+    try:
+        if group.unsafe:
+            raise _Unusable(UNSAFE_MEMBER, "; ".join(group.unsafe))
+        if key in seen:
+            raise _Unusable(DUPLICATE_KEY, "the key occurred earlier in this shard; the first is used")
+        seen.add(key)
+        image_ext = next((ext for ext in IMAGE_EXTS if ext in group.data), None)
+        if image_ext is None:
+            raise _Unusable(NO_IMAGE, f"no {'/'.join(IMAGE_EXTS)} member; members: {sorted(group.suffixes)}")
+        captions, meta = _read_captions(group.data)
+        image = _decode_image(group.data[image_ext], max_pixels)
+    except _Unusable as bad:
+        return Reject(key, bad.reason, bad.detail)
+    return Sample(key=key, image=image, captions=captions, meta=meta)
+
+
+def _read_captions(data: dict) -> tuple[tuple[str, ...], dict]:
+    texts: list[str] = []
+    if TEXT_EXT in data:
+        try:
+            texts.append(data[TEXT_EXT].decode("utf-8-sig"))
+        except UnicodeDecodeError as exc:
+            raise _Unusable(UNDECODABLE_TEXT, f"txt is not UTF-8: {exc}") from None
+    meta: dict = {}
+    if JSON_EXT in data:
+        meta = _parse_json(data[JSON_EXT])
+        if meta.get("captions") is not None:
+            texts += meta["captions"]
+        elif meta.get("caption") is not None:
+            texts.append(meta["caption"])
+    if not texts:
+        raise _Unusable(NO_CAPTION, "no txt member and no json caption/captions")
+    captions = tuple(dict.fromkeys(t.strip() for t in texts if t.strip()))
+    if not captions:
+        raise _Unusable(EMPTY_CAPTION, f"every caption is empty or whitespace: {texts!r}"[:200])
+    return captions, meta
+
+
+def _parse_json(raw: bytes) -> dict:
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _Unusable(MALFORMED_JSON, f"json does not parse: {exc}") from None
+    if not isinstance(meta, dict):
+        raise _Unusable(MALFORMED_JSON, f"json is a {type(meta).__name__}, not an object")
+    captions, caption = meta.get("captions"), meta.get("caption")
+    if captions is not None and not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise _Unusable(MALFORMED_JSON, "json 'captions' is not a list of strings")
+    if caption is not None and not isinstance(caption, str):
+        raise _Unusable(MALFORMED_JSON, "json 'caption' is not a string")
+    return meta
+
+
+def _decode_image(raw: bytes, max_pixels: int) -> Image.Image:
+    if not raw:
+        raise _Unusable(CORRUPT_IMAGE, "image member is empty (0 bytes)")
+    try:
+        # Our max_pixels is the limit; Pillow's warning (which fires at open,
+        # before our check) would only be noise, its hard error is a reject.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw), formats=_PIL_FORMATS)
+        width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Unusable(IMAGE_TOO_LARGE, str(exc)) from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... per plugin
+        raise _Unusable(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from None
+    if width * height > max_pixels:
+        raise _Unusable(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
+    try:
+        image.load()
+        return _to_rgb(image)
+    except Exception as exc:  # truncated or corrupt data surfaces only when decoding
+        raise _Unusable(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit_grey(image)
+    if image.has_transparency_data:
+        # Composite on white: a plain convert("RGB") shows whatever colour the
+        # transparent pixels happen to hold (often black).
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit_grey(image: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit / float greyscale to 8 bit; Pillow would clip at 255."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        values = values / 257.0
+    elif image.mode == "F" and values.size and values.max() <= 1.0:
+        values = values * 255.0
+    elif image.mode == "I" and values.size and values.max() > 255:
+        values = values / 257.0  # "I" from a 16-bit file: assume the 16-bit range
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
