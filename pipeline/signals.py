@@ -1,0 +1,383 @@
+"""MCAD teacher evidence: the maths of DESIGN.md ("The maths", "Signal store, schema v1").
+
+Plain functions of tensors and teacher adapters, no Ray: the teacher pass
+(jobs/) and the online evidence source both call them. A pass has two steps,
+both deterministic (same inputs, same outputs):
+
+    cfg = PassConfig(pool_size=256, topk=32)
+    W = calibrate(dual, single, chain(*map(iter_shard, shards)), config=cfg)   # once, first rows
+    save_projection(W, store / FUSION_PROJ_NAME)
+    for path in shards:                                                        # any order, any worker
+        columns, rejects, stats = shard_signals(dual, single, iter_shard(path),
+                                                shard=shard_name(path), config=cfg, projection=W)
+        write_shard(store, shard_name(path), columns, rejects, d=dual.dim,
+                    f=single.dim_fused, k=cfg.topk, pool_size=cfg.pool_size)
+
+Teachers only produce features; every product, sort and logsumexp runs here
+on the CPU in float32, so results do not depend on the teachers' device.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.shards import Reject
+from storage.atomic import atomic_write
+from storage.errors import InputError
+from storage.schema import (
+    DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
+    ROW, SHARD, TXT_EMB, col,
+)
+
+PROJECTION_TENSOR = "fusion_proj"  # tensor name inside fusion_proj.safetensors; shape (F, D)
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    """Parameters of a teacher pass that shape the evidence (written to the manifest)."""
+
+    pool_size: int = 256          # P: samples per pool (the paper's batch)
+    topk: int = 32                # K: candidates per sample and direction
+    pair_batch: int = 256         # single-teacher pairs per forward (memory, not results)
+    calibration_rows: int = 2048  # first kept samples of the pass that fit W
+    ridge: float = 1e-2           # ridge penalty of the fusion projection
+
+    def __post_init__(self):
+        if self.pool_size < 2:
+            raise InputError(f"pool size must be at least 2, got {self.pool_size}")
+        if self.topk < 1:
+            raise InputError(f"top-k must be at least 1, got {self.topk}")
+        if self.topk > self.pool_size:
+            raise InputError(f"top-k ({self.topk}) must not exceed the pool size ({self.pool_size})")
+        if self.pair_batch < 1:
+            raise InputError(f"pair batch must be at least 1, got {self.pair_batch}")
+        if self.calibration_rows < 1:
+            raise InputError(f"calibration rows must be at least 1, got {self.calibration_rows}")
+        if not self.ridge >= 0:
+            raise InputError(f"ridge must be >= 0, got {self.ridge}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------ pure maths
+
+def pools(n: int, pool_size: int) -> list[range]:
+    """Consecutive pools of `pool_size` rows over n rows; the last may be smaller."""
+    if pool_size < 1:
+        raise ValueError(f"pool size must be positive, got {pool_size}")
+    return [range(lo, min(lo + pool_size, n)) for lo in range(0, n, pool_size)]
+
+
+def dual_logits(v: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    """(P, P) s·v_i·t_j: rows are images, columns texts."""
+    return scale * (v @ t.T)
+
+
+def candidates(logits: torch.Tensor, k: int, direction: str) -> torch.Tensor:
+    """(P, k) local candidate indices per row, highest dual logit first.
+
+    `logits[i, j]` = s·v_i·t_j (image rows). For "i2t" row i ranks texts for
+    image i; for "t2i" row i ranks images for text i. The positive (i) is
+    always included: when outside the top k it takes the k-th place, which
+    keeps the order (its logit is at most the k-th's). Ties keep the lower
+    index first (stable sort), so the result is deterministic. A pool with
+    fewer than k rows pads with PAD_IDX.
+    """
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"logits must be square (P, P), got {tuple(logits.shape)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    rows = logits if direction == "i2t" else logits.T
+    p = rows.shape[0]
+    order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k].clone()
+    if p > k:
+        positive = torch.arange(p, device=order.device)
+        missing = ~(order == positive[:, None]).any(dim=1)
+        order[missing, k - 1] = positive[missing]
+    elif p < k:
+        order = torch.cat([order, order.new_full((p, k - p), PAD_IDX)], dim=1)
+    return order
+
+
+def gather_padded(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """matrix[i, idx[i, j]], -inf where idx is PAD_IDX."""
+    pad = idx == PAD_IDX
+    values = matrix.gather(1, idx.masked_fill(pad, 0))
+    return values.masked_fill(pad, float("-inf"))
+
+
+def projection_target(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """normalise(v_i + t_i): what the fusion projection regresses f_ii onto."""
+    return F.normalize(v + t, dim=-1)
+
+
+def fit_projection(fused: torch.Tensor, target: torch.Tensor, *, ridge: float = 1e-2) -> torch.Tensor:
+    """W (F, D) = argmin ||fused W - target||² + ridge ||W||², in float64, returned float32.
+
+    Closed form (XᵀX + ridge·I)⁻¹ XᵀY; ridge 0 gives the minimum-norm least squares.
+    No intercept: g_i = normalise(f_ii W) as DESIGN.md defines it.
+    """
+    if fused.ndim != 2 or target.ndim != 2 or fused.shape[0] != target.shape[0]:
+        raise ValueError(f"need fused (n, F) and target (n, D), got {tuple(fused.shape)} and {tuple(target.shape)}")
+    if fused.shape[0] == 0:
+        raise InputError("no pairs to fit the fusion projection on")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    x, y = fused.detach().cpu().double(), target.detach().cpu().double()
+    if ridge == 0:
+        return torch.linalg.lstsq(x, y, driver="gelsd").solution.float()
+    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+    return torch.linalg.solve(gram, x.T @ y).float()
+
+
+def project(fused: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """g_i = normalise(f_ii W)."""
+    return F.normalize(fused.float() @ projection.to(fused.device).float(), dim=-1)
+
+
+# ------------------------------------------------------------- one pool
+
+def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, torch.Tensor],
+                 batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ITM logits of every candidate pair and the fused state of every positive.
+
+    Returns M (P, P) with m_ij at scored pairs (NaN elsewhere), fused (P, F),
+    and the number of pairs scored. Pairs named by both directions (at least
+    the positives) are scored once; each image goes through the vision tower once.
+    """
+    p = len(images)
+    own = torch.arange(p)[:, None]
+    i2t, t2i = idx["i2t"], idx["t2i"]
+    img = torch.cat([own.expand_as(i2t)[i2t != PAD_IDX], t2i[t2i != PAD_IDX], own[:, 0]])
+    txt = torch.cat([i2t[i2t != PAD_IDX], own.expand_as(t2i)[t2i != PAD_IDX], own[:, 0]])
+    pair_ids = torch.unique(img * p + txt)  # sorted: a fixed, image-major order
+
+    states = single.encode_images(images)
+    tokens = single.tokenize(texts)
+    itm = torch.full((p, p), float("nan"))
+    fused = torch.zeros(p, single.dim_fused)
+    for lo in range(0, len(pair_ids), batch):
+        ids = pair_ids[lo:lo + batch]
+        bi, bt = ids // p, ids % p
+        f, m = single.match_tokens(
+            states[bi.to(states.device)],
+            {name: tok[bt.to(tok.device)] for name, tok in tokens.items()},
+            batch_size=len(ids))
+        itm[bi, bt] = m.cpu()
+        diag = bi == bt
+        fused[bi[diag]] = f.cpu()[diag]
+    return itm, fused, len(pair_ids)
+
+
+def _pool_signals(dual, single, samples: Sequence, *, k: int, projection: torch.Tensor | None,
+                  pair_batch: int, start: int) -> tuple[dict[str, Any], int]:
+    p = len(samples)
+    if p == 0:
+        raise ValueError("empty pool")
+    images = [s.image for s in samples]
+    texts = [s.caption for s in samples]
+    v = dual.encode_images(images).cpu().float()
+    t = dual.encode_texts(texts).cpu().float()
+    logits = dual_logits(v, t, dual.logit_scale)
+    if not torch.isfinite(logits).all():
+        raise RuntimeError("the dual teacher produced non-finite logits (half-precision overflow?)")
+    idx = {dr: candidates(logits, k, dr) for dr in DIRECTIONS}
+    itm, fused, n_pairs = _single_pass(single, images, texts, idx, pair_batch)
+    # Row i of each direction's matrix is the query i: image i (i2t) or text i (t2i).
+    by_query = {"i2t": (logits, itm), "t2i": (logits.T, itm.T)}
+
+    out: dict[str, Any] = {
+        KEY: [s.key for s in samples],
+        ROW: torch.arange(start, start + p),
+        IMG_EMB: v,
+        TXT_EMB: t,
+        FUSED: fused,
+        ITM_POS: itm.diagonal(),
+    }
+    if projection is not None:
+        out[FUSED_PROJ] = project(fused, projection.cpu())
+    for dr in DIRECTIONS:
+        dual_rows, itm_rows = by_query[dr]
+        local = idx[dr]
+        out[col(dr, IDX)] = torch.where(local == PAD_IDX, local, local + start)
+        out[col(dr, DUAL)] = gather_padded(dual_rows, local)
+        out[col(dr, ITM)] = gather_padded(itm_rows, local)
+        out[col(dr, DUAL_LSE)] = torch.logsumexp(dual_rows, dim=1)
+    return {name: _to_numpy(name, x) for name, x in out.items()}, n_pairs
+
+
+def compute_pool(dual, single, samples: Sequence, *, k: int, projection: torch.Tensor | None = None,
+                 pair_batch: int = 256, start: int = 0) -> dict[str, Any]:
+    """Signal columns (schema names) of one pool whose first sample has shard row `start`.
+
+    KEY (list), ROW, IMG_EMB, TXT_EMB, FUSED, ITM_POS and per direction
+    IDX/DUAL/ITM/DUAL_LSE as numpy (float32, int32 for indices); FUSED_PROJ
+    only when a projection W (F, D) is given. Candidate indices are shard
+    rows (start + local index), PAD_IDX where the pool has fewer than k rows.
+    """
+    columns, _ = _pool_signals(dual, single, samples, k=k, projection=projection,
+                               pair_batch=pair_batch, start=start)
+    return columns
+
+
+def _to_numpy(name: str, value: Any):
+    if isinstance(value, list):
+        return value
+    arr = value.detach().cpu().numpy()
+    integer = name == ROW or name in {col(dr, IDX) for dr in DIRECTIONS}
+    return arr.astype(np.int32 if integer else np.float32)
+
+
+# ----------------------------------------------------------- calibration
+
+def _kept(items: Iterable) -> Iterator:
+    """Samples only: calibration skips rejects (shard_signals records them)."""
+    return (item for item in items if not isinstance(item, Reject))
+
+
+def calibration_pairs(dual, single, samples: Sequence, *, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused f_ii (n, F) and target normalise(v_i + t_i) (n, D) of positive pairs."""
+    images = [s.image for s in samples]
+    texts = [s.caption for s in samples]
+    v = dual.encode_images(images).cpu().float()
+    t = dual.encode_texts(texts).cpu().float()
+    fused, _ = single.match(single.encode_images(images), texts, batch_size=batch)
+    return fused.cpu().float(), projection_target(v, t)
+
+
+def calibrate(dual, single, items: Iterable, *, config: PassConfig,
+              progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Fit W (F, D) on the first `config.calibration_rows` kept samples of `items`.
+
+    `items` are the pass's samples (and rejects, skipped) in order, e.g. its
+    shards chained; only what is needed is read, in chunks of `pair_batch`.
+    """
+    kept = islice(_kept(items), config.calibration_rows)
+    fused, target = [], []
+    while chunk := list(islice(kept, config.pair_batch)):
+        f, y = calibration_pairs(dual, single, chunk, batch=config.pair_batch)
+        fused.append(f)
+        target.append(y)
+        if progress is not None:
+            progress(len(chunk))
+    if not fused:
+        raise InputError("no kept samples to fit the fusion projection on (is the input empty?)")
+    return fit_projection(torch.cat(fused), torch.cat(target), ridge=config.ridge)
+
+
+def save_projection(projection: torch.Tensor, path: str | Path, *,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write W to a safetensors file atomically (temp + rename)."""
+    from safetensors.torch import save_file
+
+    tensor = projection.detach().cpu().float().contiguous()
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file({PROJECTION_TENSOR: tensor}, tmp, metadata=meta))
+    return Path(path)
+
+
+def load_projection(path: str | Path) -> torch.Tensor:
+    """W (F, D) float32 from a file written by save_projection."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no fusion projection file")
+    try:
+        tensors = load_file(p)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{p}: not a readable safetensors file ({exc})") from None
+    w = tensors.get(PROJECTION_TENSOR)
+    if w is None or w.ndim != 2:
+        raise InputError(f"{p}: no 2-D tensor {PROJECTION_TENSOR!r} in the file")
+    return w.float()
+
+
+# ------------------------------------------------------------ one shard
+
+def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConfig,
+                  projection: torch.Tensor,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list, dict]:
+    """Evidence of one shard: (columns, rejects, stats).
+
+    `items` are the shard's Samples and Rejects in order. Samples are kept in
+    order (row = index among kept samples) and grouped into pools of
+    `config.pool_size`; rejects become (key, reason, detail) tuples. Columns
+    are every signal column of storage.schema, keyed by its names, ready for
+    `storage.writer.write_shard`; stats has rows, rejected, pools, pairs
+    (single-teacher pair passes) and seconds. Only one pool of images is held
+    in memory at a time.
+    """
+    want = (single.dim_fused, dual.dim)
+    if projection is None or tuple(projection.shape) != want:
+        got = None if projection is None else tuple(projection.shape)
+        raise InputError(f"fusion projection has shape {got}, these teachers need {want}")
+    started = time.perf_counter()
+    parts: list[dict[str, Any]] = []
+    rejects: list[tuple[str, str, str]] = []
+    pool: list = []
+    rows = pairs = 0
+
+    def flush() -> None:
+        nonlocal rows, pairs
+        part, n_pairs = _pool_signals(dual, single, pool, k=config.topk, projection=projection,
+                                      pair_batch=config.pair_batch, start=rows)
+        part[POOL] = np.full(len(pool), len(parts), dtype=np.int32)
+        parts.append(part)
+        rows, pairs = rows + len(pool), pairs + n_pairs
+        if progress is not None:
+            progress(len(pool))
+        pool.clear()
+
+    for item in items:
+        if isinstance(item, Reject):
+            rejects.append((str(item.key), str(item.reason), "" if item.detail is None else str(item.detail)))
+            continue
+        pool.append(item)
+        if len(pool) == config.pool_size:
+            flush()
+    if pool:
+        flush()
+    columns = _concat(parts, d=dual.dim, f=single.dim_fused, k=config.topk)
+    columns[SHARD] = [shard] * rows
+    stats = {"rows": rows, "rejected": len(rejects), "pools": len(parts), "pairs": pairs,
+             "seconds": time.perf_counter() - started}
+    return columns, rejects, stats
+
+
+def _concat(parts: list[dict[str, Any]], *, d: int, f: int, k: int) -> dict[str, Any]:
+    if not parts:  # a shard with no kept sample still gets a (0-row) table
+        return _empty_columns(d=d, f=f, k=k)
+    out: dict[str, Any] = {}
+    for name, first in parts[0].items():
+        if isinstance(first, list):
+            out[name] = [x for part in parts for x in part[name]]
+        else:
+            out[name] = np.concatenate([part[name] for part in parts])
+    return out
+
+
+def _empty_columns(*, d: int, f: int, k: int) -> dict[str, Any]:
+    f32, i32 = np.float32, np.int32
+    out: dict[str, Any] = {
+        KEY: [], ROW: np.zeros(0, i32), POOL: np.zeros(0, i32),
+        IMG_EMB: np.zeros((0, d), f32), TXT_EMB: np.zeros((0, d), f32),
+        FUSED: np.zeros((0, f), f32), FUSED_PROJ: np.zeros((0, d), f32), ITM_POS: np.zeros(0, f32),
+    }
+    for dr in DIRECTIONS:
+        out[col(dr, IDX)] = np.zeros((0, k), i32)
+        out[col(dr, DUAL)] = np.zeros((0, k), f32)
+        out[col(dr, ITM)] = np.zeros((0, k), f32)
+        out[col(dr, DUAL_LSE)] = np.zeros(0, f32)
+    return out

@@ -1,0 +1,272 @@
+"""Teacher adapters: a dual teacher (HF CLIPModel) and a single teacher (HF BLIP-ITM).
+
+Each adapter loads a local Hugging Face directory with plain `from_pretrained`
+(safetensors only, no remote code, nothing downloaded) and exposes the few
+calls the MCAD maths in `pipeline/signals.py` needs:
+
+    dual = DualTeacher.load(dir)        v = dual.encode_images(imgs); t = dual.encode_texts(caps)
+    single = SingleTeacher.load(dir)    h = single.encode_images(imgs)        # once per image
+                                        f, m = single.match(h[idx], texts)    # any pairs
+
+Both run on CUDA in float16 when a GPU is present, else on the CPU in float32
+(shipped float16 weights are upcast there). Outputs used as evidence are
+float32 on the model's device; gradients are never tracked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from storage.errors import InputError
+from storage.manifest import file_digest
+
+CONFIG_FILE = "config.json"
+WEIGHTS_GLOB = "*.safetensors"
+
+
+# ------------------------------------------------------------------ loading
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.dtype:
+    # Half precision only where it is fast and well supported; CPUs stay float32.
+    if dtype is not None:
+        return dtype
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _check_dir(path: str | Path, model_type: str, role: str) -> Path:
+    """Refuse, with one line, a directory that is not a saved HF model of `model_type`."""
+    p = Path(path)
+    config = p / CONFIG_FILE
+    if not config.is_file():
+        raise InputError(f"{role} teacher {str(p)!r}: not a Hugging Face model directory (no {CONFIG_FILE})")
+    try:
+        found = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{role} teacher {str(p)!r}: unreadable {CONFIG_FILE} ({exc})") from None
+    if found != model_type:
+        raise InputError(f"{role} teacher {str(p)!r}: model_type is {found!r}, expected {model_type!r}")
+    if not sorted(p.glob(WEIGHTS_GLOB)):
+        raise InputError(f"{role} teacher {str(p)!r}: no safetensors weights")
+    return p
+
+
+def _load(model_cls, path: Path, role: str, device: torch.device, dtype: torch.dtype):
+    from safetensors import SafetensorError
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # mcad shows its own bars; one per worker load is noise
+
+    try:
+        model, info = model_cls.from_pretrained(
+            path, use_safetensors=True, local_files_only=True, trust_remote_code=False,
+            dtype=dtype, output_loading_info=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{role} teacher {str(path)!r}: cannot load ({first})") from None
+    _check_tokenizer(processor.tokenizer, model.config.text_config.vocab_size, path, role)
+    # A checkpoint of the right family but another head (e.g. BLIP captioning)
+    # would load with randomly initialised layers: refuse rather than score noise.
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(f"{role} teacher {str(path)!r}: weights missing for {len(missing)} "
+                         f"tensors (e.g. {missing[0]}); is it a {model_cls.__name__}?")
+    model.to(device).eval().requires_grad_(False)
+    return model, processor
+
+
+def _check_tokenizer(tokenizer, vocab_size: int, path: Path, role: str) -> None:
+    # transformers quietly builds an empty tokenizer when the files are missing,
+    # which would encode every caption as the same few ids.
+    names = {"tokenizer.json", *getattr(type(tokenizer), "vocab_files_names", {}).values()}
+    if not any((path / name).is_file() for name in names):
+        raise InputError(f"{role} teacher {str(path)!r}: no tokenizer files (looked for {sorted(names)})")
+    if len(tokenizer) > vocab_size:
+        raise InputError(f"{role} teacher {str(path)!r}: tokenizer has {len(tokenizer)} tokens, "
+                         f"the model only {vocab_size}")
+
+
+def _weights_digest(files: Sequence[Path]) -> str:
+    """One file: its own sha256. Sharded weights: sha256 over (name, digest) lines in name order."""
+    if len(files) == 1:
+        return file_digest(files[0])
+    outer = hashlib.sha256()
+    for f in files:
+        outer.update(f"{f.name}\0{file_digest(f)}\n".encode())
+    return outer.hexdigest()
+
+
+def _identity(path: Path, kind: str, model) -> dict:
+    return {
+        "kind": kind,
+        "path": str(path.resolve()),
+        "architecture": type(model).__name__,
+        "config_sha256": file_digest(path / CONFIG_FILE),
+        "weights_sha256": _weights_digest(sorted(path.glob(WEIGHTS_GLOB))),
+    }
+
+
+def _batched(n: int, size: int):
+    for lo in range(0, n, size):
+        yield slice(lo, min(lo + size, n))
+
+
+class _Teacher:
+    """Shared plumbing: the model, its processor, device and dtype."""
+
+    kind = ""
+
+    def __init__(self, model, processor, path: Path):
+        self.model = model
+        self.processor = processor
+        self.path = path
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def identity(self) -> dict:
+        """Path and content digests, for the manifest and for refusing mismatched stores."""
+        return _identity(self.path, self.kind, self.model)
+
+    def _pixels(self, images: Sequence) -> torch.Tensor:
+        if not len(images):
+            raise ValueError("no images to encode")
+        px = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return px.to(self.device, self.dtype)
+
+    def _tokens(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        if not len(texts):
+            raise ValueError("no texts to encode")
+        tok = self.processor.tokenizer(list(texts), padding=True, truncation=True,
+                                       max_length=max_length, return_tensors="pt")
+        return {k: tok[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+
+# ------------------------------------------------------------- dual teacher
+
+class DualTeacher(_Teacher):
+    """A CLIP-like dual encoder: normalised image and text embeddings, its logit scale."""
+
+    kind = "clip"
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> "DualTeacher":
+        from transformers import CLIPModel
+
+        p = _check_dir(path, "clip", "dual")
+        dev = default_device(device)
+        model, processor = _load(CLIPModel, p, "dual", dev, default_dtype(dev, dtype))
+        return cls(model, processor, p)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        """s = exp(the learnt log scale), exactly as CLIPModel.forward uses it."""
+        return float(self.model.logit_scale.detach().float().exp())
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """(n, D) float32, L2-normalised."""
+        out = self.model.get_image_features(pixel_values=self._pixels(images))
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, D) float32, L2-normalised."""
+        tok = self._tokens(texts, self.model.config.text_config.max_position_embeddings)
+        out = self.model.get_text_features(**tok)
+        return F.normalize(out.pooler_output.float(), dim=-1)
+
+
+# ----------------------------------------------------------- single teacher
+
+class SingleTeacher(_Teacher):
+    """A BLIP-like fusion teacher: ITM logits and the fused [CLS] of image-text pairs.
+
+    The image tower runs once per image (`encode_images`); `match` then scores
+    any list of pairs from those states, which is how BlipForImageTextRetrieval
+    computes `itm_score` with `use_itm_head=True`.
+    """
+
+    kind = "blip"
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> "SingleTeacher":
+        from transformers import BlipForImageTextRetrieval
+
+        p = _check_dir(path, "blip", "single")
+        dev = default_device(device)
+        model, processor = _load(BlipForImageTextRetrieval, p, "single", dev, default_dtype(dev, dtype))
+        return cls(model, processor, p)
+
+    @property
+    def dim_fused(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """(n, L, H) vision last hidden states, in the model's dtype, on its device."""
+        return self.model.vision_model(pixel_values=self._pixels(images)).last_hidden_state
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask (n, T), padded to the longest text."""
+        return self._tokens(texts, self.model.config.text_config.max_position_embeddings)
+
+    @torch.no_grad()
+    def match_tokens(self, image_states: torch.Tensor, tokens: dict[str, torch.Tensor], *,
+                     batch_size: int = 256,
+                     progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score pair r = (image_states[r], tokens[r]) for every r.
+
+        Returns fused (m, F) float32, the multimodal [CLS] state, and itm (m,)
+        float32 = logit(match) - logit(no match) of the ITM head on it.
+        """
+        m = image_states.shape[0]
+        if tokens["input_ids"].shape[0] != m:
+            raise ValueError(f"{m} image states but {tokens['input_ids'].shape[0]} texts")
+        fused, itm = [], []
+        for sl in _batched(m, batch_size):
+            states = image_states[sl].to(self.device, self.dtype)
+            mask = torch.ones(states.shape[:-1], dtype=torch.long, device=self.device)
+            out = self.model.text_encoder(
+                input_ids=tokens["input_ids"][sl], attention_mask=tokens["attention_mask"][sl],
+                encoder_hidden_states=states, encoder_attention_mask=mask)
+            cls_state = out.last_hidden_state[:, 0, :]
+            logits = self.model.itm_head(cls_state).float()
+            fused.append(cls_state.float())
+            itm.append(logits[:, 1] - logits[:, 0])
+            if progress is not None:
+                progress(sl.stop - sl.start)
+        return torch.cat(fused), torch.cat(itm)
+
+    def match(self, image_states: torch.Tensor, texts: Sequence[str], *,
+              batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """fused (m, F) and itm (m,) for the pairs (image_states[r], texts[r])."""
+        return self.match_tokens(image_states, self.tokenize(texts), batch_size=batch_size)
+
+
+TEACHERS: dict[str, type[_Teacher]] = {"clip": DualTeacher, "blip": SingleTeacher}
+
+
+def load_teachers(dual_path: str | Path, single_path: str | Path, *,
+                  device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[DualTeacher, SingleTeacher]:
+    """Both teachers of a pass, on the same device."""
+    return (DualTeacher.load(dual_path, device=device, dtype=dtype),
+            SingleTeacher.load(single_path, device=device, dtype=dtype))

@@ -1,0 +1,268 @@
+"""MCAD signal maths. THE KEY TEST recomputes the stored evidence with plain transformers.
+
+The reference side uses only transformers and torch (CLIPModel.forward,
+BlipForImageTextRetrieval.forward with use_itm_head=True), none of mcad's
+maths, and compares within float16 tolerance (the store keeps float16 vectors).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.shards import Reject, Sample
+from pipeline.signals import (
+    PassConfig, calibrate, calibration_pairs, candidates, compute_pool, fit_projection,
+    load_projection, pools, project, save_projection, shard_signals,
+)
+from pipeline.teacher_models import make_tiny_teachers
+from pipeline.teachers import load_teachers
+from storage import schema as S
+from storage.errors import InputError
+
+N, POOL_SIZE, K = 10, 4, 3  # pools of 4, 4, 2: the last is smaller than K and padded
+CAPTIONS = [f"a {size} {colour} {shape}" for size, colour, shape in zip(
+    ["small", "large"] * 5, ["red", "blue", "green", "yellow", "purple"] * 2,
+    ["circle", "square", "triangle", "star", "diamond", "square", "circle", "star", "triangle", "diamond"])]
+TOL = dict(atol=2e-3, rtol=2e-3)  # float16 vectors keep ~3 significant digits
+TOL32 = dict(atol=1e-4, rtol=1e-4)  # float32 columns: only batching/padding rounding
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    from transformers import BlipForImageTextRetrieval
+
+    torch.set_num_threads(1)
+    clip_dir, blip_dir = make_tiny_teachers(tmp_path_factory.mktemp("teachers"), CAPTIONS)
+    # A freshly initialised ITM head gives nearly equal logits for every pair
+    # (spread ~1e-4); a wide random head makes a mixed-up pair visible.
+    blip = BlipForImageTextRetrieval.from_pretrained(blip_dir)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(blip.itm_head.weight, std=1.0)
+    blip.save_pretrained(blip_dir)
+    return clip_dir, blip_dir
+
+
+@pytest.fixture(scope="module")
+def teachers(dirs):
+    return load_teachers(*dirs)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rng = np.random.default_rng(0)
+    return [Sample(key=f"s{i:03d}", image=Image.fromarray(rng.integers(0, 256, (24 + i, 30, 3), dtype=np.uint8)),
+                   captions=(CAPTIONS[i], "an unused second caption")) for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def items(samples):
+    """The shard as iter_shard yields it: samples with rejects in between."""
+    out = list(samples)
+    out.insert(3, Reject("bad1", "decode", "truncated jpeg"))
+    out.insert(9, Reject("bad2", "no_caption", "empty txt"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def config():
+    return PassConfig(pool_size=POOL_SIZE, topk=K, pair_batch=5, calibration_rows=6, ridge=1e-2)
+
+
+@pytest.fixture(scope="module")
+def projection(teachers, items, config):
+    return calibrate(*teachers, items, config=config)
+
+
+@pytest.fixture(scope="module")
+def result(teachers, items, config, projection):
+    return shard_signals(*teachers, items, shard="shard-000", config=config, projection=projection)
+
+
+def _reference_pool(dirs, pool_samples):
+    """Dual logits, embeddings and full ITM / fused matrices from the HF models alone."""
+    from transformers import AutoProcessor, BlipForImageTextRetrieval, CLIPModel
+
+    images = [s.image for s in pool_samples]
+    texts = [s.caption for s in pool_samples]
+    clip = CLIPModel.from_pretrained(dirs[0]).eval()
+    inputs = AutoProcessor.from_pretrained(dirs[0])(images=images, text=texts, padding=True, return_tensors="pt")
+    blip = BlipForImageTextRetrieval.from_pretrained(dirs[1]).eval()
+    proc = AutoProcessor.from_pretrained(dirs[1])
+    p = len(pool_samples)
+    pairs = [(i, j) for i in range(p) for j in range(p)]
+    pair_inputs = proc(images=[images[i] for i, _ in pairs], text=[texts[j] for _, j in pairs],
+                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip(**inputs)
+        itm = blip(**pair_inputs, use_itm_head=True)
+    score = itm.itm_score
+    return {
+        "v": out.image_embeds, "t": out.text_embeds, "logits": out.logits_per_image,
+        "m": (score[:, 1] - score[:, 0]).reshape(p, p),
+        "fused": itm.question_embeds[:, 0].reshape(p, p, -1),
+    }
+
+
+def _expected_set(row: torch.Tensor, positive: int, k: int) -> set[int]:
+    top = torch.topk(row, min(k, len(row))).indices.tolist()
+    if positive not in top:
+        top[-1] = positive
+    return set(top)
+
+
+def test_key_stored_signals_equal_hf_recomputation(dirs, samples, result, projection):
+    columns, rejects, stats = result
+    assert rejects == [("bad1", "decode", "truncated jpeg"), ("bad2", "no_caption", "empty txt")]
+    assert stats["rows"] == N and stats["rejected"] == 2 and stats["pools"] == 3
+    assert columns[S.KEY] == [s.key for s in samples]
+    assert columns[S.SHARD] == ["shard-000"] * N
+    np.testing.assert_array_equal(columns[S.ROW], np.arange(N))
+    np.testing.assert_array_equal(columns[S.POOL], np.arange(N) // POOL_SIZE)
+
+    replaced = 0
+    for rows in pools(N, POOL_SIZE):
+        ref = _reference_pool(dirs, samples[rows.start:rows.stop])
+        p, at = len(rows), slice(rows.start, rows.stop)
+        close = lambda got, want: np.testing.assert_allclose(got, want.numpy(), **TOL)  # noqa: E731
+        close32 = lambda got, want: np.testing.assert_allclose(got, want.numpy(), **TOL32)  # noqa: E731
+        close(columns[S.IMG_EMB][at], ref["v"])
+        close(columns[S.TXT_EMB][at], ref["t"])
+        fused_ref = ref["fused"].diagonal(dim1=0, dim2=1).T
+        close(columns[S.FUSED][at], fused_ref)
+        close32(columns[S.ITM_POS][at], ref["m"].diagonal())
+        close(columns[S.FUSED_PROJ][at], torch.nn.functional.normalize(fused_ref @ projection, dim=-1))
+        queries = {"i2t": (ref["logits"], ref["m"]), "t2i": (ref["logits"].T, ref["m"].T)}
+        for dr, (logits, m) in queries.items():
+            close32(columns[S.col(dr, S.DUAL_LSE)][at], torch.logsumexp(logits, dim=1))
+            idx, dual, itm = (columns[S.col(dr, f)][at] for f in (S.IDX, S.DUAL, S.ITM))
+            assert idx.shape == (p, K)
+            for i in range(p):
+                valid = idx[i] != S.PAD_IDX
+                local = idx[i][valid] - rows.start
+                assert set(local.tolist()) == _expected_set(logits[i], i, K), (dr, rows, i)
+                replaced += i not in torch.topk(logits[i], min(K, p)).indices.tolist()
+                close32(dual[i][valid], logits[i, local])
+                close32(itm[i][valid], m[i, local])
+                assert np.all(np.diff(dual[i][valid]) <= 0)  # sorted by dual logit
+                assert valid.sum() == min(K, p)
+                assert np.all(np.isneginf(dual[i][~valid])) and np.all(np.isneginf(itm[i][~valid]))
+    assert replaced > 0  # the positive-replacement path was exercised on real teachers
+    assert np.ptp(columns[S.ITM_POS]) > 100 * TOL32["atol"]  # pairs differ far beyond the tolerance
+    assert (columns[S.col("i2t", S.IDX)][8:] == S.PAD_IDX).sum() == 2  # last pool: 2 rows, K = 3
+
+
+def test_columns_are_what_the_writer_takes(tmp_path, teachers, result, config):
+    from storage.writer import write_shard
+
+    columns, rejects, _ = result
+    dual, single = teachers
+    written = write_shard(tmp_path, "shard-000", columns, rejects, d=dual.dim, f=single.dim_fused,
+                          k=config.topk, pool_size=config.pool_size)
+    assert written["rows"] == N and written["rejected"] == 2 and written["pools"] == 3
+    table = pq.read_table(tmp_path / "signals" / "shard-000.parquet")
+    assert S.validate(table) == {"d": dual.dim, "f": single.dim_fused, "k": K}
+
+
+def test_calibration_fits_the_first_kept_rows(teachers, samples, items, config, projection):
+    # calibrate reads in chunks of pair_batch (5 + 1 here): equal up to float rounding
+    fused, target = calibration_pairs(*teachers, samples[:config.calibration_rows])
+    torch.testing.assert_close(projection, fit_projection(fused, target, ridge=config.ridge),
+                               atol=1e-4, rtol=1e-4)
+    fused7, target7 = calibration_pairs(*teachers, samples[:config.calibration_rows + 1])
+    assert not torch.allclose(projection, fit_projection(fused7, target7, ridge=config.ridge), atol=1e-4)
+    assert projection.shape == (teachers[1].dim_fused, teachers[0].dim)
+    with pytest.raises(InputError, match="no kept samples"):
+        calibrate(*teachers, [Reject("x", "decode", "")], config=config)
+
+
+def test_deterministic_and_pair_batch_free(teachers, items, config, projection, result):
+    again = shard_signals(*teachers, items, shard="shard-000", config=config, projection=projection)[0]
+    big_batch = PassConfig(pool_size=POOL_SIZE, topk=K, pair_batch=64)
+    other = shard_signals(*teachers, items, shard="shard-000", config=big_batch, projection=projection)[0]
+    for name, value in result[0].items():
+        if isinstance(value, list):
+            assert again[name] == value and other[name] == value
+        else:
+            np.testing.assert_array_equal(again[name], value)
+            np.testing.assert_allclose(other[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_compute_pool_matches_shard_rows(teachers, samples, result, projection):
+    pool = compute_pool(*teachers, samples[4:8], k=K, projection=projection, start=4)
+    for name, value in pool.items():
+        if isinstance(value, list):
+            assert value == result[0][name][4:8]
+        else:
+            np.testing.assert_array_equal(value, result[0][name][4:8])
+    assert S.FUSED_PROJ not in compute_pool(*teachers, samples[:2], k=K)
+
+
+def test_empty_shard_and_bad_projection(teachers, config, projection):
+    columns, rejects, stats = shard_signals(*teachers, [Reject("k", "decode", "x")], shard="e",
+                                            config=config, projection=projection)
+    assert stats["rows"] == 0 and rejects == [("k", "decode", "x")]
+    assert columns[S.IMG_EMB].shape == (0, teachers[0].dim) and columns[S.SHARD] == []
+    with pytest.raises(InputError, match="projection"):
+        shard_signals(*teachers, [], shard="e", config=config, projection=projection[:, :5])
+
+
+# ------------------------------------------------------ hand-made maths
+
+def test_candidates_order_replacement_and_padding():
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0],
+                           [1.0, 9.0, 2.0, 0.0],
+                           [7.0, 6.0, 0.5, 8.0],
+                           [2.0, 2.0, 2.0, 2.0]])
+    # image 0: top-2 texts are 1, 2; positive 0 takes the k-th place
+    assert candidates(logits, 2, "i2t").tolist() == [[1, 0], [1, 2], [3, 2], [0, 3]]
+    # ties keep the lower index first; the positive (3) replaces the 2nd place
+    assert candidates(logits, 3, "i2t").tolist() == [[1, 2, 0], [1, 2, 0], [3, 0, 2], [0, 1, 3]]
+    # text j ranks images by column j
+    assert candidates(logits, 2, "t2i").tolist() == [[2, 0], [1, 2], [0, 2], [2, 3]]
+    small = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    assert candidates(small, 4, "i2t").tolist() == [[1, 0, S.PAD_IDX, S.PAD_IDX], [0, 1, S.PAD_IDX, S.PAD_IDX]]
+    assert candidates(small, 4, "t2i").tolist() == [[1, 0, S.PAD_IDX, S.PAD_IDX], [0, 1, S.PAD_IDX, S.PAD_IDX]]
+    with pytest.raises(ValueError):
+        candidates(torch.zeros(2, 3), 1, "i2t")
+
+
+def test_pools_are_consecutive():
+    assert pools(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
+    assert pools(8, 4) == [range(0, 4), range(4, 8)]
+    assert pools(0, 4) == []
+
+
+def test_fit_projection_matches_numpy():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(50, 8)), rng.normal(size=(50, 4))
+    ridge = 0.7
+    want = np.linalg.solve(x.T @ x + ridge * np.eye(8), x.T @ y)
+    got = fit_projection(torch.tensor(x), torch.tensor(y), ridge=ridge)
+    assert got.dtype == torch.float32 and got.shape == (8, 4)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    lstsq = np.linalg.lstsq(x, y, rcond=None)[0]
+    np.testing.assert_allclose(fit_projection(torch.tensor(x), torch.tensor(y), ridge=0).numpy(), lstsq,
+                               rtol=1e-5, atol=1e-6)
+    g = project(torch.tensor(x, dtype=torch.float32), got)
+    torch.testing.assert_close(g.norm(dim=-1), torch.ones(50))
+
+
+def test_projection_roundtrip(tmp_path):
+    w = torch.randn(6, 3)
+    path = save_projection(w, tmp_path / "fusion_proj.safetensors", metadata={"rows": 12})
+    assert torch.equal(load_projection(path), w)
+    with pytest.raises(InputError, match="no fusion projection"):
+        load_projection(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InputError):
+        load_projection(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("kwargs", [dict(topk=0), dict(pool_size=1, topk=1), dict(pool_size=4, topk=5),
+                                    dict(pair_batch=0), dict(calibration_rows=0), dict(ridge=-1.0)])
+def test_pass_config_refuses_bad_values(kwargs):
+    with pytest.raises(InputError):
+        PassConfig(**kwargs)

@@ -1,0 +1,133 @@
+"""Teacher adapters against the plain Hugging Face models they wrap (tiny random teachers)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.teacher_models import make_tiny_teachers
+from pipeline.teachers import TEACHERS, DualTeacher, SingleTeacher, load_teachers
+from storage.errors import InputError
+
+CAPTIONS = ["a red circle", "a small blue square left of a green triangle",
+            "two large shapes", "a yellow star above a purple diamond"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_tiny_teachers(tmp_path_factory.mktemp("teachers"), CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def teachers(dirs):
+    return load_teachers(*dirs)
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (20 + 3 * i, 28, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_registry_is_explicit():
+    assert TEACHERS == {"clip": DualTeacher, "blip": SingleTeacher}
+
+
+def test_dual_matches_clip_forward(dirs, teachers):
+    from transformers import AutoProcessor, CLIPModel
+
+    dual, _ = teachers
+    assert dual.device.type == "cpu" and dual.dtype == torch.float32
+    images = _images(4)
+    v, t = dual.encode_images(images), dual.encode_texts(CAPTIONS)
+    assert v.shape == t.shape == (4, dual.dim)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(4))
+
+    model = CLIPModel.from_pretrained(dirs[0]).eval()
+    inputs = AutoProcessor.from_pretrained(dirs[0])(images=images, text=CAPTIONS, padding=True,
+                                                   return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    torch.testing.assert_close(v, out.image_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t, out.text_embeds, atol=1e-5, rtol=1e-5)
+    assert dual.logit_scale == pytest.approx(model.logit_scale.exp().item())
+    torch.testing.assert_close(dual.logit_scale * v @ t.T, out.logits_per_image, atol=1e-4, rtol=1e-5)
+    assert not v.requires_grad
+
+
+def test_single_match_equals_itm_forward(dirs, teachers):
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    _, single = teachers
+    images = _images(3, seed=1)
+    states = single.encode_images(images)
+    assert states.shape[0] == 3 and states.shape[2] == single.model.config.vision_config.hidden_size
+    # pairs (image r % 3, text r): every image reused for several texts
+    img_of = [0, 1, 2, 0]
+    fused, itm = single.match(states[img_of], CAPTIONS, batch_size=3)
+    assert fused.shape == (4, single.dim_fused) and itm.shape == (4,)
+
+    model = BlipForImageTextRetrieval.from_pretrained(dirs[1]).eval()
+    proc = AutoProcessor.from_pretrained(dirs[1])
+    for r, i in enumerate(img_of):
+        inputs = proc(images=images[i], text=CAPTIONS[r], return_tensors="pt")
+        with torch.no_grad():
+            out = model(**inputs, use_itm_head=True)
+        score = out.itm_score[0]
+        assert itm[r].item() == pytest.approx((score[1] - score[0]).item(), abs=1e-5)
+        torch.testing.assert_close(fused[r], out.question_embeds[0, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_identity_digests_the_files(dirs, teachers):
+    dual, single = teachers
+    for teacher, d in zip((dual, single), dirs):
+        ident = teacher.identity()
+        assert ident["config_sha256"] == hashlib.sha256((d / "config.json").read_bytes()).hexdigest()
+        assert ident["weights_sha256"] == hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+        assert ident["kind"] in TEACHERS
+    assert dual.identity()["weights_sha256"] != single.identity()["weights_sha256"]
+
+
+def test_refuses_what_is_not_the_right_teacher(dirs, tmp_path):
+    clip_dir, blip_dir = dirs
+    with pytest.raises(InputError, match="expected 'clip'"):
+        DualTeacher.load(blip_dir)
+    with pytest.raises(InputError, match="expected 'blip'"):
+        SingleTeacher.load(clip_dir)
+    with pytest.raises(InputError, match="no config.json"):
+        DualTeacher.load(tmp_path / "missing")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(clip_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="no safetensors"):
+        DualTeacher.load(no_weights)
+
+
+def test_refuses_blip_without_itm_head(dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    headless = tmp_path / "headless"
+    shutil.copytree(dirs[1], headless)
+    weights = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("itm_head")},
+              headless / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="weights missing"):
+        SingleTeacher.load(headless)
+
+
+def test_refuses_missing_tokenizer_and_corrupt_weights(dirs, tmp_path):
+    no_tok = tmp_path / "no_tokenizer"
+    shutil.copytree(dirs[0], no_tok)
+    for f in no_tok.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(InputError, match="no tokenizer files"):
+        DualTeacher.load(no_tok)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(dirs[1], corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="cannot load"):
+        SingleTeacher.load(corrupt)
