@@ -50,9 +50,9 @@ def main():
 
 
 def _register() -> None:
-    from jobs import cmd_bench, cmd_data
+    from jobs import cmd_bench, cmd_data, cmd_pipeline
 
-    for group in (cmd_data.data, cmd_bench.bench):
+    for group in (cmd_data.data, cmd_pipeline.pipeline, cmd_bench.bench):
         main.add_command(group)
 
 

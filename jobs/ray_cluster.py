@@ -1,0 +1,56 @@
+"""Connecting to Ray: a local cluster started on the spot, or an existing one.
+
+Everything Ray-specific that is not a job lives here, so the jobs read as
+"what runs where" and the library packages never see Ray.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+# Hides a harmless core-worker line about max_restarts (STACK_NOTES).
+os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None,
+                stall_timeout_s: float = 600.0) -> Iterator[dict]:
+    """Run the body with Ray initialised; shut down only a cluster we started.
+
+    address: None starts a local cluster (num_cpus defaults to this machine's
+    count); "auto" or "ray://host:port" joins an existing one, shipping mcad's
+    code with a runtime environment so workers on other nodes can import it.
+    """
+    import ray
+    from ray.data import DataContext
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, logging_level=logging.ERROR,
+                      log_to_driver=False, configure_logging=True)
+        if address:
+            kwargs["runtime_env"] = {"py_modules": _code_modules()}
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        started = True
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours is a per-shard bar in the driver
+    ctx.execution_no_progress_timeout_s = stall_timeout_s
+    try:
+        yield {"address": address or "local", "resources": ray.cluster_resources()}
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _code_modules() -> list:
+    """mcad's own top-level packages, shipped to a remote cluster's workers."""
+    import jobs
+    import pipeline
+    import storage
+    import student
+
+    return [jobs, pipeline, storage, student]

@@ -1,0 +1,250 @@
+"""`mcad pipeline teacher-pass`: run both teachers ONCE over sharded data (Ray Data).
+
+One Ray Data row per input shard; an actor pool of workers, each loading both
+teachers once in `__init__` (the Ray batch-inference pattern), turns a shard
+into its signals file through plain functions of `pipeline/` and `storage/`.
+The driver records each finished shard in the manifest, so a crash loses at
+most the shards in flight and `--resume` skips the rest.
+
+    mcad pipeline teacher-pass --data data/shapes/train --dual teachers/dual \
+        --single teachers/single --out store/
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from jobs.ray_cluster import ray_session
+from storage import manifest as M
+from storage.atomic import atomic_write_json, sweep_temporaries
+from storage.errors import InputError
+
+CONFIG_NAME = "teacher_pass_config.json"
+MODES = ("fresh", "resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class TeacherPassJob:
+    """Everything one teacher pass needs; written as JSON beside the store."""
+
+    data: str
+    dual: str
+    single: str
+    out: str
+    pool_size: int = 256
+    topk: int = 32
+    batch_size: int = 256           # pairs per single-teacher forward
+    calibration_rows: int = 2048    # rows the fusion projection W is fitted on
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 0     # torch threads per worker; 0: the node's CPUs / workers
+    mode: str = "fresh"             # fresh | resume | overwrite
+    ray_address: str | None = None
+    stall_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise InputError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+
+    def pass_config(self):
+        from pipeline.signals import PassConfig
+
+        return PassConfig(pool_size=self.pool_size, topk=self.topk, pair_batch=self.batch_size,
+                          calibration_rows=self.calibration_rows)
+
+
+class ShardWorker:
+    """A Ray Data actor: loads the teachers once, then writes one shard per input row."""
+
+    def __init__(self, job: TeacherPassJob, projection_path: str, threads: int):
+        import torch
+
+        from pipeline.signals import load_projection
+        from pipeline.teachers import load_teachers
+
+        torch.set_num_threads(threads)
+        self.job = job
+        self.cfg = job.pass_config()
+        self.dual, self.single = load_teachers(job.dual, job.single)
+        self.projection = load_projection(projection_path)
+
+    def __call__(self, batch: dict) -> dict:
+        results = [process_shard(self.dual, self.single, self.job, self.cfg, self.projection,
+                                 source=str(src), shard=str(name))
+                   for src, name in zip(batch["source"], batch["shard"])]
+        return {key: np.array([r[key] for r in results]) for key in results[0]}
+
+
+def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
+    """Teachers over one shard -> signals/<shard>.parquet + rejects; returns its summary."""
+    from pipeline.shards import iter_shard
+    from pipeline.signals import shard_signals
+    from storage.writer import write_shard
+
+    start = time.perf_counter()
+    columns, rejects, _ = shard_signals(dual, single, iter_shard(source), shard=shard,
+                                        config=cfg, projection=projection)
+    info = write_shard(job.out, shard, columns, rejects, d=dual.dim, f=single.dim_fused,
+                       k=cfg.topk, pool_size=cfg.pool_size)
+    return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start}
+
+
+def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
+    """The whole pass: plan, calibrate the fusion projection, run the shards, return a summary."""
+    from pipeline.shards import list_shards, shard_name
+
+    job.pass_config()  # validate P and K before anything starts
+    sources = list_shards(job.data)
+    names = [shard_name(s) for s in sources]
+    _check_unique(sources, names)
+    out = Path(job.out)
+    manifest = _prepare_store(job, out)
+    pending = [(s, n) for s, n in zip(sources, names) if not _is_done(manifest, out, s, n)]
+    started = time.perf_counter()
+    with ray_session(job.ray_address, stall_timeout_s=job.stall_timeout_s) as cluster:
+        proj_path = out / M.FUSION_PROJ_NAME
+        if not manifest.teachers:  # a new store, or one that crashed before its first save
+            manifest.teachers = _calibrate(job, sources, proj_path)
+            manifest.params = _params(job, proj_path)
+            manifest.save(out)
+        summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
+    seconds = time.perf_counter() - started
+    rows = sum(s["rows"] for s in summaries)
+    return {"store": str(out), "shards_total": len(sources), "shards_run": len(summaries),
+            "shards_skipped": len(sources) - len(pending), "rows": rows,
+            "rejected": sum(s["rejected"] for s in summaries), "seconds": seconds,
+            "samples_per_s": rows / seconds if seconds else 0.0}
+
+
+def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> Iterator[dict]:
+    import ray
+    from tqdm import tqdm
+
+    if not pending:
+        return
+    cpus = float(cluster["resources"].get("CPU", os.cpu_count() or 1))
+    threads = job.threads_per_worker or max(1, int(cpus // job.workers))
+    # Leave room for Ray Data's read task: an actor pool holding every CPU
+    # deadlocks it on a small machine (STACK_NOTES).
+    actor_cpus = min(1.0, max(cpus - 0.5, 0.1) / job.workers)
+    ds = ray.data.from_items([{"source": s, "shard": n} for s, n in pending])
+    ds = ds.map_batches(
+        ShardWorker, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=job.workers),
+        num_cpus=actor_cpus, num_gpus=job.gpus_per_worker or None,
+        fn_constructor_kwargs={"job": job, "projection_path": str(proj_path), "threads": threads},
+    )  # Ray Data restarts lost actors and retries their shards by itself (max_restarts=-1)
+    identity = {s: M.source_identity(s) for s, _ in pending}
+    bar = tqdm(total=len(pending), unit="shard", disable=not progress, desc="teacher pass")
+    rows, t0 = 0, time.perf_counter()
+    for row in ds.iter_rows():
+        entry = {**identity[str(row["source"])], M.ROWS: int(row["rows"]),
+                 M.REJECTED: int(row["rejected"]), M.POOLS: int(row["pools"]),
+                 M.SECONDS: float(row["seconds"]), M.STATUS: M.STATUS_DONE}
+        manifest.record_shard(str(row["shard"]), entry)
+        manifest.save(out)
+        rows += entry[M.ROWS]
+        bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - t0):.1f}")
+        bar.update(1)
+        yield {"shard": str(row["shard"]), **entry}
+    bar.close()
+
+
+def _calibrate(job: TeacherPassJob, sources: list[str], proj_path: Path) -> dict:
+    """Fit W on the first calibration rows of the pass, as a Ray task where the workers run.
+
+    Returns the teachers' identities (paths and digests) for the manifest.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=job.gpus_per_worker or None)(_calibrate_task)
+    return ray.get(task.remote(job, sources, str(proj_path)))
+
+
+def _calibrate_task(job: TeacherPassJob, sources: list[str], proj_path: str) -> dict:
+    from itertools import chain
+
+    from pipeline.shards import iter_shard
+    from pipeline.signals import calibrate, save_projection
+    from pipeline.teachers import load_teachers
+
+    dual, single = load_teachers(job.dual, job.single)
+    items = chain.from_iterable(iter_shard(s) for s in sources)
+    save_projection(calibrate(dual, single, items, config=job.pass_config()), proj_path)
+    return {"dual": dual.identity(), "single": single.identity(),
+            "fusion_proj": {"path": M.FUSION_PROJ_NAME, "sha256": M.file_digest(proj_path)}}
+
+
+def _params(job: TeacherPassJob, proj_path: Path) -> dict:
+    from pipeline.signals import load_projection
+
+    w = load_projection(proj_path)
+    return {**job.pass_config().to_dict(), M.PARAM_POOL_SIZE: job.pool_size, M.PARAM_K: job.topk,
+            M.PARAM_F: int(w.shape[0]), M.PARAM_D: int(w.shape[1]),
+            "embedding_dtype": "float16", "logit_dtype": "float32"}
+
+
+def _prepare_store(job: TeacherPassJob, out: Path) -> M.Manifest:
+    """Fresh, resumed or overwritten store; the resolved config written beside it."""
+    # The config is written first, so any store a crash left behind has one.
+    has_store = (out / M.MANIFEST_NAME).exists() or (out / CONFIG_NAME).exists()
+    if has_store and job.mode == "fresh":
+        raise InputError(f"{out} already holds a signal store; pass --resume to continue it "
+                         f"or --overwrite to replace it")
+    if job.mode == "overwrite":
+        for name in (M.MANIFEST_NAME, M.FUSION_PROJ_NAME, CONFIG_NAME):
+            (out / name).unlink(missing_ok=True)
+        for sub in (M.SIGNALS_DIR, M.REJECTS_DIR):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        has_store = False
+    elif not has_store and out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not a signal store; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = M.Manifest.load(out) if (out / M.MANIFEST_NAME).exists() else M.Manifest()
+    if has_store:
+        _check_resumable(job, out)
+    for folder in (out, out / M.SIGNALS_DIR, out / M.REJECTS_DIR):
+        sweep_temporaries(folder)
+    atomic_write_json(out / CONFIG_NAME, dataclasses.asdict(job))
+    return manifest
+
+
+def _check_resumable(job: TeacherPassJob, out: Path) -> None:
+    import json
+
+    saved = json.loads((out / CONFIG_NAME).read_text()) if (out / CONFIG_NAME).exists() else {}
+    same = ("dual", "single", "pool_size", "topk", "calibration_rows")
+    changed = [k for k in same if k in saved and saved[k] != getattr(job, k)]
+    if changed:
+        raise InputError(f"cannot resume {out}: {', '.join(changed)} differ from the stored pass; "
+                         f"use --overwrite to start again")
+
+
+def _is_done(manifest: M.Manifest, out: Path, source: str, name: str) -> bool:
+    entry = manifest.shards.get(name)
+    if not entry or entry.get(M.STATUS) != M.STATUS_DONE or not M.signals_path(out, name).exists():
+        return False
+    now = M.source_identity(source)
+    if (now[M.SIZE], now[M.MTIME]) != (entry[M.SIZE], entry[M.MTIME]):
+        raise InputError(f"input shard {source} changed since it was processed; use --overwrite")
+    return True
+
+
+def _check_unique(sources: list[str], names: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for src, name in zip(sources, names):
+        if name in seen:
+            raise InputError(f"two input shards share the name {name!r}: {seen[name]} and {src}; "
+                             f"run one teacher pass per split")
+        seen[name] = src

@@ -1,0 +1,40 @@
+"""Fixtures for the jobs: one local Ray cluster per test session, tiny data and teachers."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A real local Ray cluster, started once for the session (ray_session reuses it)."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    os.environ["RAY_TMPDIR"] = str(tmp)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """The shapes benchmark at toy size: train in 3 shards of 20 samples."""
+    from pipeline.synth import SynthConfig, write_benchmark
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_benchmark(SynthConfig(train=60, val=10, test=10, shard_size=20, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory, shapes_data):
+    """Untrained smoke-size CLIP and BLIP-ITM directories (real HF classes, random weights)."""
+    import json
+
+    from pipeline.teacher_models import make_tiny_teachers
+
+    captions = json.loads((shapes_data / "synth_config.json").read_text())["vocabulary"]
+    dual, single = make_tiny_teachers(tmp_path_factory.mktemp("teachers"), [" ".join(captions)])
+    return str(dual), str(single)

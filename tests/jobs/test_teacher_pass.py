@@ -1,0 +1,101 @@
+"""The teacher-pass job on a real local Ray cluster: store, resume, determinism, refusals."""
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+from storage import manifest as M
+from storage.reader import open_store
+
+pytestmark = pytest.mark.ray
+
+
+def _job(shapes_data, tiny_teachers, out, **kw) -> TeacherPassJob:
+    dual, single = tiny_teachers
+    return TeacherPassJob(data=str(shapes_data / "train"), dual=dual, single=single, out=str(out),
+                          pool_size=8, topk=3, batch_size=16, calibration_rows=24, **kw)
+
+
+def _tables(store):
+    return {p.name: pq.read_table(p) for p in sorted((store / M.SIGNALS_DIR).glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def one_worker_store(ray_local, shapes_data, tiny_teachers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store1")
+    summary = run_teacher_pass(_job(shapes_data, tiny_teachers, out), progress=False)
+    return out, summary
+
+
+def test_pass_writes_a_complete_store(one_worker_store):
+    out, summary = one_worker_store
+    store = open_store(out)
+    assert summary["rows"] == store.num_rows == 60
+    assert list(store.shards) == ["000000", "000001", "000002"]
+    assert store.pool_size == 8 and store.dims["k"] == 3
+    assert (out / M.FUSION_PROJ_NAME).is_file()
+    teachers = store.manifest.teachers
+    assert teachers["dual"]["weights_sha256"] and teachers["single"]["config_sha256"]
+    for name, entry in store.manifest.shards.items():
+        assert entry[M.ROWS] + entry[M.REJECTED] == 20
+        assert entry[M.POOLS] == 3  # 20 rows in pools of 8: 8, 8, 4
+
+
+def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, ray_local, shapes_data,
+                                                      tiny_teachers, tmp_path):
+    import shutil
+
+    out = tmp_path / "store"
+    shutil.copytree(one_worker_store[0], out)
+    # Simulate a crash after two shards: the third shard's file and entry are gone.
+    manifest = M.Manifest.load(out)
+    del manifest.shards["000002"]
+    manifest.save(out)
+    M.signals_path(out, "000002").unlink()
+    summary = run_teacher_pass(_job(shapes_data, tiny_teachers, out, mode="resume"), progress=False)
+    assert (summary["shards_run"], summary["shards_skipped"]) == (1, 2)
+    before, after = _tables(one_worker_store[0]), _tables(out)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].equals(after[name]), name
+
+
+def test_two_workers_give_identical_data(one_worker_store, ray_local, shapes_data, tiny_teachers, tmp_path):
+    out = tmp_path / "store2"
+    run_teacher_pass(_job(shapes_data, tiny_teachers, out, workers=2), progress=False)
+    before, after = _tables(one_worker_store[0]), _tables(out)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].equals(after[name]), name
+
+
+def test_existing_store_needs_resume_or_overwrite(one_worker_store, shapes_data, tiny_teachers):
+    dual, single = tiny_teachers
+    args = ["pipeline", "teacher-pass", "--data", str(shapes_data / "train"), "--dual", dual,
+            "--single", single, "--out", str(one_worker_store[0]), "--pool", "8", "--topk", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "--resume" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("pool, topk, message", [(8, 9, "must not exceed the pool size"),
+                                                 (1, 1, "pool size must be at least 2")])
+def test_bad_pool_parameters_exit_2(shapes_data, tiny_teachers, tmp_path, pool, topk, message):
+    dual, single = tiny_teachers
+    result = CliRunner().invoke(main, [
+        "pipeline", "teacher-pass", "--data", str(shapes_data / "train"), "--dual", dual,
+        "--single", single, "--out", str(tmp_path / "s"), "--pool", str(pool), "--topk", str(topk)])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_teacher_dirs_swapped_exit_2(ray_local, shapes_data, tiny_teachers, tmp_path):
+    dual, single = tiny_teachers
+    result = CliRunner().invoke(main, [
+        "pipeline", "teacher-pass", "--data", str(shapes_data / "train"), "--dual", single,
+        "--single", dual, "--out", str(tmp_path / "s"), "--pool", "8", "--topk", "3"])
+    assert result.exit_code == 2
+    assert "expected 'clip'" in result.output
