@@ -50,9 +50,9 @@ def main():
 
 
 def _register() -> None:
-    from jobs import cmd_bench, cmd_data, cmd_pipeline
+    from jobs import cmd_bench, cmd_data, cmd_pipeline, cmd_signals
 
-    for group in (cmd_data.data, cmd_pipeline.pipeline, cmd_bench.bench):
+    for group in (cmd_data.data, cmd_pipeline.pipeline, cmd_signals.signals, cmd_bench.bench):
         main.add_command(group)
 
 

@@ -1,0 +1,293 @@
+"""DuckDB over a signal store: the SQL behind `mcad signals stats|validate|sql`.
+
+`connect(store)` gives an in-memory DuckDB connection with three views:
+
+- `signals`: every row of the finished shards' signals files (read_parquet);
+- `rejects`: every rejected sample (key, reason, detail) plus its `shard`
+  (the rejects file's name);
+- `shards`: the manifest's shard entries, one row per shard, finished or not.
+
+    con = connect("out/store")
+    con.sql("SELECT shard, count(*) FROM signals GROUP BY shard").fetchall()
+
+`store_stats` summarises a store (counts, rejects, teachers, and how peaked
+the stored candidate distributions are); `check_store` checks the rows
+themselves against the contract of storage/writer.py (beyond what
+`open_store` reads from the footers); `check_data_keys` checks one shard's
+keys against the keys of its input data. Every SQL string is built from the
+column constants of storage/schema.py.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import schema as S
+from storage.errors import InputError
+from storage.manifest import (
+    MTIME, POOLS, REJECTED, ROWS, SECONDS, SHARD_FIELDS, SIZE, SOURCE, STATUS, STATUS_DONE, rejects_path,
+    signals_path,
+)
+from storage.reader import Store, open_store
+
+SIGNALS_VIEW, REJECTS_VIEW, SHARDS_VIEW = "signals", "rejects", "shards"
+# Candidate-list columns whose softmax `store_stats` describes, by short name.
+LOGIT_FIELDS = {"dual": S.DUAL, "itm": S.ITM}
+
+
+def connect(store: Store | str | os.PathLike) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with the views `signals`, `rejects` and `shards`.
+
+    A path is opened with `open_store(..., allow_incomplete=True)`: shards a
+    running pass has not finished yet appear in `shards` only.
+    """
+    store = store if isinstance(store, Store) else open_store(store, allow_incomplete=True)
+    con = duckdb.connect()
+    sig_files = [signals_path(store.path, name) for name in store.shards]
+    rej_files = [rejects_path(store.path, name) for name in store.shards]
+    if sig_files:
+        con.sql(f"CREATE VIEW {SIGNALS_VIEW} AS SELECT * FROM read_parquet({_list(sig_files)})")
+        # The rejects schema has no shard column: the file name is the shard.
+        con.sql(f"CREATE VIEW {REJECTS_VIEW} AS SELECT * EXCLUDE (filename), "
+                f"parse_filename(filename, true) AS {S.SHARD} "
+                f"FROM read_parquet({_list(rej_files)}, filename = true)")
+    else:  # nothing finished yet: typed, empty views
+        con.register(SIGNALS_VIEW, _as_read_by_duckdb(S.signal_schema(**store.dims)).empty_table())
+        con.register(REJECTS_VIEW, S.REJECTS_SCHEMA.append(pa.field(S.SHARD, pa.string())).empty_table())
+    con.register(SHARDS_VIEW, _shards_table(store))
+    return con
+
+
+def sql(con: duckdb.DuckDBPyConnection, query: str, *, limit: int | None = None):
+    """Run a user's query; return its relation (None for statements without a result).
+
+    Errors in parsing or binding become InputError with DuckDB's first line.
+    """
+    try:
+        rel = con.sql(query)
+    except duckdb.Error as exc:
+        raise sql_error(exc) from None
+    if rel is not None and limit is not None:
+        rel = rel.limit(limit)
+    return rel
+
+
+def sql_error(exc: duckdb.Error) -> InputError:
+    """One line out of DuckDB's message (it adds the query and a caret below)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return InputError(f"SQL error: {first}")
+
+
+# --- stats ------------------------------------------------------------------
+
+
+def store_stats(store: Store | str | os.PathLike) -> dict[str, Any]:
+    """Everything `mcad signals stats` shows, as a JSON-able dict.
+
+    Keys: store, schema_version, mcad_version, params, teachers, rows,
+    rejected, pools, shards (list of {shard, rows, rejected, pools}, finished
+    shards, counted from the files), unfinished_shards, rejects_by_reason
+    and candidates: per direction, for the `dual` and `itm` logits, the mean
+    over rows of the top-1 probability and of the entropy (nats) of the
+    softmax over the row's stored candidates (padding excluded), and
+    `topk_mass`, the mean over rows of exp(logsumexp(dual over K) - dual_lse):
+    the share of the row's pool-wide dual softmax mass its K candidates hold.
+    """
+    store = store if isinstance(store, Store) else open_store(store, allow_incomplete=True)
+    con = connect(store)
+    shards = _rows(con.sql(
+        f"WITH s AS (SELECT {S.SHARD}, count(*) AS n, count(DISTINCT {S.POOL}) AS p "
+        f"           FROM {SIGNALS_VIEW} GROUP BY {S.SHARD}), "
+        f"r AS (SELECT {S.SHARD}, count(*) AS n FROM {REJECTS_VIEW} GROUP BY {S.SHARD}) "
+        f"SELECT m.{S.SHARD}, coalesce(s.n, 0) AS {ROWS}, coalesce(r.n, 0) AS {REJECTED}, "
+        f"       coalesce(s.p, 0) AS {POOLS} "
+        f"FROM {SHARDS_VIEW} m LEFT JOIN s ON s.{S.SHARD} = m.{S.SHARD} "
+        f"LEFT JOIN r ON r.{S.SHARD} = m.{S.SHARD} "
+        f"WHERE m.{STATUS} = '{STATUS_DONE}' ORDER BY m.{S.SHARD}"))
+    reasons = con.sql(f"SELECT {S.REJECT_REASON}, count(*) FROM {REJECTS_VIEW} "
+                      f"GROUP BY {S.REJECT_REASON} ORDER BY count(*) DESC, {S.REJECT_REASON}").fetchall()
+    m = store.manifest
+    return {
+        "store": str(store.path),
+        "schema_version": m.schema_version,
+        "mcad_version": m.mcad_version,
+        "params": m.params,
+        "teachers": m.teachers,
+        "rows": sum(s[ROWS] for s in shards),
+        "rejected": sum(s[REJECTED] for s in shards),
+        "pools": sum(s[POOLS] for s in shards),
+        "shards": shards,
+        "unfinished_shards": sorted(set(m.shards) - set(store.shards)),
+        "rejects_by_reason": {reason: n for reason, n in reasons},
+        "candidates": candidate_stats(con),
+    }
+
+
+def candidate_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]:
+    """{direction: {"dual": {"top1", "entropy"}, "itm": {...}, "topk_mass"}} over the `signals` view.
+
+    One scan: per row and logit column, l = the finite candidate logits,
+    lse = max(l) + ln(sum(exp(l - max(l)))); top-1 probability
+    exp(max(l) - lse); entropy lse - sum(exp(x - lse) * x). Means are None
+    when the store has no rows.
+    """
+    names = [(dr, short, S.col(dr, fld)) for dr in S.DIRECTIONS for short, fld in LOGIT_FIELDS.items()]
+    a = {c: f"{dr}_{short}" for dr, short, c in names}  # SQL aliases
+    lists = ", ".join(f"list_filter({c}::DOUBLE[], lambda x: isfinite(x)) AS {a[c]}_l" for c in a)
+    lses = ", ".join(f"{S.col(dr, S.DUAL_LSE)} AS {dr}_pool_lse" for dr in S.DIRECTIONS)
+    maxes = ", ".join(f"list_max({x}_l) AS {x}_m" for x in a.values())
+    row_lse = ", ".join(f"{x}_m + ln(list_sum(list_transform({x}_l, lambda x: exp(x - {x}_m)))) AS {x}_lse"
+                        for x in a.values())
+    means = []
+    for x in a.values():
+        means.append(f"avg(exp({x}_m - {x}_lse)) AS {x}_top1")
+        means.append(f"avg({x}_lse - list_sum(list_transform({x}_l, lambda x: exp(x - {x}_lse) * x))) "
+                     f"AS {x}_entropy")
+    for dr in S.DIRECTIONS:
+        means.append(f"avg(exp({dr}_dual_lse - {dr}_pool_lse)) AS {dr}_topk_mass")
+    query = (f"WITH l AS (SELECT {lists}, {lses} FROM {SIGNALS_VIEW}), "
+             f"m AS (SELECT *, {maxes} FROM l), "
+             f"e AS (SELECT *, {row_lse} FROM m) "
+             f"SELECT {', '.join(means)} FROM e")
+    got = _rows(con.sql(query))[0]
+    out: dict[str, dict[str, Any]] = {}
+    for dr in S.DIRECTIONS:
+        out[dr] = {short: {"top1": got[f"{dr}_{short}_top1"], "entropy": got[f"{dr}_{short}_entropy"]}
+                   for short in LOGIT_FIELDS}
+        out[dr]["topk_mass"] = got[f"{dr}_topk_mass"]
+    return out
+
+
+# --- validation -------------------------------------------------------------
+
+
+def check_store(store: Store | str | os.PathLike) -> dict[str, int]:
+    """Check a store beyond its footers; return {"shards", "rows", "rejected", "pools"} or raise InputError.
+
+    `open_store` (strict: every shard finished) already checks the manifest,
+    the files present, the signals schema, dims and counts against the
+    manifest. Here: the rejects files' schema, and per shard, from the rows:
+    the shard column names the file, rows are 0..n-1 in file order, pools are
+    row // P, candidates lie in the row's own pool with the positive
+    included, and no key appears twice among the kept rows.
+    """
+    store = store if isinstance(store, Store) else open_store(store)
+    want = S.REJECTS_SCHEMA
+    for name in store.shards:
+        got = pq.read_schema(rejects_path(store.path, name))
+        if got.names != want.names or got.types != want.types:
+            raise InputError(f"{store.path}: shard {name}: rejects file has columns "
+                             f"{dict(zip(got.names, map(str, got.types)))}, expected "
+                             f"{dict(zip(want.names, map(str, want.types)))}")
+    con = connect(store)
+    if store.shards:
+        files = [signals_path(store.path, name) for name in store.shards]
+        bad = _rows(con.sql(_row_checks_sql(files, store.pool_size)))
+        if bad:
+            problems = [k for k, v in bad[0].items() if k != "file_shard" and v]
+            raise InputError(f"{store.path}: shard {bad[0]['file_shard']}: {', '.join(problems)} "
+                             f"({len(bad)} shard(s) with problems)")
+    rows, pools = con.sql(f"SELECT count(*), count(DISTINCT ({S.SHARD}, {S.POOL})) "
+                          f"FROM {SIGNALS_VIEW}").fetchall()[0]
+    rejected = con.sql(f"SELECT count(*) FROM {REJECTS_VIEW}").fetchall()[0][0]
+    return {"shards": len(store.shards), "rows": rows, "rejected": rejected, "pools": pools}
+
+
+def _row_checks_sql(files: list[Path], pool_size: int) -> str:
+    """One row per signals file with any problem; each problem a boolean column named by what is wrong."""
+    here = "parse_filename(filename, true)"
+    checks = {
+        "shard column differs from the file name": f"bool_or({S.SHARD} <> {here})",
+        "rows are not 0..n-1 in file order": f"bool_or({S.ROW} <> file_row_number)",
+        f"pool is not row // {pool_size}": f"bool_or({S.POOL} <> {S.ROW} // {pool_size})",
+        "duplicate keys": f"count(DISTINCT {S.KEY}) <> count(*)",
+    }
+    for dr in S.DIRECTIONS:
+        idx = S.col(dr, S.IDX)
+        checks[f"{idx} has candidates outside the row's pool"] = (
+            f"bool_or(NOT list_bool_and(list_transform({idx}, "
+            f"lambda j: j = {S.PAD_IDX} OR j // {pool_size} = {S.POOL})))")
+        checks[f"{idx} lacks the positive"] = f"bool_or(NOT list_contains({idx}, {S.ROW}))"
+    cols = ", ".join(f'{expr} AS "{name}"' for name, expr in checks.items())
+    anybad = " OR ".join(f'"{name}"' for name in checks)
+    return (f"WITH c AS (SELECT {here} AS file_shard, {cols} "
+            f"FROM read_parquet({_list(files)}, filename = true, file_row_number = true) "
+            f"GROUP BY filename) "
+            f"SELECT * FROM c WHERE {anybad} ORDER BY file_shard")
+
+
+def check_data_keys(store: Store, shard: str, data_keys: Iterable[str]) -> dict[str, int]:
+    """Check that a shard's input keys, in order, are exactly its kept rows plus its rejects.
+
+    Walks the data's keys in order: each must be the next kept key (kept rows
+    are in data order) or one of the rejected keys not yet matched (rejects
+    are matched as a multiset: a duplicate key is kept once and rejected
+    after). Anything left over on either side is an error. Returns
+    {"kept", "rejected"} counts; raises InputError naming the first mismatch.
+    """
+    where = f"{store.path}: shard {shard}"
+    kept = pq.read_table(signals_path(store.path, shard), columns=[S.KEY]).column(S.KEY).to_pylist()
+    rejected: dict[str, int] = {}
+    for key in pq.read_table(rejects_path(store.path, shard), columns=[S.REJECT_KEY]).column(
+            S.REJECT_KEY).to_pylist():
+        rejected[key] = rejected.get(key, 0) + 1
+    total_rejected = sum(rejected.values())
+    nxt = 0
+    for pos, key in enumerate(data_keys):
+        if nxt < len(kept) and kept[nxt] == key:
+            nxt += 1
+        elif rejected.get(key, 0) > 0:
+            rejected[key] -= 1
+        else:
+            want = f"kept row {nxt} has key {kept[nxt]!r}" if nxt < len(kept) else "all kept rows are matched"
+            raise InputError(f"{where}: data sample {pos} has key {key!r}, which the store neither kept "
+                             f"next nor rejected ({want})")
+    if nxt < len(kept):
+        raise InputError(f"{where}: kept row {nxt} (key {kept[nxt]!r}) and {len(kept) - nxt - 1} more "
+                         f"are not in the data")
+    left = sorted(k for k, n in rejected.items() if n > 0)
+    if left:
+        raise InputError(f"{where}: rejected key {left[0]!r} and {len(left) - 1} more are not in the data")
+    return {"kept": len(kept), "rejected": total_rejected}
+
+
+# --- helpers ----------------------------------------------------------------
+
+
+def _shards_table(store: Store) -> pa.Table:
+    """The manifest's shard entries as a table (one row per shard, sorted by name)."""
+    entries = store.manifest.shards
+    names = sorted(entries)
+    types = {SOURCE: pa.string(), SIZE: pa.int64(), MTIME: pa.float64(), ROWS: pa.int64(),
+             REJECTED: pa.int64(), POOLS: pa.int64(), SECONDS: pa.float64(), STATUS: pa.string()}
+    cols = {S.SHARD: pa.array(names, pa.string())}
+    for fld in SHARD_FIELDS:
+        try:
+            cols[fld] = pa.array([entries[n].get(fld) for n in names], types[fld])
+        except (pa.ArrowException, TypeError, ValueError):
+            raise InputError(f"{store.path}: manifest shard entries hold a non-{types[fld]} {fld!r}") from None
+    return pa.table(cols)
+
+
+def _as_read_by_duckdb(schema: pa.Schema) -> pa.Schema:
+    """The types DuckDB gives a signals Parquet file: float16 as float32, fixed-size lists as lists."""
+    def plain(t: pa.DataType) -> pa.DataType:
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(plain(t.value_type))
+        return pa.float32() if pa.types.is_float16(t) else t
+
+    return pa.schema([pa.field(f.name, plain(f.type)) for f in schema])
+
+
+def _list(paths: list[Path]) -> str:
+    """A DuckDB list literal of file paths (quotes doubled)."""
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _rows(rel) -> list[dict[str, Any]]:
+    return rel.to_arrow_table().to_pylist()
