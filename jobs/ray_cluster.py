@@ -10,8 +10,6 @@ import logging
 import os
 from typing import Iterator
 
-# Hides a harmless core-worker line about max_restarts (STACK_NOTES).
-os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
 
 @contextlib.contextmanager
@@ -36,6 +34,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
         started = True
+    for name in ("ray", "ray.data"):  # Ray Data's plan/progress chatter; errors still show
+        logging.getLogger(name).setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours is a per-shard bar in the driver
     ctx.execution_no_progress_timeout_s = stall_timeout_s

@@ -115,8 +115,8 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     with ray_session(job.ray_address, stall_timeout_s=job.stall_timeout_s) as cluster:
         proj_path = out / M.FUSION_PROJ_NAME
         if not manifest.teachers:  # a new store, or one that crashed before its first save
-            manifest.teachers = _calibrate(job, sources, proj_path)
-            manifest.params = _params(job, proj_path)
+            manifest.teachers, measured = _calibrate(job, sources, proj_path)
+            manifest.params = {**_params(job, proj_path), **measured}
             manifest.save(out)
         summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
     seconds = time.perf_counter() - started
@@ -161,10 +161,11 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
     bar.close()
 
 
-def _calibrate(job: TeacherPassJob, sources: list[str], proj_path: Path) -> dict:
+def _calibrate(job: TeacherPassJob, sources: list[str], proj_path: Path) -> tuple[dict, dict]:
     """Fit W on the first calibration rows of the pass, as a Ray task where the workers run.
 
-    Returns the teachers' identities (paths and digests) for the manifest.
+    Returns the teachers' identities (paths and digests) and the pass
+    parameters only the loaded teachers know, for the manifest.
     """
     import ray
 
@@ -182,16 +183,26 @@ def _calibrate_task(job: TeacherPassJob, sources: list[str], proj_path: str) -> 
     dual, single = load_teachers(job.dual, job.single)
     items = chain.from_iterable(iter_shard(s) for s in sources)
     save_projection(calibrate(dual, single, items, config=job.pass_config()), proj_path)
-    return {"dual": dual.identity(), "single": single.identity(),
-            "fusion_proj": {"path": M.FUSION_PROJ_NAME, "sha256": M.file_digest(proj_path)}}
+    teachers = {"dual": dual.identity(), "single": single.identity()}
+    return teachers, {M.PARAM_LOGIT_SCALE: dual.logit_scale,
+                      M.PARAM_FUSION_PROJ_SHA256: M.file_digest(proj_path),
+                      "image_size": _image_sizes(dual, single)}
+
+
+def _image_sizes(*teachers) -> list[dict]:
+    sizes = [dict(getattr(t.processor.image_processor, "size", {}) or {}) for t in teachers]
+    return [{k: v for k, v in size.items() if v is not None} for size in sizes]
 
 
 def _params(job: TeacherPassJob, proj_path: Path) -> dict:
     from pipeline.signals import load_projection
 
     w = load_projection(proj_path)
-    return {**job.pass_config().to_dict(), M.PARAM_POOL_SIZE: job.pool_size, M.PARAM_K: job.topk,
+    cfg = job.pass_config()
+    # Only what defines the signals: the fingerprint a student pins covers all of it.
+    return {M.PARAM_POOL_SIZE: cfg.pool_size, M.PARAM_K: cfg.topk,
             M.PARAM_F: int(w.shape[0]), M.PARAM_D: int(w.shape[1]),
+            "calibration_rows": cfg.calibration_rows, "ridge": cfg.ridge,
             "embedding_dtype": "float16", "logit_dtype": "float32"}
 
 

@@ -35,6 +35,8 @@ FUSION_PROJ_NAME = "fusion_proj.safetensors"
 # Pass parameters every reader needs; the rest of `params` is free-form.
 PARAM_POOL_SIZE, PARAM_K, PARAM_D, PARAM_F = "pool_size", "k", "d", "f"
 REQUIRED_PARAMS = (PARAM_POOL_SIZE, PARAM_K, PARAM_D, PARAM_F)
+# The dual teacher's logit scale s (the student rebuilds s·v'·t' from it) and W's digest.
+PARAM_LOGIT_SCALE, PARAM_FUSION_PROJ_SHA256 = "logit_scale", "fusion_proj_sha256"
 
 # Per-shard entry fields.
 SOURCE, SIZE, MTIME = "source", "size", "mtime"
