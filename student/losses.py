@@ -1,0 +1,176 @@
+"""Student losses of MCAD (DESIGN.md, "The maths"): pure functions returning (loss, metrics).
+
+    L = w_con·L_con + w_dist·L_dist + w_feat·L_feat
+
+    loss, metrics = mcad_loss(weights=LossWeights(con=1, dist=1, feat=1),
+                              image=u, text=w, logit_scale=model.logit_scale.exp(),
+                              targets=mcad_targets(...), image_proj=h_v(u), text_proj=h_t(w))
+
+- L_con  (`info_nce`): symmetric InfoNCE on ground truth, row i matches column i.
+- L_dist (`distribution_kl`): KL(p_i ‖ q_i) in both directions, p the softmax of
+  the teacher logits (student.targets), q the student's softmax over the same
+  candidates.
+- L_feat (`feature_loss`): 1 − cos between the student's head outputs h(u_i),
+  h(w_i) and the modified teacher features v'_i, t'_i.
+
+Replay vs remix. The losses do not know the mode; only the block structure
+of the teacher logits differs, and the student follows it (its logits are
+masked to -inf wherever the teacher's are):
+- replay: the batch is one or several whole teacher pools; each pool is a
+  block, teacher logits are -inf across blocks, so every row's softmax (teacher
+  and student) runs over its own pool, as in the teacher pass.
+- remix: any batch; the whole batch is one block, the softmax runs over the
+  batch, and single-teacher terms exist only where both ends are in the batch
+  (that is handled in the targets, not here).
+L_con always uses the whole batch: ground truth needs no teacher.
+
+Scores are computed in at least float32 (float64 stays float64, for gradcheck).
+Metrics are python floats, keyed by term name.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from storage.errors import InputError
+from student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the three MCAD terms; a zero weight skips its term entirely."""
+
+    con: float = 1.0
+    dist: float = 1.0
+    feat: float = 1.0
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (ok and math.isfinite(value) and value >= 0):
+                raise InputError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
+        if self.con == self.dist == self.feat == 0:
+            raise InputError("at least one loss weight (con, dist, feat) must be > 0")
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor, logit_scale) -> torch.Tensor:
+    """(B, B) logit_scale · a_i·b_j in at least float32."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return logit_scale * (a.to(dtype) @ b.to(dtype).T)
+
+
+def info_nce(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Symmetric InfoNCE over the batch, ground truth on the diagonal.
+
+    image, text: (B, D) normalised student embeddings u_i, w_i.
+    logit_scale: scalar tensor, the student's scale (already exp'd).
+    Returns the mean of the image→text and text→image cross-entropies (scalar).
+    """
+    logits = _scores(image, text, logit_scale)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss_i2t = F.cross_entropy(logits, labels)
+    loss_t2i = F.cross_entropy(logits.T, labels)
+    loss = (loss_i2t + loss_t2i) / 2
+    with torch.no_grad():
+        metrics = {
+            "con": float(loss),
+            "con_acc_i2t": float((logits.argmax(dim=1) == labels).float().mean()),
+            "con_acc_t2i": float((logits.argmax(dim=0) == labels).float().mean()),
+            "logit_scale": float(logit_scale),
+        }
+    return loss, metrics
+
+
+def _kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """(B,) KL(softmax(teacher_i) ‖ softmax(student_i)), student masked where teacher is -inf.
+
+    Masked entries are zeroed before the product, not after, so neither the
+    forward (0·log 0) nor the backward (0·inf) meets a NaN.
+    """
+    teacher = teacher.to(student.dtype)
+    keep = ~torch.isneginf(teacher)
+    log_q = torch.log_softmax(student.masked_fill(~keep, float("-inf")), dim=1)
+    log_p = torch.log_softmax(teacher, dim=1)
+    p = log_p.exp()  # exactly 0 where masked
+    diff = (log_p - log_q).masked_fill(~keep, 0.0)
+    return (p * diff).sum(dim=1)
+
+
+def distribution_kl(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                    i2t_logits: torch.Tensor, t2i_logits: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL(p_i ‖ q_i) both directions, mean over rows, directions averaged.
+
+    image, text: (B, D) normalised student embeddings u_i, w_i.
+    logit_scale: scalar tensor, the student's scale (already exp'd).
+    i2t_logits: (B, B) teacher logits, row i = image i over texts j; -inf outside
+      the row's block. t2i_logits: (B, B), row i = text i over images j.
+    Each teacher row needs at least one finite entry (its own column always is).
+    Teacher logits are targets: no gradient flows into them.
+    Student: q_i = softmax_j(s·u_i·w_j) (image→text) and softmax_j(s·w_i·u_j)
+    (text→image), restricted to the teacher's finite entries.
+    """
+    scores = _scores(image, text, logit_scale)
+    kl_i2t = _kl_rows(i2t_logits.detach(), scores).mean()
+    kl_t2i = _kl_rows(t2i_logits.detach(), scores.T).mean()
+    loss = (kl_i2t + kl_t2i) / 2
+    metrics = {"dist": float(loss.detach()), "dist_i2t": float(kl_i2t.detach()),
+               "dist_t2i": float(kl_t2i.detach())}
+    return loss, metrics
+
+
+def feature_loss(*, image_proj: torch.Tensor, text_proj: torch.Tensor, img_feat: torch.Tensor,
+                 txt_feat: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean of 1 − cos(h_v(u_i), v'_i) and 1 − cos(h_t(w_i), t'_i) over rows and both sides.
+
+    image_proj, text_proj: (B, D) the student heads' outputs h_v(u_i), h_t(w_i)
+      (any norm: cosine normalises them).
+    img_feat, txt_feat: (B, D) modified teacher features v'_i, t'_i (targets, no grad).
+    """
+    dtype = torch.promote_types(image_proj.dtype, torch.float32)
+    feat_v = (1 - F.cosine_similarity(image_proj.to(dtype), img_feat.detach().to(dtype), dim=-1)).mean()
+    feat_t = (1 - F.cosine_similarity(text_proj.to(dtype), txt_feat.detach().to(dtype), dim=-1)).mean()
+    loss = (feat_v + feat_t) / 2
+    metrics = {"feat": float(loss.detach()), "feat_img": float(feat_v.detach()),
+               "feat_txt": float(feat_t.detach())}
+    return loss, metrics
+
+
+def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
+              logit_scale: torch.Tensor, targets: Mapping[str, torch.Tensor] | None = None,
+              image_proj: torch.Tensor | None = None, text_proj: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = w_con·L_con + w_dist·L_dist + w_feat·L_feat; terms of weight 0 are not computed.
+
+    image, text: (B, D) normalised student embeddings; logit_scale: scalar (exp'd).
+    targets: the dict of `student.targets.mcad_targets` (needed when dist or feat > 0).
+    image_proj, text_proj: (B, D) feature-head outputs (needed when feat > 0).
+    Metrics: each computed term's metrics, plus "loss" (the weighted total).
+    """
+    if (weights.dist > 0 or weights.feat > 0) and targets is None:
+        raise ValueError("mcad_loss: targets are needed when the dist or feat weight is > 0")
+    if weights.feat > 0 and (image_proj is None or text_proj is None):
+        raise ValueError("mcad_loss: image_proj and text_proj are needed when the feat weight is > 0")
+    terms = []
+    if weights.con > 0:
+        terms.append((weights.con, info_nce(image=image, text=text, logit_scale=logit_scale)))
+    if weights.dist > 0:
+        terms.append((weights.dist, distribution_kl(
+            image=image, text=text, logit_scale=logit_scale,
+            i2t_logits=targets[I2T_LOGITS], t2i_logits=targets[T2I_LOGITS])))
+    if weights.feat > 0:
+        terms.append((weights.feat, feature_loss(
+            image_proj=image_proj, text_proj=text_proj,
+            img_feat=targets[IMG_FEAT], txt_feat=targets[TXT_FEAT])))
+    total = sum(w * loss for w, (loss, _) in terms)
+    metrics: dict[str, float] = {}
+    for _, (_, term_metrics) in terms:
+        metrics.update(term_metrics)
+    metrics["loss"] = float(total.detach())
+    return total, metrics

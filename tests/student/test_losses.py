@@ -1,0 +1,226 @@
+"""Student losses against naive loop references, gradcheck, and the weighting of mcad_loss."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from storage.errors import InputError
+from student.losses import LossWeights, distribution_kl, feature_loss, info_nce, mcad_loss
+from student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
+
+
+def _unit(gen, n, d, dtype=torch.float32):
+    x = torch.randn(n, d, generator=gen, dtype=dtype)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def _student(seed, b=6, d=4, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return _unit(gen, b, d, dtype), _unit(gen, b, d, dtype), torch.tensor(5.0, dtype=dtype)
+
+
+def _teacher(seed, block, dtype=torch.float32):
+    """(B, B) random teacher logits, -inf across blocks, both directions."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(block)
+    outside = block[:, None] != block[None, :]
+    return [(torch.randn(b, b, generator=gen, dtype=dtype) * 3).masked_fill(outside, -math.inf)
+            for _ in range(2)]
+
+
+BLOCK = torch.tensor([0, 1, 0, 2, 1, 0])
+
+
+# ---------------------------------------------------------------- naive references
+
+def naive_info_nce(u, w, s):
+    u, w, s, b = u.tolist(), w.tolist(), float(s), len(u)
+    logit = [[s * sum(x * y for x, y in zip(u[i], w[j])) for j in range(b)] for i in range(b)]
+    i2t = sum(-logit[i][i] + math.log(sum(math.exp(logit[i][j]) for j in range(b))) for i in range(b)) / b
+    t2i = sum(-logit[i][i] + math.log(sum(math.exp(logit[j][i]) for j in range(b))) for i in range(b)) / b
+    return (i2t + t2i) / 2
+
+
+def naive_kl(u, w, s, i2t, t2i):
+    """Loops over rows; within a row only the teacher's finite columns; sum p·log(p/q)."""
+    u, w, s, b = u.tolist(), w.tolist(), float(s), len(u)
+    total = []
+    for query, cand, teacher in ((u, w, i2t.tolist()), (w, u, t2i.tolist())):
+        row_kls = []
+        for i in range(b):
+            cols = [j for j in range(b) if teacher[i][j] != -math.inf]
+            zt = {j: teacher[i][j] for j in cols}
+            zs = {j: s * sum(x * y for x, y in zip(query[i], cand[j])) for j in cols}
+            nt = sum(math.exp(z) for z in zt.values())
+            ns = sum(math.exp(z) for z in zs.values())
+            kl = 0.0
+            for j in cols:
+                p, q = math.exp(zt[j]) / nt, math.exp(zs[j]) / ns
+                if p > 0:
+                    kl += p * math.log(p / q)
+            row_kls.append(kl)
+        total.append(sum(row_kls) / b)
+    return sum(total) / 2
+
+
+def naive_feature(hv, ht, vf, tf):
+    def one_minus_cos(a, b):
+        dot = sum(x * y for x, y in zip(a, b))
+        return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+    rows = list(zip(hv.tolist(), ht.tolist(), vf.tolist(), tf.tolist()))
+    img = sum(one_minus_cos(a, c) for a, _, c, _ in rows) / len(rows)
+    txt = sum(one_minus_cos(b, d) for _, b, _, d in rows) / len(rows)
+    return (img + txt) / 2
+
+
+# ---------------------------------------------------------------- values
+
+def test_info_nce_matches_naive():
+    u, w, s = _student(0)
+    loss, metrics = info_nce(image=u, text=w, logit_scale=s)
+    assert loss.item() == pytest.approx(naive_info_nce(u, w, s), rel=1e-5)
+    assert metrics["con"] == pytest.approx(loss.item())
+    assert 0 <= metrics["con_acc_i2t"] <= 1 and metrics["logit_scale"] == 5.0
+
+
+def test_distribution_kl_matches_naive_per_block():
+    u, w, s = _student(1)
+    i2t, t2i = _teacher(2, BLOCK)
+    loss, metrics = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=i2t, t2i_logits=t2i)
+    assert loss.item() == pytest.approx(naive_kl(u, w, s, i2t, t2i), rel=1e-5)
+    assert metrics["dist"] == pytest.approx((metrics["dist_i2t"] + metrics["dist_t2i"]) / 2)
+
+
+def test_distribution_kl_is_finite_when_teacher_mass_underflows():
+    # A finite teacher logit so low its probability is exactly 0: 0·log 0 counts as 0.
+    u, w, s = _student(3, dtype=torch.float64)
+    i2t, t2i = _teacher(4, BLOCK, dtype=torch.float64)
+    i2t[0, 2] = -1e4
+    u.requires_grad_()
+    loss, _ = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=i2t, t2i_logits=t2i)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(u.grad).all()
+    assert loss.item() == pytest.approx(naive_kl(u, w, s, i2t, t2i), rel=1e-9)
+
+
+def test_distribution_kl_is_zero_when_student_equals_teacher():
+    u, w, s = _student(5)
+    outside = BLOCK[:, None] != BLOCK[None, :]
+    same = (s * u @ w.T).masked_fill(outside, -math.inf)
+    loss, _ = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=same,
+                              t2i_logits=(s * w @ u.T).masked_fill(outside.T, -math.inf))
+    assert abs(loss.item()) < 1e-6
+    # A shift per row leaves the distribution unchanged.
+    loss, _ = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=same + 3.0,
+                              t2i_logits=same.T - 2.0)
+    assert abs(loss.item()) < 1e-6
+
+
+def test_feature_loss_matches_naive():
+    gen = torch.Generator().manual_seed(6)
+    hv, ht = torch.randn(5, 4, generator=gen) * 2, torch.randn(5, 4, generator=gen)
+    vf, tf = _unit(gen, 5, 4), _unit(gen, 5, 4)
+    loss, metrics = feature_loss(image_proj=hv, text_proj=ht, img_feat=vf, txt_feat=tf)
+    assert loss.item() == pytest.approx(naive_feature(hv, ht, vf, tf), rel=1e-5)
+    same, _ = feature_loss(image_proj=3 * vf, text_proj=tf, img_feat=vf, txt_feat=tf)
+    assert abs(same.item()) < 1e-6
+
+
+# ---------------------------------------------------------------- gradients
+
+def test_gradcheck_info_nce():
+    u, w, s = _student(7, b=4, d=3, dtype=torch.float64)
+    args = tuple(x.clone().requires_grad_() for x in (u, w, s))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: info_nce(image=a, text=b, logit_scale=c)[0], args)
+
+
+def test_gradcheck_distribution_kl_with_blocks():
+    block = torch.tensor([0, 1, 0, 1, 1])
+    u, w, s = _student(8, b=5, d=3, dtype=torch.float64)
+    i2t, t2i = _teacher(9, block, dtype=torch.float64)
+    args = tuple(x.clone().requires_grad_() for x in (u, w, s))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: distribution_kl(image=a, text=b, logit_scale=c,
+                                        i2t_logits=i2t, t2i_logits=t2i)[0], args)
+
+
+def test_gradcheck_feature_loss():
+    gen = torch.Generator().manual_seed(10)
+    hv, ht = (torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    vf, tf = _unit(gen, 4, 3, torch.float64), _unit(gen, 4, 3, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b: feature_loss(image_proj=a, text_proj=b, img_feat=vf, txt_feat=tf)[0], (hv, ht))
+
+
+# ---------------------------------------------------------------- mcad_loss
+
+def _batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    u, w, s = _student(seed)
+    hv, ht = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    i2t, t2i = _teacher(seed + 1, BLOCK)
+    targets = {I2T_LOGITS: i2t, T2I_LOGITS: t2i, IMG_FEAT: _unit(gen, 6, 4), TXT_FEAT: _unit(gen, 6, 4)}
+    return dict(image=u, text=w, logit_scale=s, targets=targets, image_proj=hv, text_proj=ht)
+
+
+def test_mcad_loss_is_the_weighted_sum():
+    batch = _batch(11)
+    loss, metrics = mcad_loss(weights=LossWeights(con=0.5, dist=2.0, feat=0.25), **batch)
+    con = naive_info_nce(batch["image"], batch["text"], batch["logit_scale"])
+    dist = naive_kl(batch["image"], batch["text"], batch["logit_scale"],
+                    batch["targets"][I2T_LOGITS], batch["targets"][T2I_LOGITS])
+    feat = naive_feature(batch["image_proj"], batch["text_proj"],
+                         batch["targets"][IMG_FEAT], batch["targets"][TXT_FEAT])
+    assert loss.item() == pytest.approx(0.5 * con + 2.0 * dist + 0.25 * feat, rel=1e-5)
+    assert metrics["loss"] == pytest.approx(loss.item())
+    assert {"con", "dist", "feat"} <= metrics.keys()
+
+
+def test_mcad_loss_skips_zero_weight_terms():
+    batch = _batch(12)
+    # No targets and no heads at all: only InfoNCE may be computed.
+    loss, metrics = mcad_loss(weights=LossWeights(con=1.0, dist=0.0, feat=0.0),
+                              image=batch["image"], text=batch["text"], logit_scale=batch["logit_scale"])
+    assert "dist" not in metrics and "feat" not in metrics
+    assert loss.item() == pytest.approx(metrics["con"])
+    loss, metrics = mcad_loss(weights=LossWeights(con=0.0, dist=1.0, feat=0.0),
+                              **{**batch, "image_proj": None, "text_proj": None})
+    assert set(metrics) == {"dist", "dist_i2t", "dist_t2i", "loss"}
+    with pytest.raises(ValueError, match="targets"):
+        mcad_loss(weights=LossWeights(), image=batch["image"], text=batch["text"],
+                  logit_scale=batch["logit_scale"])
+
+
+@pytest.mark.parametrize("kw", [{"con": -1.0}, {"dist": math.nan}, {"feat": math.inf},
+                                {"con": 0.0, "dist": 0.0, "feat": 0.0}, {"dist": "1"}])
+def test_loss_weights_refuse_bad_values(kw):
+    with pytest.raises(InputError):
+        LossWeights(**kw)
+
+
+def test_loss_weights_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LossWeights().con = 2.0
+
+
+def test_targets_to_loss_end_to_end_gradients_are_finite():
+    # Stored-evidence shape of a replay batch of two pools, through both functions.
+    gen = torch.Generator().manual_seed(13)
+    block = torch.tensor([0, 0, 0, 1, 1])
+    v, t, g = (_unit(gen, 5, 4) for _ in range(3))
+    idx = torch.tensor([[0, 1, -1], [1, 2, 0], [2, 0, 1], [3, 4, -1], [4, 3, -1]])
+    itm = torch.randn(5, 3, generator=gen).masked_fill(idx == -1, -math.inf)
+    targets = mcad_targets(img_emb=v.half(), txt_emb=t.half(), fused_proj=g.half(), i2t_idx=idx,
+                           i2t_itm=itm, t2i_idx=idx, t2i_itm=itm, block=block, logit_scale=10.0,
+                           alpha=0.5, beta=0.5, k_prime=2)
+    u, w = (_unit(gen, 5, 4).requires_grad_() for _ in range(2))
+    scale = torch.tensor(3.0, requires_grad=True)
+    loss, metrics = mcad_loss(weights=LossWeights(), image=u, text=w, logit_scale=scale,
+                              targets=targets, image_proj=u * 2, text_proj=w * 2)
+    loss.backward()
+    assert all(math.isfinite(x) for x in metrics.values())
+    assert all(torch.isfinite(x.grad).all() for x in (u, w, scale))

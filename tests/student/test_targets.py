@@ -1,0 +1,170 @@
+"""mcad_targets against a naive, loop-by-loop reading of DESIGN.md "The maths"."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from storage.errors import InputError
+from storage.schema import PAD_IDX
+from student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
+
+SCALE = 7.0
+
+
+def _unit(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
+    x = torch.randn(n, d, generator=gen)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def make_evidence(block_sizes, *, d=4, k=4, seed=0, drop=0.0):
+    """Evidence as the data layer hands it: batch-local candidate lists per block, PAD-padded.
+
+    Rows of different blocks are interleaved (a permutation), so nothing may rely on
+    blocks being contiguous. `drop` turns that share of non-positive candidates into
+    PAD_IDX while keeping their finite m, as a remix batch does for candidates it lacks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.cat([torch.full((n,), b) for b, n in enumerate(block_sizes)])
+    block = block[torch.randperm(len(block), generator=gen)]
+    b = len(block)
+    v, t, g = _unit(gen, b, d), _unit(gen, b, d), _unit(gen, b, d)
+    itm_all = torch.randn(b, b, generator=gen) * 3
+    ev = {"img_emb": v, "txt_emb": t, "fused_proj": g, "block": block}
+    for name, q, c, itm in (("i2t", v, t, itm_all), ("t2i", t, v, itm_all.T)):
+        idx = torch.full((b, k), PAD_IDX, dtype=torch.long)
+        m = torch.full((b, k), -math.inf)
+        for i in range(b):
+            members = [j for j in range(b) if block[j] == block[i]]
+            members.sort(key=lambda j: -float(q[i] @ c[j]))
+            top = members[:k]
+            if i not in top:
+                top[-1] = i
+            top.sort(key=lambda j: -float(q[i] @ c[j]))
+            for pos, j in enumerate(top):
+                idx[i, pos], m[i, pos] = j, itm[i, j]
+                if j != i and float(torch.rand(1, generator=gen)) < drop:
+                    idx[i, pos] = PAD_IDX  # not in the batch: m stays finite, must be ignored
+        ev[f"{name}_idx"], ev[f"{name}_itm"] = idx, m
+    return ev
+
+
+def naive_targets(ev, *, alpha, beta, k_prime=None):
+    """Python loops over rows and pairs, floats only."""
+    v, t, g, block = ev["img_emb"].tolist(), ev["txt_emb"].tolist(), ev["fused_proj"].tolist(), ev["block"].tolist()
+    b = len(v)
+
+    def modify(x, y):
+        z = [a + alpha * c for a, c in zip(x, y)]
+        n = math.sqrt(sum(a * a for a in z))
+        return [a / n for a in z]
+
+    vm = [modify(v[i], g[i]) for i in range(b)]
+    tm = [modify(t[i], g[i]) for i in range(b)]
+    out = {IMG_FEAT: torch.tensor(vm), TXT_FEAT: torch.tensor(tm)}
+    for name, q, c, key in (("i2t", vm, tm, I2T_LOGITS), ("t2i", tm, vm, T2I_LOGITS)):
+        idx, itm = ev[f"{name}_idx"].tolist(), ev[f"{name}_itm"].tolist()
+        z = [[-math.inf] * b for _ in range(b)]
+        for i in range(b):
+            kp = k_prime or len(idx[i])
+            head = list(zip(idx[i], itm[i]))[:kp]
+            if i not in [j for j, _ in head]:
+                head[kp - 1] = (i, next(m for j, m in zip(idx[i], itm[i]) if j == i))
+            cands = {j: m for j, m in head if j != PAD_IDX}
+            m_min = min(cands.values())
+            for j in range(b):
+                if block[j] == block[i]:
+                    dot = sum(a * e for a, e in zip(q[i], c[j]))
+                    z[i][j] = SCALE * dot + beta * cands.get(j, m_min)
+        out[key] = torch.tensor(z)
+    return out
+
+
+def assert_targets_equal(got, want):
+    for key in (IMG_FEAT, TXT_FEAT, I2T_LOGITS, T2I_LOGITS):
+        assert got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def run(ev, **kw):
+    return mcad_targets(**ev, logit_scale=SCALE, **kw)
+
+
+@pytest.mark.parametrize("alpha,beta,k_prime", [
+    (0.5, 0.3, None), (0.5, 0.3, 2), (1.0, 2.0, 1), (0.0, 0.7, 3), (0.4, 0.0, None)])
+def test_several_blocks_match_naive(alpha, beta, k_prime):
+    # Block of 3 rows < K=4: those lists end in padding with -inf m.
+    ev = make_evidence((5, 4, 3), k=4, seed=1)
+    got = run(ev, alpha=alpha, beta=beta, k_prime=k_prime)
+    assert_targets_equal(got, naive_targets(ev, alpha=alpha, beta=beta, k_prime=k_prime))
+    same = ev["block"][:, None] == ev["block"][None, :]
+    for key in (I2T_LOGITS, T2I_LOGITS):
+        assert torch.isfinite(got[key][same]).all()
+        assert torch.isneginf(got[key][~same]).all()
+
+
+def test_small_k_prime_forces_positives_in():
+    ev = make_evidence((6, 6), k=5, seed=2)
+    forced = sum(i not in ev["i2t_idx"][i, :2].tolist() for i in range(12))
+    assert forced > 0, "fixture should have rows whose positive lies beyond K'"
+    got = run(ev, alpha=0.3, beta=1.5, k_prime=2)
+    assert_targets_equal(got, naive_targets(ev, alpha=0.3, beta=1.5, k_prime=2))
+
+
+def test_remix_one_block_ignores_candidates_missing_from_batch():
+    ev = make_evidence((10,), k=6, seed=3, drop=0.5)
+    assert (ev["i2t_idx"] == PAD_IDX).any() and torch.isfinite(ev["i2t_itm"]).all()
+    for k_prime in (None, 3):
+        got = run(ev, alpha=0.2, beta=0.8, k_prime=k_prime)
+        assert_targets_equal(got, naive_targets(ev, alpha=0.2, beta=0.8, k_prime=k_prime))
+
+
+def test_hand_worked_row():
+    # Row 0 (image 0): stored list texts [2, 1, 0] with m [5, 1, 3]; K'=2 keeps [2, 1],
+    # the positive 0 replaces text 1, so C_0 = {2: 5, 0: 3}, and text 1 gets min = 3.
+    eye = torch.eye(3)
+    ev = {"img_emb": eye, "txt_emb": eye, "fused_proj": eye, "block": torch.zeros(3, dtype=torch.long),
+          "i2t_idx": torch.tensor([[2, 1, 0], [1, 0, 2], [2, 0, 1]]),
+          "i2t_itm": torch.tensor([[5.0, 1.0, 3.0], [0.0, 1.0, 2.0], [0.0, 0.0, 0.0]]),
+          "t2i_idx": torch.tensor([[0, 1, 2], [1, 0, 2], [2, 0, 1]]),
+          "t2i_itm": torch.zeros(3, 3)}
+    got = run(ev, alpha=0.0, beta=0.5, k_prime=2)
+    torch.testing.assert_close(got[I2T_LOGITS][0], torch.tensor([SCALE + 1.5, 1.5, 2.5]))
+    # Row 1 keeps [1, 0] with m [0, 1] (positive first): m̃ = [1, 0, min(0, 1) = 0].
+    torch.testing.assert_close(got[I2T_LOGITS][1], torch.tensor([0.5, SCALE, 0.0]))
+
+
+def test_alpha_beta_zero_is_plain_dual_distillation():
+    ev = make_evidence((4, 5), seed=4)
+    got = run(ev, alpha=0.0, beta=0.0)
+    dual = SCALE * ev["img_emb"] @ ev["txt_emb"].T
+    same = ev["block"][:, None] == ev["block"][None, :]
+    torch.testing.assert_close(got[I2T_LOGITS][same], dual[same])
+    torch.testing.assert_close(got[T2I_LOGITS][same], dual.T[same])
+    torch.testing.assert_close(got[IMG_FEAT], ev["img_emb"])
+    torch.testing.assert_close(got[TXT_FEAT], ev["txt_emb"])
+
+
+def test_half_inputs_give_float32_targets_without_grad():
+    ev = make_evidence((4, 4), seed=5)
+    ev = {**ev, **{key: ev[key].half().requires_grad_() for key in ("img_emb", "txt_emb", "fused_proj")}}
+    got = run(ev, alpha=0.5, beta=0.5)
+    for value in got.values():
+        assert value.dtype == torch.float32 and not value.requires_grad
+
+
+@pytest.mark.parametrize("kw", [
+    {"alpha": -0.1, "beta": 0.0}, {"alpha": 0.0, "beta": -1.0}, {"alpha": math.nan, "beta": 0.0},
+    {"alpha": 0.0, "beta": 0.0, "k_prime": 0}, {"alpha": 0.0, "beta": 0.0, "k_prime": 5}])
+def test_bad_parameters_raise_input_error(kw):
+    ev = make_evidence((4,), k=4, seed=6)
+    with pytest.raises(InputError):
+        run(ev, **kw)
+
+
+def test_missing_positive_is_refused():
+    ev = make_evidence((4,), k=2, seed=7)
+    ev["t2i_idx"][2] = torch.tensor([PAD_IDX, PAD_IDX])
+    with pytest.raises(InputError, match="t2i: row 2 lacks its positive"):
+        run(ev, alpha=0.0, beta=1.0)
