@@ -55,3 +55,53 @@ def teacher_pass(json_path, mode, **options):
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(summary, fh, indent=2)
+
+
+@pipeline.command("train-student", epilog="""\b
+Examples:
+  mcad pipeline train-student --store store/ --data data/shapes/train --out runs/mcad \\
+      --val-data data/shapes/val
+  mcad pipeline train-student ... --alpha 0 --beta 0 --out runs/dual_kd      dual-only KD
+  mcad pipeline train-student ... --w-dist 0 --w-feat 0 --out runs/baseline  contrastive only
+  mcad pipeline train-student ... --out runs/mcad --resume                   continue a run
+""")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Signal store.")
+@click.option("--data", required=True, help="The shards the store was made from.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--preset", default="s", show_default=True, help="Student size: smoke, s or m.")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP directory instead.")
+@click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False),
+              help="CLIP dir whose tokenizer/processor to use (default: the store's dual teacher).")
+@click.option("--mode", type=click.Choice(["replay", "remix"]), default="replay", show_default=True,
+              help="replay: batches are whole teacher pools; remix: rows mixed across pools.")
+@click.option("--alpha", default=1.0, show_default=True, help="Fused-feature weight in the feature targets.")
+@click.option("--beta", default=1.0, show_default=True, help="ITM-logit weight in the distribution targets.")
+@click.option("--k-prime", type=int, default=None, help="Use only the first K' <= K candidates.")
+@click.option("--w-con", default=1.0, show_default=True, help="Weight of the contrastive loss.")
+@click.option("--w-dist", default=1.0, show_default=True, help="Weight of the distribution KL.")
+@click.option("--w-feat", default=1.0, show_default=True, help="Weight of the feature loss.")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--pools-per-batch", default=1, show_default=True, help="Replay: pools per student batch.")
+@click.option("--batch-size", default=256, show_default=True, help="Remix: rows per student batch.")
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--val-data", help="Shards to report validation recall on after every epoch.")
+@click.option("--online-teachers", nargs=2, type=click.Path(exists=True, file_okay=False),
+              metavar="DUAL SINGLE", help="Compute the targets with these teachers in the loop.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume, **train):
+    """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
+
+    Streams each shard's tar beside its signals file. Writes RUN/checkpoints/,
+    RUN/metrics.jsonl, RUN/loss_curve.png, RUN/train_config.json and the
+    student as a Hugging Face CLIPModel directory in RUN/model.
+    """
+    from jobs.train_student import StudentJob, run_train_student
+    from student.train import TrainConfig
+
+    job = StudentJob(store=store, data=data, out=out, train=TrainConfig(**train), preset=preset,
+                     init=init, tokenizer_from=tokenizer_from, val_data=val_data,
+                     online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume)
+    result = run_train_student(job)
+    rsum = result["record"].get("val_rsum")
+    click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))

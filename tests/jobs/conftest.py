@@ -38,3 +38,21 @@ def tiny_teachers(tmp_path_factory, shapes_data):
     captions = json.loads((shapes_data / "synth_config.json").read_text())["vocabulary"]
     dual, single = make_tiny_teachers(tmp_path_factory.mktemp("teachers"), [" ".join(captions)])
     return str(dual), str(single)
+
+
+@pytest.fixture(scope="session")
+def tiny_pass() -> dict:
+    """Teacher-pass settings of the toy store: pools of 8, 3 candidates."""
+    return dict(pool_size=8, topk=3, batch_size=16, calibration_rows=24)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(ray_local, shapes_data, tiny_teachers, tiny_pass, tmp_path_factory):
+    """A real signal store: the teacher pass over the toy train split (3 shards x 20 samples)."""
+    from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+
+    dual, single = tiny_teachers
+    out = tmp_path_factory.mktemp("store")
+    run_teacher_pass(TeacherPassJob(data=str(shapes_data / "train"), dual=dual, single=single,
+                                    out=str(out), **tiny_pass), progress=False)
+    return out

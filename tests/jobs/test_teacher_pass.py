@@ -13,10 +13,13 @@ from storage.reader import open_store
 pytestmark = pytest.mark.ray
 
 
-def _job(shapes_data, tiny_teachers, out, **kw) -> TeacherPassJob:
-    dual, single = tiny_teachers
-    return TeacherPassJob(data=str(shapes_data / "train"), dual=dual, single=single, out=str(out),
-                          pool_size=8, topk=3, batch_size=16, calibration_rows=24, **kw)
+@pytest.fixture
+def make_job(shapes_data, tiny_teachers, tiny_pass):
+    def make(out, **kw) -> TeacherPassJob:
+        dual, single = tiny_teachers
+        return TeacherPassJob(data=str(shapes_data / "train"), dual=dual, single=single, out=str(out),
+                              **tiny_pass, **kw)
+    return make
 
 
 def _tables(store):
@@ -24,16 +27,14 @@ def _tables(store):
 
 
 @pytest.fixture(scope="module")
-def one_worker_store(ray_local, shapes_data, tiny_teachers, tmp_path_factory):
-    out = tmp_path_factory.mktemp("store1")
-    summary = run_teacher_pass(_job(shapes_data, tiny_teachers, out), progress=False)
-    return out, summary
+def one_worker_store(tiny_store):
+    return tiny_store, None
 
 
 def test_pass_writes_a_complete_store(one_worker_store):
-    out, summary = one_worker_store
+    out, _ = one_worker_store
     store = open_store(out)
-    assert summary["rows"] == store.num_rows == 60
+    assert store.num_rows == 60
     assert list(store.shards) == ["000000", "000001", "000002"]
     assert store.pool_size == 8 and store.dims["k"] == 3
     assert (out / M.FUSION_PROJ_NAME).is_file()
@@ -44,8 +45,7 @@ def test_pass_writes_a_complete_store(one_worker_store):
         assert entry[M.POOLS] == 3  # 20 rows in pools of 8: 8, 8, 4
 
 
-def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, ray_local, shapes_data,
-                                                      tiny_teachers, tmp_path):
+def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, make_job, tmp_path):
     import shutil
 
     out = tmp_path / "store"
@@ -55,7 +55,7 @@ def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, ray_loca
     del manifest.shards["000002"]
     manifest.save(out)
     M.signals_path(out, "000002").unlink()
-    summary = run_teacher_pass(_job(shapes_data, tiny_teachers, out, mode="resume"), progress=False)
+    summary = run_teacher_pass(make_job(out, mode="resume"), progress=False)
     assert (summary["shards_run"], summary["shards_skipped"]) == (1, 2)
     before, after = _tables(one_worker_store[0]), _tables(out)
     assert before.keys() == after.keys()
@@ -63,9 +63,9 @@ def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, ray_loca
         assert before[name].equals(after[name]), name
 
 
-def test_two_workers_give_identical_data(one_worker_store, ray_local, shapes_data, tiny_teachers, tmp_path):
+def test_two_workers_give_identical_data(one_worker_store, make_job, tmp_path):
     out = tmp_path / "store2"
-    run_teacher_pass(_job(shapes_data, tiny_teachers, out, workers=2), progress=False)
+    run_teacher_pass(make_job(out, workers=2), progress=False)
     before, after = _tables(one_worker_store[0]), _tables(out)
     assert before.keys() == after.keys()
     for name in before:

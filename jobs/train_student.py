@@ -1,0 +1,175 @@
+"""`mcad pipeline train-student`: a student from the signal store (or teachers online).
+
+This module wires the pieces: the store's joined reader walks each shard's
+tar beside its Parquet file (pipeline.shards decodes the samples), evidence
+comes from the store or from the teachers in the loop (pipeline.online),
+student/data.py collates, student/train.py trains, student/models.py exports.
+
+    mcad pipeline train-student --store store/ --data data/shapes/train --out runs/mcad
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from storage.atomic import atomic_write_json
+from storage.errors import InputError
+from student.train import TrainConfig
+
+CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerprint.json", "model"
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    store: str
+    data: str
+    out: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = "s"
+    init: str | None = None
+    tokenizer_from: str | None = None     # default: the store's dual teacher
+    val_data: str | None = None
+    online_teachers: tuple[str, str] | None = None
+    resume: bool = False
+
+
+def run_train_student(job: StudentJob, *, progress: bool = True) -> dict:
+    """Train one student; return {"run", "model", "record", "store_fingerprint"}."""
+    from storage.reader import fingerprint_digest, open_store
+    from student.models import build_student, export_hf
+    from student.train import train
+
+    store = open_store(job.store)
+    check_data_matches(store, job.data)
+    run = Path(job.out)
+    _prepare_run(job, run, store)
+    dual_dir = job.tokenizer_from or store.manifest.teachers.get("dual", {}).get("path")
+    if not dual_dir or not Path(dual_dir).is_dir():
+        raise InputError(f"no tokenizer: the store's dual teacher {dual_dir!r} is not here; "
+                         f"pass --tokenizer-from a CLIP directory")
+    student, processor = build_student(None if job.init else job.preset, tokenizer_from=dual_dir,
+                                       teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
+    evidence = _online_evidence(job, store) if job.online_teachers else None
+    record = train(job.train, student=student,
+                   batches=lambda epoch: student_batches(store, job.train, processor, epoch=epoch,
+                                                         evidence=evidence),
+                   steps_per_epoch=steps_per_epoch(store, job.train),
+                   teacher_logit_scale=teacher_logit_scale(store), run=run,
+                   validate=_validator(job.val_data, processor), resume=job.resume, progress=progress)
+    model_dir = export_hf(student, processor, run / MODEL_DIR,
+                          extra={"train": dataclasses.asdict(job.train), "preset": job.preset,
+                                 "store": fingerprint_digest(store.fingerprint())})
+    return {"run": str(run), "model": str(model_dir), "record": record}
+
+
+def student_batches(store, cfg: TrainConfig, processor, *, epoch: int, evidence=None,
+                    rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Collated batches of one epoch: whole pools (replay) or mixed rows (remix)."""
+    from storage.reader import rebatch
+    from student import data as D
+
+    pools = store.iter_joined_pools(kept_samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
+                                    world_size=world_size, columns=D.READ_COLUMNS)
+    if evidence is not None:
+        pools = map(evidence, pools)
+    if cfg.mode == "replay":
+        for group in D.replay_batches(pools, cfg.pools_per_batch):
+            yield D.collate(group, processor=processor)
+    else:
+        rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
+        for rows in rebatch(pools, batch_size=cfg.batch_size, buffer_size=4 * cfg.batch_size, rng=rng):
+            yield D.collate([rows], processor=processor, remix=True)
+
+
+def kept_samples(source: str):
+    """(key, Sample) of one tar in order; the store's reader skips what the pass rejected."""
+    from pipeline.shards import Sample, iter_shard
+
+    return ((s.key, s) for s in iter_shard(source) if isinstance(s, Sample))
+
+
+def steps_per_epoch(store, cfg: TrainConfig, world_size: int = 1) -> int:
+    if cfg.mode == "replay":
+        return math.ceil(store.num_pools / world_size / cfg.pools_per_batch)
+    return math.ceil(store.num_rows / world_size / cfg.batch_size)
+
+
+def teacher_logit_scale(store) -> float:
+    from storage.manifest import PARAM_LOGIT_SCALE
+
+    scale = store.manifest.params.get(PARAM_LOGIT_SCALE)
+    if scale is None:
+        raise InputError(f"{store.path}: the manifest has no teacher logit scale; rerun the teacher pass")
+    return float(scale)
+
+
+def check_data_matches(store, data: str) -> None:
+    """Refuse data shards that are not the ones the store was made from, naming the mismatch."""
+    from pipeline.shards import list_shards, shard_name
+    from storage.manifest import MTIME, SIZE, source_identity
+
+    given = {shard_name(p): p for p in list_shards(data)}
+    pinned = store.fingerprint()["shards"]
+    missing, extra = sorted(set(pinned) - set(given)), sorted(set(given) - set(pinned))
+    if missing or extra:
+        raise InputError(f"the data does not match the store: shards {missing[:3]} are in the store but "
+                         f"not in --data, {extra[:3]} in --data but not in the store")
+    for name, path in given.items():
+        now = source_identity(path)
+        if (now[SIZE], now[MTIME]) != (pinned[name][SIZE], pinned[name][MTIME]):
+            raise InputError(f"the data does not match the store: shard {name} ({path}) changed "
+                             f"since the teacher pass (size or mtime); rerun the teacher pass")
+
+
+def _prepare_run(job: StudentJob, run: Path, store) -> None:
+    """Refuse to mix runs; pin the store's fingerprint; save the resolved config."""
+    pinned_path = run / FINGERPRINT_NAME
+    fingerprint = store.fingerprint()
+    if job.resume:
+        if not pinned_path.exists():
+            raise InputError(f"{run}: nothing to resume (no {FINGERPRINT_NAME})")
+        pinned = json.loads(pinned_path.read_text())
+        if pinned != json.loads(json.dumps(fingerprint)):
+            changed = sorted(k for k in fingerprint if pinned.get(k) != json.loads(json.dumps(fingerprint[k])))
+            raise InputError(f"cannot resume {run}: the store changed since ({', '.join(changed)} differ)")
+    elif run.exists() and any(run.iterdir()):
+        raise InputError(f"{run} is not empty; pass --resume to continue that run or choose a new --out")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(pinned_path, fingerprint)
+    atomic_write_json(run / CONFIG_NAME, _jsonable(job))
+
+
+def _jsonable(job: StudentJob) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(job), default=str))
+
+
+def _online_evidence(job: StudentJob, store):
+    """Teachers in the loop, checked to be the ones the store was made with."""
+    from pipeline.online import OnlineEvidence
+    from pipeline.signals import load_projection
+    from pipeline.teachers import load_teachers
+    from storage.manifest import FUSION_PROJ_NAME
+
+    dual, single = load_teachers(*job.online_teachers)
+    for role, teacher in (("dual", dual), ("single", single)):
+        pinned = store.manifest.teachers.get(role, {})
+        now = teacher.identity()
+        if any(pinned.get(k) != now[k] for k in ("config_sha256", "weights_sha256")):
+            raise InputError(f"--online-teachers: the {role} teacher {now['path']} is not the one "
+                             f"the store was made with ({pinned.get('path')})")
+    projection = load_projection(Path(store.path) / FUSION_PROJ_NAME)
+    return OnlineEvidence(dual, single, projection, k=store.dims["k"])
+
+
+def _validator(val_data: str | None, processor):
+    if not val_data:
+        return None
+    from pipeline.evaluate import evaluate_student
+
+    return lambda student: evaluate_student(student, processor, val_data)

@@ -1,0 +1,149 @@
+"""The student training loop: MCAD (or plain contrastive) from evidence batches.
+
+Where the batches come from is not this module's business: `jobs/` hands in a
+function `batches(epoch)` that yields collated batches (student/data.py) with
+stored evidence (the signal store) or online evidence (teachers in the loop),
+and an optional `validate(student) -> EVAL dict`. The loop itself reads as a
+story: build targets, compute the loss, step, log, checkpoint each epoch.
+
+    result = train(cfg, student=student, batches=batches, steps_per_epoch=n,
+                   teacher_logit_scale=s, run=Path("runs/mcad"), validate=val)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from storage.errors import InputError
+from student import data as D
+from student.checkpoint import load_checkpoint, save_checkpoint
+from student.curves import MetricsLog, plot_curves
+from student.losses import LossWeights, mcad_loss
+from student.targets import mcad_targets
+
+MODES = ("replay", "remix")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a student learns from the evidence; written to RUN/train_config.json."""
+
+    mode: str = "replay"          # replay: batches are whole pools; remix: any rows
+    alpha: float = 1.0            # weight of the single teacher's fused features in v', t'
+    beta: float = 1.0             # weight of the single teacher's ITM logits in the distribution
+    k_prime: int | None = None    # candidates used per row (<= K); None: all K
+    w_con: float = 1.0
+    w_dist: float = 1.0
+    w_feat: float = 1.0
+    epochs: int = 5
+    pools_per_batch: int = 1      # replay
+    batch_size: int = 256         # remix
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: float = 0.05          # fraction of all steps
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("alpha", "beta", "w_con", "w_dist", "w_feat", "lr", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("epochs", "pools_per_batch", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.k_prime is not None and self.k_prime < 1:
+            raise InputError(f"--k-prime must be at least 1, got {self.k_prime}")
+        self.weights()  # refuses all-zero weights
+
+    def weights(self) -> LossWeights:
+        return LossWeights(con=self.w_con, dist=self.w_dist, feat=self.w_feat)
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.w_dist > 0 or self.w_feat > 0
+
+
+def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]], steps_per_epoch: int,
+          teacher_logit_scale: float, run: Path, validate: Callable | None = None,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train `student` for cfg.epochs; checkpoint every epoch; return the last epoch's record."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    total = max(1, cfg.epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, cfg.warmup))
+    state = load_checkpoint(run / "checkpoints", model=student, optimizer=optimizer,
+                            scheduler=scheduler) if resume else None
+    start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
+    log = MetricsLog(run, keep_until_step=step if state else None)
+    record: dict = dict(state.get("record", {})) if state else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        student.train()
+        started, seen = time.perf_counter(), 0
+        bar = tqdm(batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="step", disable=not progress, leave=False)
+        for batch in bar:
+            loss, metrics = batch_loss(cfg, student, batch, teacher_logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step, seen = step + 1, seen + len(batch[D.INPUT_IDS])
+            if step % cfg.log_every == 0 or step == 1:
+                log.write({"kind": "step", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                           **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        seconds = time.perf_counter() - started
+        record = {"kind": "epoch", "epoch": epoch, "step": step, "seconds": seconds,
+                  "samples_per_s": seen / seconds if seconds else 0.0}
+        if validate is not None:
+            val = validate(student)
+            record.update(val_rsum=val["rsum"], val=val)
+        log.write(record)
+        save_checkpoint(run / "checkpoints", model=student, optimizer=optimizer, scheduler=scheduler,
+                        state={"epoch": epoch, "step": step, "record": record})
+        plot_curves(run)
+        if progress:
+            val_text = f", val rsum {record['val_rsum']:.1f}" if "val_rsum" in record else ""
+            bar.write(f"epoch {epoch + 1}/{cfg.epochs}: {seen} samples in {seconds:.1f} s{val_text}")
+    return record
+
+
+def batch_loss(cfg: TrainConfig, student, batch: dict, teacher_logit_scale: float):
+    """The MCAD loss of one collated batch: student forward, targets from evidence, weighted terms."""
+    out = student(batch[D.PIXELS], batch[D.INPUT_IDS], batch[D.ATTENTION])
+    targets = None
+    if cfg.needs_targets:
+        targets = mcad_targets(**{k: batch[k] for k in D.EVIDENCE}, block=batch[D.BLOCK],
+                               logit_scale=teacher_logit_scale, alpha=cfg.alpha, beta=cfg.beta,
+                               k_prime=cfg.k_prime)
+    return mcad_loss(weights=cfg.weights(), image=out["image"], text=out["text"],
+                     logit_scale=out["logit_scale"], targets=targets,
+                     image_proj=out["image_head"], text_proj=out["text_head"])
+
+
+def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup over `warmup` of the steps, then cosine to zero."""
+    warm = max(1, int(round(warmup * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

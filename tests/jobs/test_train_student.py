@@ -1,0 +1,112 @@
+"""train-student on a real store: outputs, refusals, and stored/online parity."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from jobs.cli import main
+from jobs.train_student import StudentJob, run_train_student, student_batches
+from storage.reader import open_store
+from student.train import TrainConfig, batch_loss
+
+pytestmark = pytest.mark.ray
+
+
+def _args(tiny_store, shapes_data, out, *extra):
+    return ["pipeline", "train-student", "--store", str(tiny_store), "--data", str(shapes_data / "train"),
+            "--out", str(out), "--preset", "smoke", "--epochs", "1", *extra]
+
+
+def test_cli_trains_exports_and_records(tiny_store, shapes_data, tmp_path):
+    from transformers import CLIPModel
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, _args(tiny_store, shapes_data, run, "--val-data", str(shapes_data / "val")))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 1 and 0 <= epochs[0]["val_rsum"] <= 600
+    steps = [r for r in records if r["kind"] == "step"]
+    assert steps and all(r["loss"] > 0 and {"con", "dist", "feat"} <= r.keys() for r in steps)
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert json.loads((run / "train_config.json").read_text())["train"]["mode"] == "replay"
+    model = CLIPModel.from_pretrained(run / "model")  # plain transformers, heads dropped
+    assert not any("head_" in k for k in model.state_dict())
+
+
+def test_replay_batches_are_whole_pools_once_each(tiny_store, shapes_data):
+    from student.data import BLOCK
+    from student.models import load_processor
+
+    store = open_store(tiny_store)
+    processor = load_processor(store.manifest.teachers["dual"]["path"])
+    cfg = TrainConfig(pools_per_batch=2)
+    batches = list(student_batches(store, cfg, processor, epoch=0))
+    assert sum(len(b[BLOCK]) for b in batches) == store.num_rows
+    assert len(batches) == 5  # 9 pools (3 shards x [8, 8, 4]) two at a time
+    for b in batches:  # every candidate index stays inside its own pool block
+        for name in ("i2t_idx", "t2i_idx"):
+            idx = b[name]
+            real = idx >= 0
+            assert (b[BLOCK][idx.clamp(min=0)][real] == b[BLOCK].unsqueeze(1).expand_as(idx)[real]).all()
+
+
+def test_stored_and_online_evidence_give_the_same_losses(tiny_store, shapes_data, tiny_teachers):
+    from jobs.train_student import _online_evidence
+    from student.models import build_student
+
+    store = open_store(tiny_store)
+    dual_dir = store.manifest.teachers["dual"]["path"]
+    job = StudentJob(store=str(tiny_store), data=str(shapes_data / "train"), out="unused",
+                     online_teachers=tiny_teachers)
+    online = _online_evidence(job, store)
+    scale = store.manifest.params["logit_scale"]
+    losses = {}
+    for name, evidence in (("stored", None), ("online", online)):
+        student, processor = build_student("smoke", tokenizer_from=dual_dir, teacher_dim=store.dims["d"], seed=3)
+        cfg = TrainConfig(alpha=0.7, beta=0.5)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        losses[name] = []
+        for batch in list(student_batches(store, cfg, processor, epoch=0, evidence=evidence))[:3]:
+            loss, _ = batch_loss(cfg, student, batch, scale)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    assert losses["stored"] == pytest.approx(losses["online"], rel=2e-3)
+
+
+def test_refuses_data_that_is_not_the_stores(tiny_store, shapes_data, tmp_path):
+    result = CliRunner().invoke(main, ["pipeline", "train-student", "--store", str(tiny_store),
+                                       "--data", str(shapes_data / "val"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "does not match the store" in result.output and "Traceback" not in result.output
+
+
+def test_refuses_a_changed_shard(tiny_store, shapes_data, tmp_path):
+    import os
+
+    data = tmp_path / "train"
+    shutil.copytree(shapes_data / "train", data)  # a moved copy is the same data ...
+    os.utime(data / "000001.tar", (1, 1))          # ... but a rewritten shard is not
+    result = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r")[:5]
+                                + [str(data), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "changed since the teacher pass" in result.output
+
+
+def test_refuses_other_online_teachers(tiny_store, shapes_data, tmp_path):
+    from pipeline.teacher_models import make_tiny_teachers
+
+    other = make_tiny_teachers(tmp_path / "other", ["a red circle"], seed=1)
+    result = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r", "--online-teachers",
+                                            *map(str, other)))
+    assert result.exit_code == 2 and "not the one the store was made with" in result.output
+
+
+def test_negative_weight_exits_2(tiny_store, shapes_data, tmp_path):
+    result = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r", "--w-dist", "-1"))
+    assert result.exit_code == 2 and "--w-dist must be >= 0" in result.output
