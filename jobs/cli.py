@@ -50,10 +50,11 @@ def main():
 
 
 def _register() -> None:
-    from jobs import cmd_bench, cmd_data, cmd_pipeline, cmd_signals
+    from jobs import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_pipeline, cmd_signals, cmd_teachers
 
-    for group in (cmd_data.data, cmd_pipeline.pipeline, cmd_signals.signals, cmd_bench.bench):
-        main.add_command(group)
+    for command in (cmd_demo.demo, cmd_data.data, cmd_teachers.teachers, cmd_pipeline.pipeline,
+                    cmd_signals.signals, cmd_eval.eval_command, cmd_bench.bench):
+        main.add_command(command)
 
 
 _register()

@@ -1,0 +1,175 @@
+"""`mcad demo`: the whole flow on the embedded shapes benchmark, offline, on a CPU.
+
+synth -> teachers (shipped, or bootstrapped with --retrain-teachers) -> teacher
+pass (local Ray) -> three students from the one store (contrastive baseline,
+dual-only KD, MCAD) -> recall table, bar chart and OUT/results.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.atomic import atomic_write_json
+from storage.errors import InputError
+
+ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "demo_teachers"
+STUDENTS = {  # name -> the loss settings that define it
+    "baseline": dict(w_dist=0.0, w_feat=0.0),
+    "dual_kd": dict(alpha=0.0, beta=0.0),
+    "mcad": dict(),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "demo_out"
+    quick: bool = False
+    seed: int = 0
+    retrain_teachers: bool = False
+    train: int = 10000
+    val: int = 500
+    test: int = 500
+    pool: int = 64
+    topk: int = 16
+    epochs: int = 6
+    preset: str = "s"
+    alpha: float = 1.0
+    beta: float = 1.0
+    teacher_epochs: int = 10
+
+    @classmethod
+    def make(cls, *, quick: bool, **kw) -> "DemoConfig":
+        if quick:  # the same flow at a size that runs in about a minute
+            kw = {"train": 1024, "val": 100, "test": 100, "epochs": 2, "teacher_epochs": 1, **kw}
+        return cls(quick=quick, **kw)
+
+
+def run_demo(cfg: DemoConfig, *, echo=print) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "demo_config.json", dataclasses.asdict(cfg))
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        echo(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        seconds[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    data = stage("synth", lambda: _synth(cfg, out / "data"))
+    dual, single, beta = stage("teachers", lambda: _teachers(cfg, data, out / "teachers"))
+    store = stage("teacher_pass", lambda: _teacher_pass(cfg, data, dual, single, out / "store"))
+    teachers = stage("eval_teachers", lambda: _eval_teachers(data, dual, single, beta))
+    paths = {"dual": str(dual), "single": str(single), "store": str(store)}
+    students = {}
+    for name, losses in STUDENTS.items():
+        model = stage(f"student_{name}", lambda: _student(cfg, data, store, out / "runs" / name, losses))
+        students[name] = stage(f"eval_{name}", lambda: _eval(model, data / "test"))
+        paths[name] = str(model)
+    results = {"teachers": teachers, "students": students, "seconds": seconds, "paths": paths}
+    atomic_write_json(out / "results.json", results)
+    _bar_chart(results, out / "recall.png")
+    echo(recall_table(results))
+    echo(f"[demo] results: {out / 'results.json'}, chart: {out / 'recall.png'} "
+         f"({sum(seconds.values()):.0f} s in all)")
+    return results
+
+
+def _synth(cfg: DemoConfig, folder: Path) -> Path:
+    from pipeline.synth import SynthConfig, write_benchmark
+
+    synth = SynthConfig(train=cfg.train, val=cfg.val, test=cfg.test, seed=cfg.seed)
+    config_file = folder / "synth_config.json"
+    if config_file.exists() and json.loads(config_file.read_text()).get("config") == dataclasses.asdict(synth):
+        return folder  # same seed and sizes: the shards already there are byte-identical
+    write_benchmark(synth, folder, overwrite=True)
+    return folder
+
+
+def _teachers(cfg: DemoConfig, data: Path, folder: Path) -> tuple[Path, Path, float]:
+    if not cfg.retrain_teachers:
+        dual, single = ASSETS / "dual", ASSETS / "single"
+        if not (dual.is_dir() and single.is_dir()):
+            raise InputError(f"the shipped demo teachers are missing ({ASSETS}); run with --retrain-teachers")
+        recall = json.loads((ASSETS / "teacher_recall.json").read_text())
+        return dual, single, float(recall.get("beta", cfg.beta))
+    from pipeline.bootstrap import BootstrapConfig, bootstrap, load_split
+
+    splits = {name: load_split(str(data / name)) for name in ("train", "val", "test")}
+    result = bootstrap(BootstrapConfig(size="demo", epochs=cfg.teacher_epochs, seed=cfg.seed),
+                       splits["train"], folder, val=splits["val"], test=splits["test"])
+    return Path(result["dual"]), Path(result["single"]), float(result["recall"]["beta"])
+
+
+def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path) -> Path:
+    from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+
+    job = TeacherPassJob(data=str(data / "train"), dual=str(dual), single=str(single), out=str(store),
+                         pool_size=cfg.pool, topk=cfg.topk, mode="overwrite")
+    run_teacher_pass(job)
+    return store
+
+
+def _eval_teachers(data: Path, dual: Path, single: Path, beta: float) -> dict:
+    from pipeline.evaluate import evaluate
+
+    return evaluate(dual, str(data / "test"), single=single, beta=beta)
+
+
+def _student(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: dict) -> Path:
+    import shutil
+
+    from jobs.train_student import StudentJob, run_train_student
+    from student.train import TrainConfig
+
+    shutil.rmtree(run, ignore_errors=True)
+    train = TrainConfig(**{"alpha": cfg.alpha, "beta": cfg.beta, "epochs": cfg.epochs,
+                           "seed": cfg.seed, **losses})
+    job = StudentJob(store=str(store), data=str(data / "train"), out=str(run), train=train,
+                     preset=cfg.preset, val_data=str(data / "val"))
+    return Path(run_train_student(job)["model"])
+
+
+def _eval(model: Path, test: Path) -> dict:
+    from pipeline.evaluate import evaluate
+
+    return evaluate(model, str(test))
+
+
+def recall_table(results: dict) -> str:
+    rows = [(f"teacher {k}", v) for k, v in results["teachers"].items()]
+    rows += [(f"student {k}", v) for k, v in results["students"].items()]
+    head = f"{'model':18s} {'i2t R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'t2i R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'rsum':>7s}"
+    lines = [head, "-" * len(head)]
+    for name, r in rows:
+        i, t = r["i2t"], r["t2i"]
+        lines.append(f"{name:18s} {i['R@1']:8.1f} {i['R@5']:6.1f} {i['R@10']:6.1f} "
+                     f"{t['R@1']:8.1f} {t['R@5']:6.1f} {t['R@10']:6.1f} {r['rsum']:7.1f}")
+    return "\n".join(lines)
+
+
+def _bar_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(f"T:{k}", v) for k, v in results["teachers"].items()]
+    rows += [(f"S:{k}", v) for k, v in results["students"].items()]
+    names = [n for n, _ in rows]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.4
+    xs = range(len(rows))
+    ax.bar([x - width / 2 for x in xs], [r["i2t"]["R@1"] for _, r in rows], width, label="image→text R@1")
+    ax.bar([x + width / 2 for x in xs], [r["t2i"]["R@1"] for _, r in rows], width, label="text→image R@1")
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_ylabel("R@1 (%)")
+    ax.set_title("shapes test split: teachers (T) and students (S)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
