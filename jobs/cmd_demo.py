@@ -14,7 +14,9 @@ Examples:
 @click.option("--quick", is_flag=True, help="Small sizes: the same flow in about two minutes.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the benchmark and the students.")
 @click.option("--retrain-teachers", is_flag=True, help="Train new demo teachers instead of the shipped ones.")
-def demo(out, quick, seed, retrain_teachers):
+@click.option("--teachers", type=click.Path(exists=True, file_okay=False),
+              help="Use the teachers in this folder (dual/, single/) instead of the shipped ones.")
+def demo(out, quick, seed, retrain_teachers, teachers):
     """Run the whole flow on the shapes benchmark and print the recall table.
 
     Writes the benchmark, takes the shipped demo teachers, runs the teacher
@@ -24,5 +26,6 @@ def demo(out, quick, seed, retrain_teachers):
     """
     from jobs.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig.make(out=out, quick=quick, seed=seed, retrain_teachers=retrain_teachers),
+    extra = {"teachers": teachers} if teachers else {}
+    run_demo(DemoConfig.make(out=out, quick=quick, seed=seed, retrain_teachers=retrain_teachers, **extra),
              echo=click.echo)

@@ -29,6 +29,7 @@ class DemoConfig:
     quick: bool = False
     seed: int = 0
     retrain_teachers: bool = False
+    teachers: str = str(ASSETS)   # a folder with dual/, single/ and teacher_recall.json
     train: int = 10000
     val: int = 500
     test: int = 500
@@ -48,6 +49,8 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, *, echo=print) -> dict:
+    if not cfg.retrain_teachers:
+        _shipped_teachers(cfg)  # fail before any work when they are missing
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "demo_config.json", dataclasses.asdict(cfg))
@@ -92,17 +95,23 @@ def _synth(cfg: DemoConfig, folder: Path) -> Path:
 
 def _teachers(cfg: DemoConfig, data: Path, folder: Path) -> tuple[Path, Path, float]:
     if not cfg.retrain_teachers:
-        dual, single = ASSETS / "dual", ASSETS / "single"
-        if not (dual.is_dir() and single.is_dir()):
-            raise InputError(f"the shipped demo teachers are missing ({ASSETS}); run with --retrain-teachers")
-        recall = json.loads((ASSETS / "teacher_recall.json").read_text())
-        return dual, single, float(recall.get("beta", cfg.beta))
+        return _shipped_teachers(cfg)
     from pipeline.bootstrap import BootstrapConfig, bootstrap, load_split
 
     splits = {name: load_split(str(data / name)) for name in ("train", "val", "test")}
     result = bootstrap(BootstrapConfig(size="demo", epochs=cfg.teacher_epochs, seed=cfg.seed),
                        splits["train"], folder, val=splits["val"], test=splits["test"])
     return Path(result["dual"]), Path(result["single"]), float(result["recall"]["beta"])
+
+
+def _shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
+    shipped = Path(cfg.teachers)
+    dual, single = shipped / "dual", shipped / "single"
+    if not (dual.is_dir() and single.is_dir()):
+        raise InputError(f"no demo teachers in {shipped} (dual/ and single/); run with --retrain-teachers")
+    recall_file = shipped / "teacher_recall.json"
+    recall = json.loads(recall_file.read_text()) if recall_file.exists() else {}
+    return dual, single, float(recall.get("beta", cfg.beta))
 
 
 def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path) -> Path:
