@@ -13,6 +13,7 @@ class MetricsLog:
 
     def __init__(self, run: str | os.PathLike, *, keep_until_step: int | None = None):
         self.path = Path(run) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_until_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

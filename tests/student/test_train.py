@@ -1,0 +1,93 @@
+"""The training loop: schedule, checkpoints, and a resume that continues exactly where it stopped."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from storage.errors import InputError
+from student import data as D
+from student.models import build_student
+from student.train import TrainConfig, train, warmup_cosine
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.01)
+    assert f(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+@pytest.mark.parametrize("kw, message", [(dict(w_con=-1.0), "--w-con must be >= 0"),
+                                         (dict(mode="shuffle"), "--mode must be one of"),
+                                         (dict(epochs=0), "--epochs must be at least 1")])
+def test_config_refuses_bad_values(kw, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(**kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from pipeline.teacher_models import make_tiny_teachers
+
+    dual, _ = make_tiny_teachers(tmp_path_factory.mktemp("t"), ["a small red circle left of a blue square"])
+    return dual
+
+
+def _batches(processor, n_batches=3, size=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    words = ["a small red circle", "a large blue square", "a green star", "a white diamond"]
+    out = []
+    for _ in range(n_batches):
+        pixels = torch.rand(size, 3, 32, 32, generator=gen)
+        texts = [words[int(i)] for i in torch.randint(len(words), (size,), generator=gen)]
+        tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
+        out.append({D.PIXELS: pixels, D.INPUT_IDS: tokens["input_ids"], D.ATTENTION: tokens["attention_mask"]})
+    return out
+
+
+def _student(clip_dir):
+    return build_student("smoke", tokenizer_from=clip_dir, teacher_dim=8, seed=0)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, tmp_path):
+    cfg = TrainConfig(w_dist=0.0, w_feat=0.0, epochs=3, lr=1e-3, log_every=1)
+    reference, processor = _student(tiny_clip_dir)
+    batches = _batches(processor)
+    train(cfg, student=reference, batches=lambda epoch: iter(batches), steps_per_epoch=3,
+          teacher_logit_scale=10.0, run=tmp_path / "ref", progress=False)
+
+    def crashing(epoch):
+        for i, batch in enumerate(batches):
+            if epoch == 1 and i == 2:
+                raise KeyboardInterrupt("killed mid-epoch")
+            yield batch
+
+    crashed, _ = _student(tiny_clip_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, student=crashed, batches=crashing, steps_per_epoch=3, teacher_logit_scale=10.0,
+              run=tmp_path / "run", progress=False)
+    resumed, _ = _student(tiny_clip_dir)  # a fresh process: weights come from the checkpoint
+    record = train(cfg, student=resumed, batches=lambda epoch: iter(batches), steps_per_epoch=3,
+                   teacher_logit_scale=10.0, run=tmp_path / "run", resume=True, progress=False)
+    assert record["epoch"] == 2 and record["step"] == 9
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == sorted(set(steps)) and steps[-1] == 9  # no step logged twice after the resume
+
+
+def test_checkpoint_loads_without_pickle(tiny_clip_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(w_dist=0.0, w_feat=0.0, epochs=1)
+    student, processor = _student(tiny_clip_dir)
+    batches = _batches(processor, n_batches=1)
+    train(cfg, student=student, batches=lambda epoch: iter(batches), steps_per_epoch=1,
+          teacher_logit_scale=10.0, run=tmp_path, progress=False)
+    last = tmp_path / "checkpoints" / "last"
+    assert load_file(last / "student.safetensors").keys() == student.state_dict().keys()
+    torch.load(last / "optimizer.pt", weights_only=True)  # plain tensors and numbers only
