@@ -103,8 +103,10 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     """The whole pass: plan, calibrate the fusion projection, run the shards, return a summary."""
     from pipeline.shards import list_shards, shard_name
+    from pipeline.teachers import check_teacher_dirs
 
-    job.pass_config()  # validate P and K before anything starts
+    job.pass_config()  # validate P and K, and the teachers' folders, before anything starts
+    check_teacher_dirs(job.dual, job.single)
     sources = list_shards(job.data)
     names = [shard_name(s) for s in sources]
     _check_unique(sources, names)

@@ -264,6 +264,12 @@ class SingleTeacher(_Teacher):
 TEACHERS: dict[str, type[_Teacher]] = {"clip": DualTeacher, "blip": SingleTeacher}
 
 
+def check_teacher_dirs(dual_path: str | Path, single_path: str | Path) -> None:
+    """Refuse, before any work starts, directories that are not a CLIP and a BLIP-ITM."""
+    _check_dir(dual_path, DualTeacher.kind, "dual")
+    _check_dir(single_path, SingleTeacher.kind, "single")
+
+
 def load_teachers(dual_path: str | Path, single_path: str | Path, *,
                   device: str | torch.device | None = None,
                   dtype: torch.dtype | None = None) -> tuple[DualTeacher, SingleTeacher]:

@@ -92,7 +92,7 @@ def test_bad_pool_parameters_exit_2(shapes_data, tiny_teachers, tmp_path, pool, 
     assert not (tmp_path / "s").exists()
 
 
-def test_teacher_dirs_swapped_exit_2(ray_local, shapes_data, tiny_teachers, tmp_path):
+def test_teacher_dirs_swapped_exit_2(shapes_data, tiny_teachers, tmp_path):
     dual, single = tiny_teachers
     result = CliRunner().invoke(main, [
         "pipeline", "teacher-pass", "--data", str(shapes_data / "train"), "--dual", single,
