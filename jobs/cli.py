@@ -50,10 +50,11 @@ def main():
 
 
 def _register() -> None:
-    from jobs import cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_pipeline, cmd_signals, cmd_teachers
+    from jobs import (cmd_bench, cmd_data, cmd_demo, cmd_eval, cmd_export, cmd_pipeline, cmd_signals,
+                      cmd_teachers)
 
     for command in (cmd_demo.demo, cmd_data.data, cmd_teachers.teachers, cmd_pipeline.pipeline,
-                    cmd_signals.signals, cmd_eval.eval_command, cmd_bench.bench):
+                    cmd_signals.signals, cmd_eval.eval_command, cmd_export.export_command, cmd_bench.bench):
         main.add_command(command)
 
 
