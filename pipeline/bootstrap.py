@@ -243,8 +243,8 @@ def blip_step(blip, itc_scale, ids, mask, pixels, neg_logits, gen) -> torch.Tens
     with torch.no_grad():
         # Identical captions of two images are not negatives of each other.
         same = (ids[:, None, :] == ids[None, :, :]).all(-1) | torch.eye(b, dtype=torch.bool)
-        neg_txt = _hard_negatives(neg_logits if neg_logits is not None else img_feat @ txt_feat.T, same, gen)
-        neg_img = _hard_negatives((neg_logits if neg_logits is not None else img_feat @ txt_feat.T).T, same, gen)
+        sim = neg_logits if neg_logits is not None else itc_scale.exp() * img_feat @ txt_feat.T
+        neg_txt, neg_img = _hard_negatives(sim, same, gen), _hard_negatives(sim.T, same.T, gen)
     pos = torch.arange(b)
     img_idx, txt_idx = torch.cat([pos, pos, neg_img]), torch.cat([pos, neg_txt, pos])
     fused = blip.text_encoder(input_ids=ids[txt_idx], attention_mask=mask[txt_idx],

@@ -257,6 +257,11 @@ def save_teacher(model, processor, out_dir: str | Path, *, dtype: torch.dtype | 
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+    # A tokenizer call leaves its padding/truncation on the backend, which would be
+    # saved into tokenizer.json and turn every later processor call's padding=True
+    # into a max_length warning; the saved tokenizer should start clean.
+    processor.tokenizer.backend_tokenizer.no_truncation()
+    processor.tokenizer.backend_tokenizer.no_padding()
     processor.save_pretrained(out)
     return out
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,7 +128,13 @@ def test_float16_save_leaves_model_alone(tmp_path):
     clip_tok, blip_tok = build_tokenizers(CAPTIONS)
     clip_proc, _ = build_processors("smoke", clip_tok, blip_tok)
     model = build_clip("smoke", clip_tok)
+    clip_tok(CAPTIONS, padding=True, truncation=True)  # leaves state on the backend tokenizer
     save_teacher(model, clip_proc, tmp_path / "fp16", dtype=torch.float16)
+    saved = json.loads((tmp_path / "fp16" / "tokenizer.json").read_text())
+    assert saved["truncation"] is None and saved["padding"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "max_length is ignored" warning on plain padding
+        AutoProcessor.from_pretrained(tmp_path / "fp16")(text=CAPTIONS, images=_images(4), padding=True)
     assert next(model.parameters()).dtype == torch.float32
     loaded = CLIPModel.from_pretrained(tmp_path / "fp16", dtype=torch.float32)
     ref = model.text_model.embeddings.token_embedding.weight
@@ -140,3 +148,26 @@ def test_blip_config_traps_are_set():
     assert blip.config.text_config.is_decoder  # cross-attention layers exist
     assert blip.text_encoder.encoder.layer[0].crossattention is not None
     assert blip.vision_model.embeddings.class_embedding.std() > 1e-3  # not the 1e-10 default
+
+
+DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "assets" / "demo_teachers"
+
+
+@pytest.mark.skipif(not (DEMO / "dual").is_dir(), reason="demo teachers not shipped in this checkout")
+def test_shipped_demo_teachers_load_and_see_colours():
+    from pipeline.synth import COLOURS, Obj, Scene, render
+
+    clip = CLIPModel.from_pretrained(DEMO / "dual", dtype=torch.float32).eval()
+    blip = BlipForImageTextRetrieval.from_pretrained(DEMO / "single", dtype=torch.float32).eval()
+    clip_proc, blip_proc = AutoProcessor.from_pretrained(DEMO / "dual"), AutoProcessor.from_pretrained(DEMO / "single")
+    assert load_file(str(DEMO / "dual" / "model.safetensors"))["logit_scale"].dtype == torch.float16
+    assert clip.config.text_config.eos_token_id != 2
+    captions = [f"a large {c} circle" for c in COLOURS]
+    for k, colour in enumerate(COLOURS):
+        image = render(Scene((Obj(colour, "circle", "large", 24, 24),), 48))
+        with torch.no_grad():
+            dual = clip(**clip_proc(text=captions, images=[image], return_tensors="pt", padding=True))
+            itm = blip(**blip_proc(text=captions, images=[image] * len(captions), return_tensors="pt",
+                                   padding=True)).itm_score
+        assert dual.logits_per_image[0].argmax() == k
+        assert (itm[:, 1] - itm[:, 0]).argmax() == k
