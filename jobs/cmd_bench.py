@@ -38,3 +38,12 @@ def store(json_path: str | None, rows: int, shards: int, workdir: str | None):
     click.echo(json.dumps(result, indent=2))
     if json_path:
         atomic_write_json(json_path, result)
+
+
+def _register() -> None:
+    from jobs.bench_student import student_bench
+
+    bench.add_command(student_bench)
+
+
+_register()
