@@ -50,7 +50,8 @@ def bootstrap(data, out, val, test_spec, size, epochs, blip_epochs, batch_size, 
 
     import torch
 
-    from pipeline.bootstrap import BootstrapConfig, bootstrap as run, load_split
+    from pipeline.bootstrap import BootstrapConfig, bootstrap as run
+    from pipeline.bootstrap_data import load_split
     from storage.errors import InputError
 
     cfg = BootstrapConfig(size=size, epochs=epochs, blip_epochs=blip_epochs, batch_size=batch_size, lr=lr,

@@ -96,7 +96,8 @@ def _synth(cfg: DemoConfig, folder: Path) -> Path:
 def _teachers(cfg: DemoConfig, data: Path, folder: Path) -> tuple[Path, Path, float]:
     if not cfg.retrain_teachers:
         return _shipped_teachers(cfg)
-    from pipeline.bootstrap import BootstrapConfig, bootstrap, load_split
+    from pipeline.bootstrap import BootstrapConfig, bootstrap
+    from pipeline.bootstrap_data import load_split
 
     splits = {name: load_split(str(data / name)) for name in ("train", "val", "test")}
     result = bootstrap(BootstrapConfig(size="demo", epochs=cfg.teacher_epochs, seed=cfg.seed),

@@ -22,9 +22,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import teacher_models as tm
+from pipeline.bootstrap_data import Encoded, Split
 from storage.atomic import atomic_write_json
 from storage.errors import InputError
+from student.metrics import recall_at_k, rerank_recalls
 
 NEGATIVES = ("clip", "itc")
 BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -71,84 +73,6 @@ class BootstrapConfig:
     @property
     def n_blip_epochs(self) -> int:
         return self.epochs if self.blip_epochs is None else self.blip_epochs
-
-
-# ---------------------------------------------------------------------- data
-
-@dataclass
-class Split:
-    """A split held in memory: one entry per image, its captions flattened with owners."""
-
-    images: list  # PIL RGB
-    captions: list[str]
-    owner: np.ndarray  # (n_texts,) image index of each caption
-    rejects: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-    @property
-    def n_images(self) -> int:
-        return len(self.images)
-
-    def head(self, n: int) -> "Split":
-        keep = self.owner < n
-        return Split(self.images[:n], [c for c, k in zip(self.captions, keep) if k], self.owner[keep])
-
-
-def split_from_samples(samples: Iterable) -> Split:
-    """Samples with `.image` (PIL) and `.captions`; Rejects (with `.reason`) are counted."""
-    images, captions, owner, rejects = [], [], [], {}
-    for s in samples:
-        if not hasattr(s, "image"):
-            rejects[s.reason] = rejects.get(s.reason, 0) + 1
-            continue
-        owner += [len(images)] * len(s.captions)
-        captions += list(s.captions)
-        images.append(s.image.convert("RGB"))
-    if not images:
-        raise InputError(f"no usable samples (rejected: {rejects or 'none'})")
-    return Split(images, captions, np.asarray(owner, dtype=np.int64), rejects)
-
-
-def load_split(spec) -> Split:
-    """Read every shard of `spec` (folder, glob, brace pattern, list) into memory."""
-    from pipeline.shards import iter_shard, list_shards
-
-    return split_from_samples(item for path in list_shards(spec) for item in iter_shard(path))
-
-
-def to_pixels(images: Sequence, image_processor, chunk: int = 1024) -> torch.Tensor:
-    """uint8 (N, 3, S, S) after the processor's own resize/crop; normalised per batch later."""
-    out = [image_processor(list(images[i:i + chunk]), do_rescale=False, do_normalize=False,
-                           return_tensors="pt")["pixel_values"] for i in range(0, len(images), chunk)]
-    return torch.cat(out).to(torch.uint8)
-
-
-def normaliser(image_processor):
-    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-    scale = image_processor.rescale_factor
-    return lambda px: (px.float() * scale - mean) / std
-
-
-def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = tokenizer(list(captions), padding="longest", truncation=True, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-
-@dataclass
-class Encoded:
-    """A split ready for one teacher: uint8 pixels, token ids and the normaliser."""
-
-    pixels: torch.Tensor
-    ids: torch.Tensor
-    mask: torch.Tensor
-    owner: torch.Tensor
-    norm: object
-
-    @classmethod
-    def make(cls, split: Split, processor) -> "Encoded":
-        ids, mask = tokenize(processor.tokenizer, split.captions)
-        return cls(to_pixels(split.images, processor.image_processor), ids, mask,
-                   torch.from_numpy(split.owner), normaliser(processor.image_processor))
 
 
 # ------------------------------------------------------------------ training
@@ -327,40 +251,10 @@ def itm_evidence(blip, data: Encoded, dual: torch.Tensor, top_k: int, batch: int
             "t2i_idx": t2i_idx, "t2i_itm": t2i.view(n_t, k_i)}
 
 
-def rerank(scores: torch.Tensor, idx: torch.Tensor, itm: torch.Tensor, *, beta: float | None) -> torch.Tensor:
-    """Each row's top-k (idx) moved above the rest and ordered by ITM alone (beta None)
-    or by dual + beta * ITM; the rest keeps the dual order."""
-    top = itm if beta is None else scores.gather(1, idx) + beta * itm
-    out = scores.clone()
-    out.scatter_(1, idx, top - top.min() + scores.max() + 1)
-    return out
-
-
-def recall(i2t: torch.Tensor, t2i: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Recall@K in percent. i2t (n_images, n_texts): a hit when any own caption is in the
-    top K; t2i (n_texts, n_images): a hit when the caption's image is in the top K."""
-    n_i, n_t = i2t.shape
-    own = owner[None, :] == torch.arange(n_i)[:, None]
-    best_own = i2t.masked_fill(~own, -math.inf).max(1).values
-    # Ties count against the query: a model that scores everything alike gets no hits.
-    rank_i = ((i2t >= best_own[:, None]) & ~own).sum(1)
-    rank_t = ((t2i >= t2i.gather(1, owner[:, None])) & ~own.T).sum(1)
-    out = {name: {f"R@{k}": round(100 * (rank < k).double().mean().item(), 2) for k in ks}
-           for name, rank in (("i2t", rank_i), ("t2i", rank_t))}
-    out["rsum"] = round(sum(out["i2t"].values()) + sum(out["t2i"].values()), 2)
-    out.update(n_images=n_i, n_texts=n_t)
-    return out
-
-
 def teacher_recall(ev: dict, *, beta: float) -> dict:
     """dual, single (ITM re-ranks the dual's top-k) and combined (dual + beta * ITM) recall."""
-    d, owner = ev["dual"], ev["owner"]
-
-    def ranked(b):
-        return (rerank(d, ev["i2t_idx"], ev["i2t_itm"], beta=b), rerank(d.T, ev["t2i_idx"], ev["t2i_itm"], beta=b))
-
-    return {"dual": recall(d, d.T, owner), "single": recall(*ranked(None), owner),
-            "combined": recall(*ranked(beta), owner)}
+    return rerank_recalls(ev["dual"], ev["owner"], i2t_idx=ev["i2t_idx"], i2t_itm=ev["i2t_itm"],
+                          t2i_idx=ev["t2i_idx"], t2i_itm=ev["t2i_itm"], beta=beta)
 
 
 def choose_beta(ev: dict, betas: Sequence[float] = BETAS) -> float:
@@ -392,7 +286,7 @@ def _monitors(clip, clip_proc, blip, blip_proc, val: Split | None, cfg: Bootstra
 
     def on_clip():
         d = dual_logits(clip, clip_data)
-        return {"val_dual_R@1": _r1(recall(d, d.T, clip_data.owner))}
+        return {"val_dual_R@1": _r1(recall_at_k(d, clip_data.owner))}
 
     def on_blip():
         ev = itm_evidence(blip, blip_data, dual_logits(clip, clip_data), cfg.top_k)

@@ -86,10 +86,10 @@ def export_encoders(clip, processor, out_dir: str | Path, fmt: str) -> list[Path
 
 
 def _onnx(module: nn.Module, args: tuple, path: Path, names: list[str]) -> None:
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-    except ImportError:
-        raise InputError("ONNX export needs the onnx package: pip install 'mcad[export]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # the exporter needs it
+        raise InputError("ONNX export needs the onnx package: pip install 'mcad[export]'")
     axes = {name: {0: "batch"} for name in names}
     torch.onnx.export(module, args, str(path), input_names=names, output_names=["embedding"],
                       dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=17, dynamo=False)

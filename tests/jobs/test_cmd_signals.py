@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from jobs import cmd_signals
 from jobs.cli import main
 from storage import query as Q
 from storage import schema as S

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from jobs.cli import main
-from jobs.train_student import StudentJob, run_train_student, student_batches
+from jobs.train_student import StudentJob, student_batches
 from storage.reader import open_store
 from student.train import TrainConfig, batch_loss
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs import cmd_eval
 from jobs.cli import main
 from pipeline.evaluate import evaluate, evaluate_student, recall_table
 from pipeline.shards import Sample, iter_shard, list_shards
