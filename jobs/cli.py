@@ -6,11 +6,17 @@ happen inside the command functions, so `mcad --help` answers at once.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from storage.errors import InputError
+
+# torch's OpenMP threads spin-wait between parallel regions by default; on a CPU
+# shared with other work that made 2 threads about 5x slower (mcad bench
+# teacher-pass). libgomp reads this once when torch loads; local Ray workers inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 EPILOG = """\b
 Examples:

@@ -42,8 +42,10 @@ def store(json_path: str | None, rows: int, shards: int, workdir: str | None):
 
 def _register() -> None:
     from jobs.bench_student import student_bench
+    from jobs.bench_teacher_pass import teacher_pass_bench
 
     bench.add_command(student_bench)
+    bench.add_command(teacher_pass_bench)
 
 
 _register()

@@ -8,7 +8,13 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+# Before anything imports torch: OpenMP threads that sleep instead of spinning
+# keep the suite fast when it shares the cores (see jobs/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
 from typing import Any, Callable
 
 import numpy as np
