@@ -15,8 +15,6 @@ Random float16 does not compress, so the ratio says how much the layout
 """
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jobs.bench_machine import machine_info
 
 from storage import schema as S
 
@@ -168,8 +168,6 @@ def time_reader(root: Path, cfg: StoreBenchConfig) -> dict[str, float]:
 
 def run_store_bench(cfg: StoreBenchConfig, *, workdir: str | None = None, progress: bool = True) -> dict:
     """Write, measure and delete a synthetic store; return the bench JSON dict."""
-    import torch
-
     if cfg.rows < 1 or cfg.shards < 1 or cfg.shards > cfg.rows:
         raise ValueError(f"need 1 <= shards <= rows, got rows={cfg.rows} shards={cfg.shards}")
     with tempfile.TemporaryDirectory(prefix="mcad-bench-store-", dir=workdir) as tmp:
@@ -191,12 +189,6 @@ def run_store_bench(cfg: StoreBenchConfig, *, workdir: str | None = None, progre
             "writer_rows_per_s": cfg.rows / write_s,
             "rows": cfg.rows,
         },
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine_info(),
         "config": asdict(cfg),
     }

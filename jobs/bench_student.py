@@ -23,7 +23,6 @@ imports only click and the stdlib at module level, so `mcad --help` stays instan
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+
+from jobs.bench_machine import machine_info
 
 VARIANTS = ("plain", "mcad_stored", "mcad_online")
 FIGURE = {v: f"{v}_ms_per_step" for v in VARIANTS}
@@ -206,13 +207,6 @@ def _interleaved(cfg: StudentBenchConfig, variants: list, pools: list, inputs: l
             "threads": torch.get_num_threads()}
 
 
-def _machine() -> dict:
-    import torch
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__}
-
-
 def run_student_bench(cfg: StudentBenchConfig, *, store: str | None = None, data: str | None = None,
                       teachers: tuple[str, str] | None = None, workdir: str | None = None,
                       ray_address: str | None = None, progress: bool = True) -> dict:
@@ -243,7 +237,7 @@ def run_student_bench(cfg: StudentBenchConfig, *, store: str | None = None, data
                "what_is_timed": WHAT_IS_TIMED}
     ratios = {"mcad_over_plain": ms["mcad_stored"] / ms["plain"],
               "online_over_stored": ms["mcad_online"] / ms["mcad_stored"]}
-    machine = {**_machine(), "torch_threads": timed["threads"], "load_average_at_start": list(load_at_start),
+    machine = {**machine_info(), "torch_threads": timed["threads"], "load_average_at_start": list(load_at_start),
                "load_average_at_end": list(os.getloadavg())}
     # Same student, same batch, same evidence (float16 stored, float32 online): the two MCAD
     # variants' first losses agree closely; plain's differs (it has no teacher terms).

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+
+from jobs.bench_machine import machine_info
 
 RAY_RUNS = {1: "ray_1_worker", 2: "ray_2_workers"}  # workers -> figure prefix
 
@@ -184,17 +185,6 @@ def _figures(cfg: TeacherPassBenchConfig, bare: dict, ray_runs: dict[int, dict])
     return figures
 
 
-def _machine(cluster: dict) -> dict:
-    import ray
-    import torch
-
-    return {"cpus": os.cpu_count(), "ray_cluster_cpus": cluster["resources"].get("CPU"),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__,
-            # libgomp's spin-waiting decides 2-thread speed on a shared machine: record it.
-            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}}
-
-
 def run_teacher_pass_bench(cfg: TeacherPassBenchConfig, *, workdir: str | None = None,
                            ray_address: str | None = None, progress: bool = True) -> dict:
     """Build inputs, time bare / Ray 1 worker / Ray 2 workers, delete everything; the bench JSON dict."""
@@ -209,7 +199,7 @@ def run_teacher_pass_bench(cfg: TeacherPassBenchConfig, *, workdir: str | None =
         with ray_session(ray_address) as cluster:  # one cluster for both runs; the job reuses it
             ray_runs = {w: time_ray(cfg, data, dual, single, root / f"ray{w}", workers=w,
                                     ray_address=ray_address, progress=progress) for w in RAY_RUNS}
-            machine = _machine(cluster)
+            machine = machine_info(ray_cluster_cpus=cluster["resources"].get("CPU"))
     for workers, run in ray_runs.items():
         if run["rows"] != bare["rows"]:  # the ratios would compare different work
             raise RuntimeError(f"Ray with {workers} worker(s) wrote {run['rows']} rows, "
