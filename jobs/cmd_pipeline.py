@@ -74,8 +74,8 @@ Examples:
               help="CLIP dir whose tokenizer/processor to use (default: the store's dual teacher).")
 @click.option("--mode", type=click.Choice(["replay", "remix"]), default="replay", show_default=True,
               help="replay: batches are whole teacher pools; remix: rows mixed across pools.")
-@click.option("--alpha", default=1.0, show_default=True, help="Fused-feature weight in the feature targets.")
-@click.option("--beta", default=1.0, show_default=True, help="ITM-logit weight in the distribution targets.")
+@click.option("--alpha", default=0.5, show_default=True, help="Fused-feature weight in the feature targets.")
+@click.option("--beta", default=0.5, show_default=True, help="ITM-logit weight in the distribution targets.")
 @click.option("--k-prime", type=int, default=None, help="Use only the first K' <= K candidates.")
 @click.option("--w-con", default=1.0, show_default=True, help="Weight of the contrastive loss.")
 @click.option("--w-dist", default=1.0, show_default=True, help="Weight of the distribution KL.")

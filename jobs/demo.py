@@ -37,8 +37,8 @@ class DemoConfig:
     topk: int = 16
     epochs: int = 6
     preset: str = "s"
-    alpha: float = 1.0
-    beta: float = 1.0
+    alpha: float = 0.5
+    beta: float | None = None     # None: the beta the shipped teachers' combined score was tuned with
     teacher_epochs: int = 10
 
     @classmethod
@@ -65,6 +65,8 @@ def run_demo(cfg: DemoConfig, *, echo=print) -> dict:
 
     data = stage("synth", lambda: _synth(cfg, out / "data"))
     dual, single, beta = stage("teachers", lambda: _teachers(cfg, data, out / "teachers"))
+    cfg = dataclasses.replace(cfg, beta=beta if cfg.beta is None else cfg.beta)
+    atomic_write_json(out / "demo_config.json", dataclasses.asdict(cfg))  # with beta resolved
     store = stage("teacher_pass", lambda: _teacher_pass(cfg, data, dual, single, out / "store"))
     teachers = stage("eval_teachers", lambda: _eval_teachers(data, dual, single, beta))
     paths = {"dual": str(dual), "single": str(single), "store": str(store)}
@@ -112,7 +114,7 @@ def _shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
         raise InputError(f"no demo teachers in {shipped} (dual/ and single/); run with --retrain-teachers")
     recall_file = shipped / "teacher_recall.json"
     recall = json.loads(recall_file.read_text()) if recall_file.exists() else {}
-    return dual, single, float(recall.get("beta", cfg.beta))
+    return dual, single, float(recall.get("beta", 1.0))
 
 
 def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path) -> Path:
