@@ -23,7 +23,6 @@ scoring each image's candidate pairs while its vision states are at hand.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.shards import Sample, iter_shard, list_shards
-from pipeline.teachers import DualTeacher, SingleTeacher
+from pipeline.teachers import DualTeacher, SingleTeacher, check_model_dir
 from storage.errors import InputError
 from student.metrics import recall_at_k, rerank_recalls, top_k
 
@@ -71,7 +70,7 @@ def evaluate(model_dir: str | Path, data, *, single: str | Path | None = None,
         raise InputError("beta weighs the single teacher's ITM logits: it needs a single teacher")
     if beta is not None and not np.isfinite(beta):
         raise InputError(f"beta must be a finite number, got {beta}")
-    _check_clip_dir(model_dir)
+    check_model_dir(model_dir, "clip", "model")  # a student or a dual teacher
     shards = list_shards(data)
     dual = DualTeacher.load(model_dir, device=device)
     reranker = SingleTeacher.load(single, device=device) if single is not None else None
@@ -137,21 +136,6 @@ def evaluate_student(student, processor, data, *, batch_size: int = 64, progress
 
 def _report(split: _Split) -> dict:
     return {"n_rejected": sum(split.rejects.values()), "rejected": dict(sorted(split.rejects.items()))}
-
-
-def _check_clip_dir(path: str | Path) -> None:
-    # DualTeacher.load checks too, but speaks of a "dual teacher"; a student is evaluated as well.
-    p = Path(path)
-    config = p / "config.json"
-    if not config.is_file():
-        raise InputError(f"model {str(p)!r}: not a Hugging Face model directory (no config.json)")
-    try:
-        found = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError) as exc:
-        raise InputError(f"model {str(p)!r}: unreadable config.json ({exc})") from None
-    if found != "clip":
-        raise InputError(f"model {str(p)!r}: model_type is {found!r}; eval takes a CLIPModel dir "
-                         "(a student or a dual teacher; a BLIP-ITM goes to --single)")
 
 
 def _samples(shards: list[str], split: _Split | None = None) -> Iterator[Sample]:

@@ -44,20 +44,21 @@ def default_dtype(device: torch.device, dtype: torch.dtype | None = None) -> tor
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def _check_dir(path: str | Path, model_type: str, role: str) -> Path:
-    """Refuse, with one line, a directory that is not a saved HF model of `model_type`."""
+def check_model_dir(path: str | Path, model_type: str, what: str) -> Path:
+    """Refuse, with one line naming `what` ("dual teacher", "model"), a directory that is
+    not a saved HF model of `model_type`."""
     p = Path(path)
     config = p / CONFIG_FILE
     if not config.is_file():
-        raise InputError(f"{role} teacher {str(p)!r}: not a Hugging Face model directory (no {CONFIG_FILE})")
+        raise InputError(f"{what} {str(p)!r}: not a Hugging Face model directory (no {CONFIG_FILE})")
     try:
         found = json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError) as exc:
-        raise InputError(f"{role} teacher {str(p)!r}: unreadable {CONFIG_FILE} ({exc})") from None
+        raise InputError(f"{what} {str(p)!r}: unreadable {CONFIG_FILE} ({exc})") from None
     if found != model_type:
-        raise InputError(f"{role} teacher {str(p)!r}: model_type is {found!r}, expected {model_type!r}")
+        raise InputError(f"{what} {str(p)!r}: model_type is {found!r}, expected {model_type!r}")
     if not sorted(p.glob(WEIGHTS_GLOB)):
-        raise InputError(f"{role} teacher {str(p)!r}: no safetensors weights")
+        raise InputError(f"{what} {str(p)!r}: no safetensors weights")
     return p
 
 
@@ -165,7 +166,7 @@ class DualTeacher(_Teacher):
              dtype: torch.dtype | None = None) -> "DualTeacher":
         from transformers import CLIPModel
 
-        p = _check_dir(path, "clip", "dual")
+        p = check_model_dir(path, "clip", "dual teacher")
         dev = default_device(device)
         model, processor = _load(CLIPModel, p, "dual", dev, default_dtype(dev, dtype))
         return cls(model, processor, p)
@@ -210,7 +211,7 @@ class SingleTeacher(_Teacher):
              dtype: torch.dtype | None = None) -> "SingleTeacher":
         from transformers import BlipForImageTextRetrieval
 
-        p = _check_dir(path, "blip", "single")
+        p = check_model_dir(path, "blip", "single teacher")
         dev = default_device(device)
         model, processor = _load(BlipForImageTextRetrieval, p, "single", dev, default_dtype(dev, dtype))
         return cls(model, processor, p)
@@ -266,8 +267,8 @@ TEACHERS: dict[str, type[_Teacher]] = {"clip": DualTeacher, "blip": SingleTeache
 
 def check_teacher_dirs(dual_path: str | Path, single_path: str | Path) -> None:
     """Refuse, before any work starts, directories that are not a CLIP and a BLIP-ITM."""
-    _check_dir(dual_path, DualTeacher.kind, "dual")
-    _check_dir(single_path, SingleTeacher.kind, "single")
+    check_model_dir(dual_path, DualTeacher.kind, "dual teacher")
+    check_model_dir(single_path, SingleTeacher.kind, "single teacher")
 
 
 def load_teachers(dual_path: str | Path, single_path: str | Path, *,
