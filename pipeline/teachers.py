@@ -127,7 +127,20 @@ def _batched(n: int, size: int):
 class _Teacher:
     """Shared plumbing: the model, its processor, device and dtype."""
 
-    kind = ""
+    kind = ""          # the config's model_type
+    role = ""          # "dual" or "single", for messages
+    model_class = ""   # the transformers class that loads it
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None):
+        import transformers
+
+        p = check_model_dir(path, cls.kind, f"{cls.role} teacher")
+        dev = default_device(device)
+        model, processor = _load(getattr(transformers, cls.model_class), p, cls.role, dev,
+                                 default_dtype(dev, dtype))
+        return cls(model, processor, p)
 
     def __init__(self, model, processor, path: Path):
         self.model = model
@@ -159,17 +172,7 @@ class _Teacher:
 class DualTeacher(_Teacher):
     """A CLIP-like dual encoder: normalised image and text embeddings, its logit scale."""
 
-    kind = "clip"
-
-    @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> "DualTeacher":
-        from transformers import CLIPModel
-
-        p = check_model_dir(path, "clip", "dual teacher")
-        dev = default_device(device)
-        model, processor = _load(CLIPModel, p, "dual", dev, default_dtype(dev, dtype))
-        return cls(model, processor, p)
+    kind, role, model_class = "clip", "dual", "CLIPModel"
 
     @property
     def dim(self) -> int:
@@ -204,17 +207,7 @@ class SingleTeacher(_Teacher):
     computes `itm_score` with `use_itm_head=True`.
     """
 
-    kind = "blip"
-
-    @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> "SingleTeacher":
-        from transformers import BlipForImageTextRetrieval
-
-        p = check_model_dir(path, "blip", "single teacher")
-        dev = default_device(device)
-        model, processor = _load(BlipForImageTextRetrieval, p, "single", dev, default_dtype(dev, dtype))
-        return cls(model, processor, p)
+    kind, role, model_class = "blip", "single", "BlipForImageTextRetrieval"
 
     @property
     def dim_fused(self) -> int:
@@ -267,8 +260,8 @@ TEACHERS: dict[str, type[_Teacher]] = {"clip": DualTeacher, "blip": SingleTeache
 
 def check_teacher_dirs(dual_path: str | Path, single_path: str | Path) -> None:
     """Refuse, before any work starts, directories that are not a CLIP and a BLIP-ITM."""
-    check_model_dir(dual_path, DualTeacher.kind, "dual teacher")
-    check_model_dir(single_path, SingleTeacher.kind, "single teacher")
+    for cls, path in ((DualTeacher, dual_path), (SingleTeacher, single_path)):
+        check_model_dir(path, cls.kind, f"{cls.role} teacher")
 
 
 def load_teachers(dual_path: str | Path, single_path: str | Path, *,
