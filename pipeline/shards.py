@@ -54,11 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterator, Sequence, Union
 
-import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.images import to_rgb
 from storage.errors import InputError
 
 CORRUPT_IMAGE = "corrupt_image"
@@ -387,30 +387,6 @@ def _decode_image(raw: bytes, max_pixels: int) -> Image.Image:
         raise _Unusable(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
     try:
         image.load()
-        return _to_rgb(image)
+        return to_rgb(image)
     except Exception as exc:  # truncated or corrupt data surfaces only when decoding
         raise _Unusable(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit_grey(image)
-    if image.has_transparency_data:
-        # Composite on white: a plain convert("RGB") shows whatever colour the
-        # transparent pixels happen to hold (often black).
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _to_8bit_grey(image: Image.Image) -> Image.Image:
-    """Scale 16-bit / 32-bit / float greyscale to 8 bit; Pillow would clip at 255."""
-    values = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16"):
-        values = values / 257.0
-    elif image.mode == "F" and values.size and values.max() <= 1.0:
-        values = values * 255.0
-    elif image.mode == "I" and values.size and values.max() > 255:
-        values = values / 257.0  # "I" from a 16-bit file: assume the 16-bit range
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))

@@ -11,7 +11,6 @@ story: build targets, compute the loss, step, log, checkpoint each epoch.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -144,7 +143,3 @@ def warmup_cosine(total_steps: int, warmup: float) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)

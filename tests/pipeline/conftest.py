@@ -91,3 +91,14 @@ def img2dataset_dir(tmp_path):
         (folder / f"{shard:05d}.parquet").write_bytes(b"PAR1 not really parquet PAR1")
         (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 2, "successes": 2}))
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on two cores shared with other work, extra intra-op threads only spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,17 +17,11 @@ from pipeline import teacher_models as tm
 from storage.errors import InputError
 from student.metrics import recall_at_k
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
            "white": (255, 255, 255), "purple": (160, 0, 200), "cyan": (0, 255, 255), "grey": (128, 128, 128)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other work: extra intra-op threads only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _halves(a: str, b: str, px: int = 32) -> Image.Image:

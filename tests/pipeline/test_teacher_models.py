@@ -23,21 +23,15 @@ from pipeline.teacher_models import (
 )
 from storage.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 CAPTIONS = [
     "a small red circle left of a large blue square",
     "a large green star",
     "a blue triangle above a red square and a small green star",
     "a small yellow square below a large purple circle",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two cores shared with other work: extra intra-op threads only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _images(n: int, px: int = 32) -> list[Image.Image]:
