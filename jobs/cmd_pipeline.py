@@ -64,6 +64,7 @@ Examples:
   mcad pipeline train-student ... --alpha 0 --beta 0 --out runs/dual_kd      dual-only KD
   mcad pipeline train-student ... --w-dist 0 --w-feat 0 --out runs/baseline  contrastive only
   mcad pipeline train-student ... --out runs/mcad --resume                   continue a run
+  mcad pipeline train-student ... --workers 4 --ray-address auto             data parallel, Ray Train
 """)
 @click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Signal store.")
 @click.option("--data", required=True, help="The shards the store was made from.")
@@ -89,7 +90,14 @@ Examples:
 @click.option("--online-teachers", nargs=2, type=click.Path(exists=True, file_okay=False),
               metavar="DUAL SINGLE", help="Compute the targets with these teachers in the loop.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume, **train):
+@click.option("--workers", default=1, show_default=True,
+              help="Data-parallel ranks on Ray Train (each streams its own shards); 1: this process.")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per rank (nccl); 0: CPU (gloo).")
+@click.option("--threads-per-worker", default=0, show_default=True, help="torch threads per rank (0: 1).")
+@click.option("--ray-address", default=None,
+              help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
+def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume,
+                  workers, gpus_per_worker, threads_per_worker, ray_address, **train):
     """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
 
     Streams each shard's tar beside its signals file. Writes RUN/checkpoints/,
@@ -101,7 +109,9 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
 
     job = StudentJob(store=store, data=data, out=out, train=TrainConfig(**train), preset=preset,
                      init=init, tokenizer_from=tokenizer_from, val_data=val_data,
-                     online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume)
+                     online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume,
+                     workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
+                     ray_address=ray_address)
     result = run_train_student(job)
     rsum = result["record"].get("val_rsum")
     click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))

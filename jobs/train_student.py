@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -37,35 +37,119 @@ class StudentJob:
     val_data: str | None = None
     online_teachers: tuple[str, str] | None = None
     resume: bool = False
+    workers: int = 1                      # > 1: data parallel on Ray Train
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 0           # torch threads per Ray Train worker (each holds <= 1 CPU); 0: 1
+    ray_address: str | None = None        # an existing cluster; None: a local one when workers > 1
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise InputError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
 
 
-def run_train_student(job: StudentJob, *, progress: bool = True) -> dict:
-    """Train one student; return {"run", "model", "record", "store_fingerprint"}."""
+def run_train_student(job: StudentJob, *, progress: bool = True,
+                      on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train one student; return {"run", "model", "record"}.
+
+    One process by default; with `workers > 1` or a `ray_address`, data
+    parallel on Ray Train (see `_train_on_ray`). The checks and the run folder
+    are done here, in the driver, before any worker starts.
+    """
+    from storage.reader import open_store
+
+    store = open_store(job.store)
+    check_data_matches(store, job.data)
+    dual_dir = job.tokenizer_from or store.manifest.teachers.get("dual", {}).get("path")
+    if not dual_dir or not Path(dual_dir).is_dir():
+        raise InputError(f"no tokenizer: the store's dual teacher {dual_dir!r} is not here; "
+                         f"pass --tokenizer-from a CLIP directory")
+    job = dataclasses.replace(job, tokenizer_from=str(dual_dir))
+    _prepare_run(job, Path(job.out), store)
+    if job.workers > 1 or job.ray_address:
+        record = _train_on_ray(job, progress=progress)
+    else:
+        record = fit(job, progress=progress, on_epoch=on_epoch)
+    return {"run": job.out, "model": str(Path(job.out) / MODEL_DIR), "record": record}
+
+
+def fit(job: StudentJob, *, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """The training itself, in this process (one rank of `world_size`); rank 0 exports the model."""
     from storage.reader import fingerprint_digest, open_store
     from student.models import build_student, export_hf
     from student.train import train
 
     store = open_store(job.store)
-    check_data_matches(store, job.data)
     run = Path(job.out)
-    _prepare_run(job, run, store)
-    dual_dir = job.tokenizer_from or store.manifest.teachers.get("dual", {}).get("path")
-    if not dual_dir or not Path(dual_dir).is_dir():
-        raise InputError(f"no tokenizer: the store's dual teacher {dual_dir!r} is not here; "
-                         f"pass --tokenizer-from a CLIP directory")
-    student, processor = build_student(None if job.init else job.preset, tokenizer_from=dual_dir,
+    student, processor = build_student(None if job.init else job.preset, tokenizer_from=job.tokenizer_from,
                                        teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
     evidence = _online_evidence(job, store) if job.online_teachers else None
     record = train(job.train, student=student,
                    batches=lambda epoch: student_batches(store, job.train, processor, epoch=epoch,
-                                                         evidence=evidence),
-                   steps_per_epoch=steps_per_epoch(store, job.train),
+                                                         evidence=evidence, rank=rank, world_size=world_size),
+                   steps_per_epoch=steps_per_epoch(store, job.train, world_size),
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
-                   validate=_validator(job.val_data, processor), resume=job.resume, progress=progress)
-    model_dir = export_hf(student, processor, run / MODEL_DIR,
-                          extra={"train": dataclasses.asdict(job.train), "preset": job.preset,
-                                 "store": fingerprint_digest(store.fingerprint())})
-    return {"run": str(run), "model": str(model_dir), "record": record}
+                   validate=_validator(job.val_data, processor), resume=job.resume, progress=progress,
+                   device=device, on_epoch=on_epoch)
+    if rank == 0:
+        export_hf(student.cpu(), processor, run / MODEL_DIR,
+                  extra={"train": dataclasses.asdict(job.train), "preset": job.preset, "workers": world_size,
+                         "store": fingerprint_digest(store.fingerprint())})
+    return record
+
+
+def _train_on_ray(job: StudentJob, *, progress: bool) -> dict:
+    """Data parallel on Ray Train: `job.workers` ranks (gloo on CPU, nccl on GPU), one split each.
+
+    Each rank streams its own shards of the store (the reader deals whole
+    shards to ranks, so every pool is read by exactly one rank per epoch),
+    computes the loss on its own batches and DDP averages the gradients: the
+    effective batch is workers x pools-per-batch pools, and the distribution
+    KL is still formed per pool, inside one rank. The run folder must be on
+    storage every node sees.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.ray_cluster import ray_session
+
+    run = Path(job.out).resolve()
+    with ray_session(job.ray_address) as cluster:
+        cpus = float(cluster["resources"].get("CPU", 1.0))
+        per_worker = {"CPU": min(1.0, cpus / job.workers)}
+        if job.gpus_per_worker:
+            per_worker["GPU"] = job.gpus_per_worker
+        trainer = TorchTrainer(
+            _train_worker, train_loop_config={"job": job, "progress": progress},
+            scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
+                                         resources_per_worker=per_worker),
+            run_config=RunConfig(storage_path=str(run / "ray_train"), name="train"))
+        trainer.fit()
+    return last_epoch_record(run)
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train rank: the same `fit` as a single process, on its split."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ctx = ray.train.get_context()
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
+    job: StudentJob = config["job"]
+    torch.set_num_threads(max(1, int(job.threads_per_worker or 1)))
+    record = fit(job, rank=rank, world_size=size, device=ray.train.torch.get_device(),
+                 progress=config["progress"] and rank == 0)
+    ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+
+def last_epoch_record(run: Path) -> dict:
+    from student.curves import METRICS_FILE, read_metrics
+
+    epochs = [r for r in read_metrics(Path(run) / METRICS_FILE) if r.get("kind") == "epoch"]
+    return epochs[-1] if epochs else {}
 
 
 def student_batches(store, cfg: TrainConfig, processor, *, epoch: int, evidence=None,
