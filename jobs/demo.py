@@ -49,15 +49,30 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig, *, echo=print) -> dict:
+    results = run_flow(cfg, echo=echo)
+    out = Path(cfg.out)
+    _bar_chart(results, out / "recall.png")
+    echo(recall_table(results))
+    echo(f"[demo] results: {out / 'results.json'}, chart: {out / 'recall.png'} "
+         f"({sum(results['seconds'].values()):.0f} s in all)")
+    return results
+
+
+def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=print,
+             tag: str = "demo") -> dict:
+    """The demo's stages into cfg.out: synth, teachers, teacher pass, teacher eval, then each
+    student of `students` (name -> TrainConfig overrides; default STUDENTS) trained from the one
+    store and evaluated. Writes OUT/demo_config.json and OUT/results.json; returns the results."""
+    students = STUDENTS if students is None else students
     if not cfg.retrain_teachers:
-        _shipped_teachers(cfg)  # fail before any work when they are missing
+        shipped_teachers(cfg)  # fail before any work when they are missing
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "demo_config.json", dataclasses.asdict(cfg))
     seconds: dict[str, float] = {}
 
     def stage(name: str, fn):
-        echo(f"[demo] {name} ...")
+        echo(f"[{tag}] {name} ...")
         t0 = time.perf_counter()
         result = fn()
         seconds[name] = round(time.perf_counter() - t0, 2)
@@ -70,17 +85,13 @@ def run_demo(cfg: DemoConfig, *, echo=print) -> dict:
     store = stage("teacher_pass", lambda: _teacher_pass(cfg, data, dual, single, out / "store"))
     teachers = stage("eval_teachers", lambda: _eval_teachers(data, dual, single, beta))
     paths = {"dual": str(dual), "single": str(single), "store": str(store)}
-    students = {}
-    for name, losses in STUDENTS.items():
+    evals = {}
+    for name, losses in students.items():
         model = stage(f"student_{name}", lambda: _student(cfg, data, store, out / "runs" / name, losses))
-        students[name] = stage(f"eval_{name}", lambda: _eval(model, data / "test"))
+        evals[name] = stage(f"eval_{name}", lambda: _eval(model, data / "test"))
         paths[name] = str(model)
-    results = {"teachers": teachers, "students": students, "seconds": seconds, "paths": paths}
+    results = {"teachers": teachers, "students": evals, "seconds": seconds, "paths": paths}
     atomic_write_json(out / "results.json", results)
-    _bar_chart(results, out / "recall.png")
-    echo(recall_table(results))
-    echo(f"[demo] results: {out / 'results.json'}, chart: {out / 'recall.png'} "
-         f"({sum(seconds.values()):.0f} s in all)")
     return results
 
 
@@ -97,7 +108,7 @@ def _synth(cfg: DemoConfig, folder: Path) -> Path:
 
 def _teachers(cfg: DemoConfig, data: Path, folder: Path) -> tuple[Path, Path, float]:
     if not cfg.retrain_teachers:
-        return _shipped_teachers(cfg)
+        return shipped_teachers(cfg)
     from pipeline.bootstrap import BootstrapConfig, bootstrap
     from pipeline.bootstrap_data import load_split
 
@@ -107,7 +118,7 @@ def _teachers(cfg: DemoConfig, data: Path, folder: Path) -> tuple[Path, Path, fl
     return Path(result["dual"]), Path(result["single"]), float(result["recall"]["beta"])
 
 
-def _shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
+def shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
     shipped = Path(cfg.teachers)
     dual, single = shipped / "dual", shipped / "single"
     if not (dual.is_dir() and single.is_dir()):
