@@ -115,3 +115,39 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
     result = run_train_student(job)
     rsum = result["record"].get("val_rsum")
     click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))
+
+
+@pipeline.command("sweep", epilog="""\b
+Examples:
+  mcad pipeline sweep --store store/ --data data/train --val-data data/val --out sweeps/a \\
+      --grid alpha=0,0.5,1 --grid beta=0,1 --grid w_feat=0,1 --grid preset=smoke,s --parallel 2
+  mcad pipeline sweep ... --out sweeps/a --resume            continue; finished trials are skipped
+  mcad pipeline sweep ... --ray-address auto --parallel 16   on an existing cluster
+""")
+@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Signal store.")
+@click.option("--data", required=True, help="The shards the store was made from.")
+@click.option("--val-data", required=True, help="Shards the trials are ranked on (validation rsum).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder.")
+@click.option("--grid", "grid_specs", multiple=True, required=True, metavar="NAME=V1,V2,...",
+              help="A setting and its values; repeat for a grid (any train-student loss/optimiser "
+                   "setting, or preset).")
+@click.option("--epochs", default=3, show_default=True, help="Epochs per trial (ASHA's horizon).")
+@click.option("--parallel", default=1, show_default=True, help="Trials at once (the CPUs are shared).")
+@click.option("--grace-epochs", default=1, show_default=True, help="Epochs before ASHA may stop a trial.")
+@click.option("--ray-address", default=None, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
+@click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished trials are skipped.")
+def sweep(store, data, val_data, out, grid_specs, epochs, parallel, grace_epochs, ray_address, resume):
+    """Train a grid of students from one signal store on Ray Tune; export the best.
+
+    Every trial reads the same store (no teacher runs again), reports its
+    validation rsum each epoch, and ASHA stops hopeless trials early. Writes
+    SWEEP/results.csv (sorted by rsum), SWEEP/best (a Hugging Face CLIPModel
+    directory), one run folder per trial in SWEEP/trials/, and sweep_config.json.
+    """
+    from jobs.sweep import SweepJob, format_table, parse_grid, run_sweep
+
+    result = run_sweep(SweepJob(store=store, data=data, val_data=val_data, out=out, grid=parse_grid(grid_specs),
+                                epochs=epochs, parallel=parallel, grace_epochs=grace_epochs,
+                                ray_address=ray_address, resume=resume))
+    click.echo(format_table(result["table"]))
+    click.echo(f"results -> {result['results']}; best student -> {result['best'] or '(no trial finished)'}")

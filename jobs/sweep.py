@@ -1,0 +1,275 @@
+"""`mcad pipeline sweep`: many students from ONE signal store, on Ray Tune.
+
+Every trial is a `train-student` run (jobs/train_student.py) with one point of
+the grid, reading the same store: no teacher runs again. Trials report their
+validation rsum after every epoch; ASHA stops the hopeless ones early. The
+result is a table sorted by rsum (printed, and SWEEP/results.csv) and the best
+finished student exported as a Hugging Face CLIPModel directory (SWEEP/best).
+
+    mcad pipeline sweep --store store/ --data data/train --val-data data/val \\
+        --out sweeps/a --grid alpha=0,0.5,1 --grid beta=0,1 --grid preset=smoke,s
+
+Layout of SWEEP: sweep_config.json, trials/<name>/ (one train-student run per
+trial, named by its grid point), tune/ (Ray Tune's experiment state),
+results.csv, best/. `--resume` runs only the trials not done: each trial's
+outcome is recorded in trials/<name>/trial.json (JSON, never Tune's pickled
+state), finished and early-stopped trials are skipped, and the others continue
+from their last epoch checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.atomic import atomic_write_json
+from storage.errors import InputError
+
+CONFIG_NAME, RESULTS_NAME, BEST_DIR, TRIALS_DIR, TUNE_DIR = (
+    "sweep_config.json", "results.csv", "best", "trials", "tune")
+METRIC = "val_rsum"
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    store: str
+    data: str
+    val_data: str
+    out: str
+    grid: dict = field(default_factory=dict)    # name -> list of values (TrainConfig fields, preset)
+    epochs: int = 3
+    parallel: int = 1                           # trials at once
+    grace_epochs: int = 1                       # ASHA: epochs every trial gets before it may be stopped
+    reduction_factor: int = 2                   # ASHA: keep the best 1/reduction_factor at each rung
+    online_teachers: tuple[str, str] | None = None  # teachers in the loop (for the sweep bench)
+    ray_address: str | None = None
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.parallel < 1 or self.grace_epochs < 1 or self.reduction_factor < 2:
+            raise InputError(f"need --epochs >= 1, --parallel >= 1, grace >= 1 and reduction >= 2, got "
+                             f"{self.epochs}, {self.parallel}, {self.grace_epochs}, {self.reduction_factor}")
+        if not self.grid:
+            raise InputError("give at least one --grid NAME=V1,V2,...")
+
+
+def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
+    """["alpha=0,0.5", "preset=smoke,s"] -> {"alpha": [0.0, 0.5], "preset": ["smoke", "s"]}, typed."""
+    from student.models import PRESETS
+    from student.train import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    fixed = {"epochs": "--epochs", "mode": "--mode"}
+    grid: dict[str, list] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise InputError(f"--grid {spec!r}: expected NAME=V1,V2,...")
+        if name in fixed:
+            raise InputError(f"--grid {name}: set it with {fixed[name]} (the same for every trial)")
+        if name != "preset" and name not in defaults:
+            raise InputError(f"--grid {name}: unknown setting; choose from preset, "
+                             f"{', '.join(n for n in defaults if n not in fixed)}")
+        items = [v.strip() for v in values.split(",")]
+        if name == "preset":
+            unknown = [v for v in items if v not in PRESETS]
+            if unknown:
+                raise InputError(f"--grid preset: unknown presets {unknown}; choose from {sorted(PRESETS)}")
+            grid[name] = items
+            continue
+        kind = int if isinstance(defaults[name], int) or name == "k_prime" else float
+        try:
+            grid[name] = [kind(v) for v in items]
+        except ValueError:
+            raise InputError(f"--grid {name}: values must be {kind.__name__}s, got {values!r}") from None
+    return grid
+
+
+def trial_name(config: dict) -> str:
+    """A trial's folder name: its grid point, e.g. 'alpha=0.5,beta=1.0,preset=s'."""
+    return ",".join(f"{k}={config[k]}" for k in sorted(config))
+
+
+def student_job(sweep: SweepJob, config: dict, *, threads: int = 0):
+    """The train-student job of one grid point (resumed when its run has a checkpoint)."""
+    from jobs.train_student import StudentJob
+    from student.train import TrainConfig
+
+    run = Path(sweep.out) / TRIALS_DIR / trial_name(config)
+    resume = (run / "checkpoints" / "last" / "state.json").is_file()
+    if not resume:
+        shutil.rmtree(run, ignore_errors=True)  # a trial that died before its first checkpoint
+    train = TrainConfig(**{k: v for k, v in config.items() if k != "preset"}, epochs=sweep.epochs)
+    return StudentJob(store=sweep.store, data=sweep.data, out=str(run), train=train,
+                      preset=config.get("preset", "s"), val_data=sweep.val_data,
+                      online_teachers=sweep.online_teachers, resume=resume, threads_per_worker=threads)
+
+
+def grid_points(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid, in a stable order."""
+    import itertools
+
+    names = sorted(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
+    """Run (or resume) the sweep; return {"table": rows sorted by rsum, "best": DIR or None, ...}."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from jobs.ray_cluster import ray_session
+    from jobs.train_student import check_data_matches
+    from storage.reader import open_store
+
+    store = open_store(sweep.store)  # refuse a bad store or data before any trial starts
+    check_data_matches(store, sweep.data)
+    out = Path(sweep.out).resolve()
+    sweep = dataclasses.replace(sweep, out=str(out))
+    _prepare(sweep, out)
+    points = grid_points(sweep.grid)
+    pending = [p for p in points if _status(sweep, p).get("status") not in DONE]
+    if pending:
+        with ray_session(sweep.ray_address) as cluster:
+            cpus = float(cluster["resources"].get("CPU", 1.0))
+            per_trial = max(0.1, min(cpus, cpus / sweep.parallel))
+            trainable = tune.with_resources(
+                tune.with_parameters(_trial, sweep=sweep, threads=max(1, int(per_trial))), {"cpu": per_trial})
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.grace_epochs,
+                                      reduction_factor=sweep.reduction_factor)
+            tuner = tune.Tuner(
+                trainable, param_space={"point": tune.grid_search(pending)},
+                tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                            max_concurrent_trials=sweep.parallel),
+                # A new Tune experiment per invocation: resuming is ours (trial.json files),
+                # so no pickled Tune state is ever loaded back.
+                run_config=tune.RunConfig(storage_path=str(out / TUNE_DIR), name=f"run-{_runs(out)}",
+                                          verbose=1 if progress else 0))
+            for result in tuner.fit():
+                _record(sweep, result)
+    table = results_table(sweep, points)
+    write_csv(table, out / RESULTS_NAME)
+    best = _export_best(table, out / BEST_DIR)
+    return {"sweep": str(out), "table": table, "best": best, "results": str(out / RESULTS_NAME),
+            "trials_run": len(pending), "trials_skipped": len(points) - len(pending)}
+
+
+def _trial(config: dict, *, sweep: SweepJob, threads: int) -> None:
+    """One Tune trial: a train-student run that reports every epoch (ASHA may stop it between)."""
+    from ray import tune
+
+    from jobs.train_student import run_train_student
+
+    def report(record: dict) -> None:
+        tune.report({METRIC: float(record.get(METRIC, 0.0)), "epoch": int(record["epoch"]) + 1,
+                     "seconds": float(record["seconds"]), "samples_per_s": float(record["samples_per_s"])})
+
+    def report_early(record: dict) -> None:  # the last epoch is reported once the model is exported
+        if int(record["epoch"]) + 1 < sweep.epochs:
+            report(record)
+
+    result = run_train_student(student_job(sweep, dict(config["point"]), threads=threads), progress=False,
+                               on_epoch=report_early)
+    report(result["record"])
+
+
+STATUS_NAME = "trial.json"
+FINISHED, STOPPED, ERROR = "finished", "stopped early (ASHA)", "error"
+DONE = (FINISHED, STOPPED)
+
+
+def _trial_dir(sweep: SweepJob, point: dict) -> Path:
+    return Path(sweep.out) / TRIALS_DIR / trial_name(point)
+
+
+def _status(sweep: SweepJob, point: dict) -> dict:
+    path = _trial_dir(sweep, point) / STATUS_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record(sweep: SweepJob, result) -> None:
+    """Write what Tune says of a trial into its run folder (the sweep's own, JSON, record)."""
+    point = result.config["point"]
+    metrics = result.metrics or {}
+    epochs = int(metrics.get("epoch", 0))
+    status = ERROR if result.error else FINISHED if epochs >= sweep.epochs else STOPPED
+    folder = _trial_dir(sweep, point)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / STATUS_NAME, {
+        "status": status, "epochs": epochs, METRIC: metrics.get(METRIC),
+        "error": str(result.error).splitlines()[0] if result.error else None})
+
+
+def results_table(sweep: SweepJob, points: list[dict]) -> list[dict]:
+    """One row per grid point, best validation rsum first: its settings, epochs done, status."""
+    rows = []
+    for point in points:
+        status = _status(sweep, point)
+        model = _trial_dir(sweep, point) / "model"
+        rsum = status.get(METRIC)
+        rows.append({"trial": trial_name(point), **point, "epochs": status.get("epochs", 0),
+                     METRIC: round(float(rsum), 2) if rsum is not None else "",
+                     "status": status.get("status", "not run"),
+                     "model": str(model) if status.get("status") == FINISHED else ""})
+    return sorted(rows, key=lambda r: (r[METRIC] != "", r[METRIC] or 0.0), reverse=True)
+
+
+def _runs(out: Path) -> int:
+    return len(list((out / TUNE_DIR).glob("run-*"))) if (out / TUNE_DIR).is_dir() else 0
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    if not table:
+        return
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    tmp.replace(path)
+
+
+def format_table(table: list[dict]) -> str:
+    if not table:
+        return "(no trials)"
+    cols = [c for c in table[0] if c not in ("trial", "model")]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in table)) for c in cols}
+    lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).rjust(widths[c]) for c in cols) for r in table]
+    return "\n".join(lines)
+
+
+def _export_best(table: list[dict], dest: Path) -> str | None:
+    """Copy the best finished trial's HF model directory to SWEEP/best."""
+    best = next((r for r in table if r["model"]), None)
+    if best is None:
+        return None
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best["model"], tmp)
+    (tmp / "mcad_sweep.json").write_text(json.dumps({"trial": best["trial"], METRIC: best[METRIC]}, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+    return str(dest)
+
+
+def _prepare(sweep: SweepJob, out: Path) -> None:
+    """Fresh sweeps need an empty --out; --resume needs the same sweep there."""
+    saved = out / CONFIG_NAME
+    config = json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
+    if sweep.resume:
+        if not saved.is_file():
+            raise InputError(f"{out}: nothing to resume (no {CONFIG_NAME})")
+        before = json.loads(saved.read_text())
+        changed = sorted(k for k in config if k != "resume" and before.get(k) != config[k])
+        if changed:
+            raise InputError(f"cannot resume {out}: {', '.join(changed)} differ from the sweep there")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} is not empty; pass --resume to continue that sweep or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved, config)

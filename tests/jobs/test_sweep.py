@@ -1,0 +1,80 @@
+"""Sweeps on Ray Tune from one store: grid parsing, the sorted table, the best export, resume."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import main
+from jobs.sweep import parse_grid, trial_name
+from storage.errors import InputError
+
+
+def test_parse_grid_types_values_by_setting():
+    grid = parse_grid(["alpha=0,0.5", "preset=smoke,s", "k-prime=2,4", "pools_per_batch=1"])
+    assert grid == {"alpha": [0.0, 0.5], "preset": ["smoke", "s"], "k_prime": [2, 4], "pools_per_batch": [1]}
+    assert trial_name({"preset": "s", "alpha": 0.5}) == "alpha=0.5,preset=s"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("alpha", "expected NAME=V1"), ("gamma=1", "unknown setting"), ("preset=xl", "unknown presets"),
+    ("alpha=a,b", "must be floats"), ("epochs=1,2", "--epochs"),
+])
+def test_parse_grid_refuses_bad_specs(spec, message):
+    with pytest.raises(InputError, match=message):
+        parse_grid([spec])
+
+
+@pytest.mark.ray
+def test_sweep_ranks_trials_exports_the_best_and_resumes(tiny_store, shapes_data, tmp_path):
+    from transformers import CLIPModel
+
+    out = tmp_path / "sweep"
+    args = ["pipeline", "sweep", "--store", str(tiny_store), "--data", str(shapes_data / "train"),
+            "--val-data", str(shapes_data / "val"), "--out", str(out), "--grid", "alpha=0,1",
+            "--grid", "preset=smoke", "--epochs", "2", "--parallel", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert sorted(r["trial"] for r in rows) == ["alpha=0.0,preset=smoke", "alpha=1.0,preset=smoke"]
+    rsums = [float(r["val_rsum"]) for r in rows]
+    assert rsums == sorted(rsums, reverse=True)
+    # ASHA with 2 trials and reduction factor 2 lets at least the best one finish.
+    assert rows[0]["status"] == "finished" and rows[0]["epochs"] == "2"
+    best = json.loads((out / "best" / "mcad_sweep.json").read_text())
+    assert best["trial"] == rows[0]["trial"]
+    CLIPModel.from_pretrained(out / "best")
+    # Every trial pinned the same store: no teacher ran again.
+    pins = {(out / "trials" / r["trial"] / "store_fingerprint.json").read_text() for r in rows}
+    assert len(pins) == 1
+    # Interrupted: the other trial has a checkpoint but no recorded outcome. --resume skips
+    # the finished trial (its folder untouched) and continues the other from its checkpoint.
+    finished = out / "trials" / rows[0]["trial"] / "metrics.jsonl"
+    before = finished.stat().st_mtime_ns
+    other = out / "trials" / rows[1]["trial"]
+    (other / "trial.json").unlink()
+    epochs_before = [json.loads(line)["epoch"] for line in (other / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line)["kind"] == "epoch"]
+    again = CliRunner().invoke(main, args + ["--resume"])
+    assert again.exit_code == 0, again.output
+    assert finished.stat().st_mtime_ns == before
+    assert json.loads((other / "trial.json").read_text())["status"] in ("finished", "stopped early (ASHA)")
+    epochs_after = [json.loads(line)["epoch"] for line in (other / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["kind"] == "epoch"]
+    assert epochs_after[:len(epochs_before)] == epochs_before and len(set(epochs_after)) == len(epochs_after)
+    assert {r["trial"] for r in csv.DictReader(open(out / "results.csv"))} == {r["trial"] for r in rows}
+
+
+@pytest.mark.ray
+def test_sweep_refuses_a_non_empty_out_and_a_changed_grid(tiny_store, shapes_data, tmp_path):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "x").write_text("x")
+    base = ["pipeline", "sweep", "--store", str(tiny_store), "--data", str(shapes_data / "train"),
+            "--val-data", str(shapes_data / "val"), "--out", str(out), "--grid", "alpha=0,1"]
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 2 and "is not empty" in result.output
+    result = CliRunner().invoke(main, base + ["--resume"])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
