@@ -19,7 +19,7 @@ the dual teacher's tokenizer and image processor) and per demo teacher
                      normalised embeddings are precomputed (random unit vectors: values change no
                      cost): per query, tokenize one caption, encode it, score it against the
                      gallery (matrix-vector) and torch.topk(10); median over --queries queries
-                     after 5 untimed ones. Single: the dual teacher's query, its top-16 (the
+                     after 5 untimed ones. Single: the dual teacher's query with its top-16 (the
                      evaluation's re-ranking depth), then the ITM head on those 16 pairs, the
                      gallery's BLIP image states assumed cached (their size is in the figures)
 
@@ -137,11 +137,11 @@ def clip_row(clip, processor, cfg: PresetsBenchConfig, *, kind: str, images: lis
     dim = int(clip.config.projection_dim)
     gallery = _gallery(cfg.gallery, dim, cfg.seed)
 
-    def query(text: str):
+    def query(text: str, k: int = TOP):
         t = processor.tokenizer([text], truncation=True, max_length=max_len, return_tensors="pt")
         q = F.normalize(clip.get_text_features(input_ids=t["input_ids"],
                                                attention_mask=t["attention_mask"]).pooler_output, dim=-1)
-        return torch.topk(gallery @ q[0], TOP)
+        return torch.topk(gallery @ q[0], k)
 
     with torch.inference_mode():
         img_rate = _median_rate(lambda: clip.get_image_features(pixel_values=pixels), len(images),
@@ -192,7 +192,7 @@ def single_row(single, dual_query, cfg: PresetsBenchConfig, *, images: list, tex
         cand = torch.randn(RERANK_K, *states.shape[1:], generator=torch.Generator().manual_seed(cfg.seed))
 
         def query(text: str):
-            dual_query(text)  # the dual teacher's top-K (its own top-10 query: same encode and score)
+            dual_query(text, RERANK_K)  # the dual teacher's candidates
             t = single.tokenize([text] * RERANK_K)
             _, itm = single.match_tokens(cand, t, batch_size=RERANK_K)
             return torch.topk(itm, TOP)

@@ -41,11 +41,15 @@ def store(json_path: str | None, rows: int, shards: int, workdir: str | None):
 
 
 def _register() -> None:
+    from jobs.bench_presets import presets_bench
+    from jobs.bench_report import report_cmd
     from jobs.bench_student import student_bench
     from jobs.bench_teacher_pass import teacher_pass_bench
 
     bench.add_command(student_bench)
     bench.add_command(teacher_pass_bench)
+    bench.add_command(presets_bench)
+    bench.add_command(report_cmd)
 
 
 _register()
