@@ -506,8 +506,8 @@ def curves_plot(out: Path, method: str, seeds: list[int], path: Path) -> None:
 
 EPILOG = """\b
 Examples:
-  mcad bench report --out report/                 3 seeds, demo sizes, speed benches (long: hours on 2 CPUs)
-  mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed    the same flow, small (minutes)
+  mcad bench report --out report/                 3 seeds, demo sizes, speed benches (~40 min on 2 CPU cores)
+  mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed    the same flow, small (a few minutes)
   mcad bench report --out report/ --seeds 5       adds seeds 3 and 4 to a finished 3-seed report
 """
 
