@@ -44,12 +44,14 @@ def _register() -> None:
     from jobs.bench_presets import presets_bench
     from jobs.bench_report import report_cmd
     from jobs.bench_student import student_bench
+    from jobs.bench_sweep import sweep_bench
     from jobs.bench_teacher_pass import teacher_pass_bench
 
     bench.add_command(student_bench)
     bench.add_command(teacher_pass_bench)
     bench.add_command(presets_bench)
     bench.add_command(report_cmd)
+    bench.add_command(sweep_bench)
 
 
 _register()
