@@ -193,6 +193,15 @@ def test_killed_writer_leaves_complete_files_or_none(tmp_path):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["big.parquet"]
 
 
+def test_failed_signals_write_leaves_no_file_of_the_shard(tmp_path, make_columns):
+    """A write that fails (read-only folder, full disk) leaves neither file nor temporary."""
+    (tmp_path / "signals").write_text("a file where the signals folder should be")
+    with pytest.raises(OSError):
+        write_shard(tmp_path, "s0", make_columns("s0", 5), [("s0-x", "no_caption", "")], **DIMS)
+    assert not rejects_path(tmp_path, "s0").exists()
+    assert _files(tmp_path) == ["signals"]
+
+
 # --- manifest ---------------------------------------------------------------
 
 def test_manifest_round_trip_and_atomic_save(tmp_path):
