@@ -27,11 +27,17 @@ Examples:
 
 
 class McadGroup(click.Group):
-    """A group whose commands turn bad input into one line and exit code 2."""
+    """A group whose commands turn bad input into one line and exit code 2: click's usage
+    errors, InputError, and OSError (unreadable input, read-only output, full disk)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a bare group: click prints its help
+        except click.UsageError as exc:  # a missing path, a bad option value, an unknown command
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+            _fail(exc.format_message() + where)
         except InputError as exc:
             _fail(str(exc))
         except OSError as exc:  # unreadable input, read-only output, full disk
