@@ -27,6 +27,7 @@ from storage.atomic import atomic_write_json, sweep_temporaries
 from storage.errors import InputError
 
 CONFIG_NAME = "teacher_pass_config.json"
+ERROR = "error"  # the per-shard result field saying why a shard could not be done
 MODES = ("fresh", "resume", "overwrite")
 
 
@@ -80,10 +81,19 @@ class ShardWorker:
         self.projection = load_projection(projection_path)
 
     def __call__(self, batch: dict) -> dict:
-        results = [process_shard(self.dual, self.single, self.job, self.cfg, self.projection,
-                                 source=str(src), shard=str(name))
-                   for src, name in zip(batch["source"], batch["shard"])]
+        results = [self._one(str(src), str(name)) for src, name in zip(batch["source"], batch["shard"])]
         return {key: np.array([r[key] for r in results]) for key in results[0]}
+
+    def _one(self, source: str, shard: str) -> dict:
+        # An unreadable shard or a failed write (read-only output, full disk)
+        # comes back as a row: through Ray it would reach the driver as a
+        # multi-line traceback with the original error lost. Bugs still raise.
+        try:
+            return process_shard(self.dual, self.single, self.job, self.cfg, self.projection,
+                                 source=source, shard=shard)
+        except (InputError, OSError) as exc:
+            return {"shard": shard, "source": source, "rows": 0, "rejected": 0, "pools": 0, "bytes": 0,
+                    "seconds": 0.0, ERROR: error_line(exc)}
 
 
 def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
@@ -97,7 +107,16 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
                                         config=cfg, projection=projection)
     info = write_shard(job.out, shard, columns, rejects, d=dual.dim, f=single.dim_fused,
                        k=cfg.topk, pool_size=cfg.pool_size)
-    return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start}
+    return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start, ERROR: ""}
+
+
+def error_line(exc: BaseException) -> str:
+    """An InputError or OSError as one line: its message, or strerror and the file it concerns."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
@@ -121,6 +140,10 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
             manifest.params = {**_params(job, proj_path), **measured}
             manifest.save(out)
         summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
+    # A worker killed mid-write (and retried elsewhere) leaves its temporary
+    # file behind; every writer has finished now, so none of them is live.
+    for folder in (out, out / M.SIGNALS_DIR, out / M.REJECTS_DIR):
+        sweep_temporaries(folder)
     seconds = time.perf_counter() - started
     rows = sum(s["rows"] for s in summaries)
     return {"store": str(out), "shards_total": len(sources), "shards_run": len(summaries),
@@ -150,7 +173,13 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
     identity = {s: M.source_identity(s) for s, _ in pending}
     bar = tqdm(total=len(pending), unit="shard", disable=not progress, desc="teacher pass")
     rows, t0 = 0, time.perf_counter()
-    for row in ds.iter_rows():
+    for row in _finished(ds):
+        if row[ERROR]:
+            bar.leave = False  # the error line stands alone
+            bar.close()
+            raise InputError(f"teacher pass stopped at shard {row['shard']} ({row['source']}): {row[ERROR]}; "
+                             f"{len(manifest.done_shards())} finished shards are kept in {out}, "
+                             f"rerun with --resume once the cause is fixed")
         entry = {**identity[str(row["source"])], M.ROWS: int(row["rows"]),
                  M.REJECTED: int(row["rejected"]), M.POOLS: int(row["pools"]),
                  M.SECONDS: float(row["seconds"]), M.STATUS: M.STATUS_DONE}
@@ -163,6 +192,13 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
     bar.close()
 
 
+def _finished(ds) -> Iterator[dict]:
+    """Each shard's result as soon as its worker returns it. `iter_rows` prefetches:
+    it held a finished shard back until the next one finished, so a crash lost it."""
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
+
+
 def _calibrate(job: TeacherPassJob, sources: list[str], proj_path: Path) -> tuple[dict, dict]:
     """Fit W on the first calibration rows of the pass, as a Ray task where the workers run.
 
@@ -172,7 +208,14 @@ def _calibrate(job: TeacherPassJob, sources: list[str], proj_path: Path) -> tupl
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=job.gpus_per_worker or None)(_calibrate_task)
-    return ray.get(task.remote(job, sources, str(proj_path)))
+    try:
+        return ray.get(task.remote(job, sources, str(proj_path)))
+    except ray.exceptions.RayTaskError as exc:
+        # Bad input found by the task (no usable sample, a write failure): the
+        # original error, not Ray's wrapper with the remote traceback in its text.
+        if isinstance(exc.cause, (InputError, OSError)):
+            raise InputError(f"teacher pass: {error_line(exc.cause)}") from None
+        raise
 
 
 def _calibrate_task(job: TeacherPassJob, sources: list[str], proj_path: str) -> dict:
@@ -226,19 +269,27 @@ def _prepare_store(job: TeacherPassJob, out: Path) -> M.Manifest:
     out.mkdir(parents=True, exist_ok=True)
     manifest = M.Manifest.load(out) if (out / M.MANIFEST_NAME).exists() else M.Manifest()
     if has_store:
-        _check_resumable(job, out)
+        _check_resumable(job, out, manifest)
     for folder in (out, out / M.SIGNALS_DIR, out / M.REJECTS_DIR):
         sweep_temporaries(folder)
     atomic_write_json(out / CONFIG_NAME, dataclasses.asdict(job))
     return manifest
 
 
-def _check_resumable(job: TeacherPassJob, out: Path) -> None:
+def _check_resumable(job: TeacherPassJob, out: Path, manifest: M.Manifest) -> None:
     import json
+
+    from pipeline.teachers import teacher_digests
 
     saved = json.loads((out / CONFIG_NAME).read_text()) if (out / CONFIG_NAME).exists() else {}
     same = ("dual", "single", "pool_size", "topk", "calibration_rows")
     changed = [k for k in same if k in saved and saved[k] != getattr(job, k)]
+    # Same paths are not the same teachers: the files may have been replaced.
+    for role, path in (("dual", job.dual), ("single", job.single)):
+        pinned = manifest.teachers.get(role)
+        if pinned:
+            now = teacher_digests(path)
+            changed += [f"the {role} teacher's {key}" for key in sorted(now) if pinned.get(key) != now[key]]
     if changed:
         raise InputError(f"cannot resume {out}: {', '.join(changed)} differ from the stored pass; "
                          f"use --overwrite to start again")

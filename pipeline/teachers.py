@@ -109,14 +109,17 @@ def _weights_digest(files: Sequence[Path]) -> str:
     return outer.hexdigest()
 
 
+def teacher_digests(path: str | Path) -> dict:
+    """{"config_sha256", "weights_sha256"} of a teacher directory, read from its files
+    without loading the model: what the manifest pins for each role."""
+    path = Path(path)
+    return {"config_sha256": file_digest(path / CONFIG_FILE),
+            "weights_sha256": _weights_digest(sorted(path.glob(WEIGHTS_GLOB)))}
+
+
 def _identity(path: Path, kind: str, model) -> dict:
-    return {
-        "kind": kind,
-        "path": str(path.resolve()),
-        "architecture": type(model).__name__,
-        "config_sha256": file_digest(path / CONFIG_FILE),
-        "weights_sha256": _weights_digest(sorted(path.glob(WEIGHTS_GLOB))),
-    }
+    return {"kind": kind, "path": str(path.resolve()), "architecture": type(model).__name__,
+            **teacher_digests(path)}
 
 
 def _batched(n: int, size: int):
