@@ -42,7 +42,6 @@ Rules for one shard (tar order, one member in memory at a time):
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -59,6 +58,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.images import to_rgb
+from storage import fs
 from storage.errors import InputError
 
 CORRUPT_IMAGE = "corrupt_image"
@@ -151,25 +151,26 @@ def _resolve(spec, *, base: str | None) -> list[str]:
         return [path for item in spec for path in _resolve(item, base=base)]
     if not isinstance(spec, (str, os.PathLike)):
         raise InputError(f"a shard spec must be a path, a pattern or a list, not {type(spec).__name__}")
-    text = os.path.expanduser(os.fspath(spec).strip())
+    text = os.fspath(spec).strip()
+    text = text if fs.is_uri(text) else os.path.expanduser(text)
     if not text:
         raise InputError("no shards given: the shard spec is empty")
-    if base is not None and not os.path.isabs(text):
-        text = os.path.join(base, text)
-    if os.path.isdir(text):
+    if base is not None and not fs.is_uri(text) and not os.path.isabs(text):
+        text = fs.join(base, text)
+    if fs.is_dir(text):
         return _folder_shards(text)
-    if os.path.isfile(text):
+    if fs.is_file(text):
         # Lines of a list file are shards or patterns, never further list files.
         if base is None and text.lower().endswith(_LIST_FILE_SUFFIXES):
             return _list_file_shards(text)
-        return [os.path.abspath(text)]
+        return [fs.absolute(text)]
     return _pattern_shards(text)
 
 
 def _folder_shards(folder: str) -> list[str]:
-    names = [n for n in os.listdir(folder) if n.endswith(".tar") and not n.startswith(".")]
-    paths = [os.path.abspath(os.path.join(folder, n)) for n in names]
-    paths = [p for p in paths if os.path.isfile(p)]
+    paths = [fs.absolute(p) for p in fs.listdir(folder)
+             if fs.name(p).endswith(".tar") and not fs.name(p).startswith(".")]
+    paths = [p for p in paths if fs.is_file(p)]
     if not paths:
         raise InputError(f"no shards match {folder}: the folder has no *.tar files")
     return paths
@@ -177,14 +178,13 @@ def _folder_shards(folder: str) -> list[str]:
 
 def _list_file_shards(list_file: str) -> list[str]:
     try:
-        with open(list_file, encoding="utf-8") as fh:
-            lines = [line.strip() for line in fh]
+        lines = [line.strip() for line in fs.read_bytes(list_file).decode("utf-8").splitlines()]
     except UnicodeDecodeError:
         raise InputError(f"shard list {list_file} is not UTF-8 text") from None
     entries = [line for line in lines if line and not line.startswith("#")]
     if not entries:
         raise InputError(f"no shards match {list_file}: the list file names no shards")
-    base = os.path.dirname(os.path.abspath(list_file))
+    base = list_file.rsplit("/", 1)[0] if fs.is_uri(list_file) else os.path.dirname(os.path.abspath(list_file))
     return [path for entry in entries for path in _resolve(entry, base=base)]
 
 
@@ -196,11 +196,11 @@ def _pattern_shards(pattern: str) -> list[str]:
     paths: list[str] = []
     for item in expanded:
         if _GLOB_CHARS.search(item):
-            paths += [os.path.abspath(p) for p in glob.glob(item) if os.path.isfile(p)]
-        elif os.path.isdir(item):
+            paths += fs.glob(item)
+        elif fs.is_dir(item):
             paths += _folder_shards(item)
-        elif os.path.isfile(item):
-            paths.append(os.path.abspath(item))
+        elif fs.is_file(item):
+            paths.append(fs.absolute(item))
         else:  # an explicit path (plain or brace-expanded) must exist
             raise InputError(f"shard not found: {item}")
     if not paths:
@@ -251,9 +251,9 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     path = os.fspath(path)
     name = shard_name(path)
     try:
-        fh = open(path, "rb")
+        fh = fs.open_stream(path)
     except OSError as exc:
-        raise InputError(f"cannot read shard {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read shard {path}: {getattr(exc, 'strerror', None) or exc}") from None
     with fh:
         try:
             tf = tarfile.open(fileobj=fh, mode="r|*", tarinfo=_WatchedTarInfo)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.shards import Reject
-from storage.atomic import atomic_write
+from storage import fs
 from storage.errors import InputError
 from storage.schema import (
     DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
@@ -276,26 +276,26 @@ def calibrate(dual, single, items: Iterable, *, config: PassConfig,
 
 
 def save_projection(projection: torch.Tensor, path: str | Path, *,
-                    metadata: dict[str, str] | None = None) -> Path:
-    """Write W to a safetensors file atomically (temp + rename)."""
-    from safetensors.torch import save_file
+                    metadata: dict[str, str] | None = None) -> str:
+    """Write W to a safetensors file atomically (temp + rename locally; one upload at a URI)."""
+    from safetensors.torch import save
 
     tensor = projection.detach().cpu().float().contiguous()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    atomic_write(path, lambda tmp: save_file({PROJECTION_TENSOR: tensor}, tmp, metadata=meta))
-    return Path(path)
+    fs.write_bytes(path, save({PROJECTION_TENSOR: tensor}, metadata=meta))
+    return str(path)
 
 
 def load_projection(path: str | Path) -> torch.Tensor:
     """W (F, D) float32 from a file written by save_projection."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    p = Path(path)
-    if not p.is_file():
+    p = str(path)
+    if not fs.is_file(p):
         raise InputError(f"{p}: no fusion projection file")
     try:
-        tensors = load_file(p)
+        tensors = load(fs.read_bytes(p))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{p}: not a readable safetensors file ({exc})") from None
     w = tensors.get(PROJECTION_TENSOR)

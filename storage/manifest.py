@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import atomic_write_json
+from storage import fs
 from storage.errors import InputError
 from storage.schema import SCHEMA_VERSION, check_version
 
@@ -54,16 +54,21 @@ def mcad_version() -> str:
         return "0+unknown"
 
 
-def manifest_path(store: str | os.PathLike) -> Path:
-    return Path(store) / MANIFEST_NAME
+def store_file(store: str | os.PathLike, *parts: str) -> Path | str:
+    """A file of a store: a Path when the store is local, a URI string when it is at a URI."""
+    return fs.join(store, *parts) if fs.is_uri(store) else Path(store).joinpath(*parts)
 
 
-def signals_path(store: str | os.PathLike, shard: str) -> Path:
-    return Path(store) / SIGNALS_DIR / f"{shard}.parquet"
+def manifest_path(store: str | os.PathLike) -> Path | str:
+    return store_file(store, MANIFEST_NAME)
 
 
-def rejects_path(store: str | os.PathLike, shard: str) -> Path:
-    return Path(store) / REJECTS_DIR / f"{shard}.parquet"
+def signals_path(store: str | os.PathLike, shard: str) -> Path | str:
+    return store_file(store, SIGNALS_DIR, f"{shard}.parquet")
+
+
+def rejects_path(store: str | os.PathLike, shard: str) -> Path | str:
+    return store_file(store, REJECTS_DIR, f"{shard}.parquet")
 
 
 @dataclass
@@ -79,10 +84,10 @@ class Manifest:
     @classmethod
     def load(cls, store: str | os.PathLike) -> "Manifest":
         path = manifest_path(store)
-        if not path.is_file():
+        if not fs.is_file(path):
             raise InputError(f"{store}: not a signal store (no {MANIFEST_NAME})")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(fs.read_bytes(path).decode())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
@@ -95,8 +100,8 @@ class Manifest:
         return cls(**raw)
 
     def save(self, store: str | os.PathLike) -> None:
-        """Atomically rewrite manifest.json (temp file + rename)."""
-        atomic_write_json(manifest_path(store), self.to_dict())
+        """Atomically rewrite manifest.json (temp file + rename; one upload at a URI)."""
+        fs.write_json(manifest_path(store), self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,16 +124,18 @@ def load(store: str | os.PathLike) -> Manifest:
 
 def source_identity(path: str | os.PathLike) -> dict[str, Any]:
     """{"source", "size", "mtime"} of an input file: cheap to take, changes when the file does."""
-    path = Path(path)
     try:
-        st = path.stat()
+        size, mtime = fs.size_and_mtime(path)
     except FileNotFoundError:
         raise InputError(f"{path}: no such input file") from None
-    return {SOURCE: str(path.resolve()), SIZE: st.st_size, MTIME: st.st_mtime}
+    source = str(path) if fs.is_uri(path) else str(Path(path).resolve())
+    return {SOURCE: source, SIZE: size, MTIME: mtime}
 
 
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file, streamed; of a folder, over its files' relative names and digests."""
+    if fs.is_uri(path):
+        return hashlib.sha256(fs.read_bytes(path)).hexdigest()
     path = Path(path)
     if path.is_dir():
         outer = hashlib.sha256()

@@ -32,12 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage import fs
 from storage import schema as S
 from storage.atomic import TMP_PREFIX
 from storage.errors import InputError
 from storage.manifest import (
     MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS,
-    SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, rejects_path, signals_path,
+    REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, rejects_path, signals_path,
+    store_file,
 )
 
 Batch = dict[str, Any]
@@ -51,7 +53,7 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "S
     With allow_incomplete, shards whose manifest status is not "done" are
     left out (for inspecting a pass still running); otherwise they are refused.
     """
-    path = Path(path)
+    path = path if fs.is_uri(path) else Path(path)
     manifest = Manifest.load(path)
     params = manifest.params
     for key in REQUIRED_PARAMS:
@@ -62,8 +64,8 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "S
         first = unfinished[0]
         raise InputError(f"{path}: shard {first} has status {manifest.shards[first].get(STATUS)!r}, "
                          f"not {STATUS_DONE!r} ({len(unfinished)} unfinished; rerun the teacher pass)")
-    on_disk = {p.name[: -len(".parquet")] for p in (path / SIGNALS_DIR).glob("*.parquet")
-               if not p.name.startswith(TMP_PREFIX)}
+    on_disk = {fs.name(p)[: -len(".parquet")] for p in fs.listdir(store_file(path, SIGNALS_DIR))
+               if fs.name(p).endswith(".parquet") and not fs.name(p).startswith(TMP_PREFIX)}
     orphans = sorted(on_disk - set(manifest.shards))
     if orphans:
         raise InputError(f"{path}: shard {orphans[0]} has a signals file but no manifest entry "
@@ -73,18 +75,19 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "S
     return Store(path, manifest, names, starts)
 
 
-def _check_shard(store: Path, name: str, manifest: Manifest) -> np.ndarray:
+def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray:
     """Check one done shard's files from their footers; return its row-group start rows (+ total)."""
     entry, params = manifest.shards[name], manifest.params
     where = f"{store}: shard {name}"
     spath, rpath = signals_path(store, name), rejects_path(store, name)
-    for p in (spath, rpath):
-        if not p.is_file():
-            raise InputError(f"{where}: manifest says done but {p.relative_to(store)} is missing")
+    for p, folder in ((spath, SIGNALS_DIR), (rpath, REJECTS_DIR)):
+        if not fs.is_file(p):
+            raise InputError(f"{where}: manifest says done but {folder}/{fs.name(p)} is missing")
     try:
-        with pq.ParquetFile(spath) as pf:
+        with parquet_file(spath) as pf:
             meta, arrow_schema = pf.metadata, pf.schema_arrow
-        rejected = pq.read_metadata(rpath).num_rows
+        with parquet_file(rpath) as pf:
+            rejected = pf.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{where}: unreadable Parquet file ({' '.join(str(exc).split())})") from None
     S.check_version(S.version_of(arrow_schema), f"{where} (signals file)")
@@ -98,6 +101,14 @@ def _check_shard(store: Path, name: str, manifest: Manifest) -> np.ndarray:
             raise InputError(f"{where}: files hold {got} {field}, the manifest says {entry.get(field)}")
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+
+def parquet_file(location) -> pq.ParquetFile:
+    """A Parquet file at a local path or a URI (the store's filesystem, reused)."""
+    if not fs.is_uri(location):
+        return pq.ParquetFile(location)
+    filesystem, path = fs.resolve(location)
+    return pq.ParquetFile(path, filesystem=filesystem)
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -137,7 +148,8 @@ class Store:
         }
 
     def rejected_keys(self, shard: str) -> set[str]:
-        return set(pq.read_table(rejects_path(self.path, shard), columns=[S.REJECT_KEY])
+        with parquet_file(rejects_path(self.path, shard)) as pf:
+            return set(pf.read(columns=[S.REJECT_KEY])
                    .column(S.REJECT_KEY).to_pylist())
 
     # --- replay and remix ------------------------------------------------
@@ -261,7 +273,7 @@ class _Files:
         else:
             while len(self.open) >= self.max_open:
                 self.open.popitem(last=False)[1][0].close()
-            self.open[shard] = (pq.ParquetFile(signals_path(self.store.path, shard)), [])
+            self.open[shard] = (parquet_file(signals_path(self.store.path, shard)), [])
         return self.open[shard]
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from storage import fs
 from storage import schema as S
 from storage.manifest import STATUS_DONE, Manifest
 from storage.writer import write_shard
@@ -101,8 +102,8 @@ def build_store(
     rejects_per_shard: int = 1,
     seed: int = 0,
 ) -> Path:
-    """Write a complete store under `root`; shard i holds rows_per_shard[i % len] kept rows."""
-    root = Path(root)
+    """Write a complete store under `root` (a folder or a URI); shard i holds rows_per_shard[i % len] rows."""
+    root = root if fs.is_uri(root) else Path(root)
     rng = np.random.default_rng(seed)
     manifest = Manifest(
         teachers={
