@@ -18,12 +18,13 @@ Examples:
   mcad pipeline teacher-pass ... --out store/ --resume          continue after a crash
   mcad pipeline teacher-pass ... --workers 4 --gpus-per-worker 1 --ray-address auto
 """)
-@click.option("--data", required=True, help="Shards: a folder, glob, {a..b} pattern or a text file of paths.")
+@click.option("--data", required=True,
+              help="Shards: a folder, glob, {a..b} pattern or a text file of paths; local or a URI.")
 @click.option("--dual", required=True, type=click.Path(exists=True, file_okay=False),
               help="Dual-stream teacher: a Hugging Face CLIPModel directory.")
 @click.option("--single", required=True, type=click.Path(exists=True, file_okay=False),
               help="Single-stream teacher: a Hugging Face BlipForImageTextRetrieval directory.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Signal store folder.")
+@click.option("--out", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
 @click.option("--pool", "pool_size", default=256, show_default=True, help="Samples per pool (P).")
 @click.option("--topk", default=32, show_default=True, help="Candidates per sample and direction (K <= P).")
 @click.option("--batch-size", default=256, show_default=True, help="Image-text pairs per single-teacher forward.")
@@ -66,7 +67,7 @@ Examples:
   mcad pipeline train-student ... --out runs/mcad --resume                   continue a run
   mcad pipeline train-student ... --workers 4 --ray-address auto             data parallel, Ray Train
 """)
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Signal store.")
+@click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
 @click.option("--data", required=True, help="The shards the store was made from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--preset", default="s", show_default=True, help="Student size: smoke, s or m.")
@@ -124,7 +125,7 @@ Examples:
   mcad pipeline sweep ... --out sweeps/a --resume            continue; finished trials are skipped
   mcad pipeline sweep ... --ray-address auto --parallel 16   on an existing cluster
 """)
-@click.option("--store", required=True, type=click.Path(exists=True, file_okay=False), help="Signal store.")
+@click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
 @click.option("--data", required=True, help="The shards the store was made from.")
 @click.option("--val-data", required=True, help="Shards the trials are ranked on (validation rsum).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder.")

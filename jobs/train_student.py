@@ -238,7 +238,7 @@ def _online_evidence(job: StudentJob, store):
     from pipeline.online import OnlineEvidence
     from pipeline.signals import load_projection
     from pipeline.teachers import load_teachers
-    from storage.manifest import FUSION_PROJ_NAME
+    from storage.manifest import FUSION_PROJ_NAME, store_file
 
     dual, single = load_teachers(*job.online_teachers)
     for role, teacher in (("dual", dual), ("single", single)):
@@ -247,7 +247,7 @@ def _online_evidence(job: StudentJob, store):
         if any(pinned.get(k) != now[k] for k in ("config_sha256", "weights_sha256")):
             raise InputError(f"--online-teachers: the {role} teacher {now['path']} is not the one "
                              f"the store was made with ({pinned.get('path')})")
-    projection = load_projection(Path(store.path) / FUSION_PROJ_NAME)
+    projection = load_projection(store_file(store.path, FUSION_PROJ_NAME))
     return OnlineEvidence(dual, single, projection, k=store.dims["k"])
 
 
