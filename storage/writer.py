@@ -2,8 +2,9 @@
 
 The teacher pass calls `write_shard` once per input shard, then records the
 shard in the manifest. Files are written under a temporary name and renamed
-into place (storage/atomic.py): the rejects file first, the signals file
-last, so a signals file under its final name is always complete and implies
+into place (storage/atomic.py; at a URI, one whole upload each): the rejects
+file first, the signals file last, so a signals file under its final name is
+always complete and implies
 its rejects file exists; when the signals write fails (read-only folder,
 full disk), the rejects file is removed again.
 
@@ -23,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage import fs
 from storage import schema as S
-from storage.atomic import atomic_write
 from storage.manifest import rejects_path, signals_path
 
 COMPRESSION = "zstd"
@@ -63,23 +64,23 @@ def write_shard(
     table = build_table(shard, columns, d=d, f=f, k=k, pool_size=pool_size)
     rejects_table = build_rejects(rejects)
 
-    atomic_write(rejects_path(store, shard), lambda tmp: pq.write_table(
-        rejects_table, tmp, compression=COMPRESSION))
+    fs.write_file(rejects_path(store, shard), lambda sink: pq.write_table(
+        rejects_table, sink, compression=COMPRESSION))
     try:
-        atomic_write(signals_path(store, shard), lambda tmp: pq.write_table(
-            table, tmp, compression=COMPRESSION, row_group_size=row_group_rows(pool_size),
+        fs.write_file(signals_path(store, shard), lambda sink: pq.write_table(
+            table, sink, compression=COMPRESSION, row_group_size=row_group_rows(pool_size),
             use_dictionary=_DICT_COLUMNS, write_statistics=_STATS_COLUMNS))
     except BaseException:
         # A failed shard leaves no file of its own (a rejects file alone would
         # look like half a shard); a rerun writes both again.
-        rejects_path(store, shard).unlink(missing_ok=True)
+        fs.remove(rejects_path(store, shard))
         raise
     n = table.num_rows
     return {
         "rows": n,
         "rejected": rejects_table.num_rows,
         "pools": -(-n // pool_size),
-        "bytes": signals_path(store, shard).stat().st_size,
+        "bytes": fs.size_and_mtime(signals_path(store, shard))[0],
     }
 
 
