@@ -4,9 +4,8 @@ The teacher pass calls `write_shard` once per input shard, then records the
 shard in the manifest. Files are written under a temporary name and renamed
 into place (storage/atomic.py; at a URI, one whole upload each): the rejects
 file first, the signals file last, so a signals file under its final name is
-always complete and implies
-its rejects file exists; when the signals write fails (read-only folder,
-full disk), the rejects file is removed again.
+always complete and implies its rejects file exists; when the signals write
+fails (read-only folder, full disk), the rejects file is removed again.
 
 Layout choice (measured, 2048 rows, zstd): row groups hold whole pools, at
 least ROW_GROUP_MIN_ROWS rows. One row group per pool costs ~1.2 KiB of
