@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from jobs.ray_cluster import ray_session
+from storage import fs
 from storage import manifest as M
-from storage.atomic import atomic_write_json, sweep_temporaries
+from storage.atomic import sweep_temporaries
 from storage.errors import InputError
 
 CONFIG_NAME = "teacher_pass_config.json"
@@ -129,12 +128,13 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     sources = list_shards(job.data)
     names = [shard_name(s) for s in sources]
     _check_unique(sources, names)
-    out = Path(job.out)
+    job = dataclasses.replace(job, out=fs.absolute(job.out))  # workers may run elsewhere
+    out = job.out
     manifest = _prepare_store(job, out)
     pending = [(s, n) for s, n in zip(sources, names) if not _is_done(manifest, out, s, n)]
     started = time.perf_counter()
     with ray_session(job.ray_address, stall_timeout_s=job.stall_timeout_s) as cluster:
-        proj_path = out / M.FUSION_PROJ_NAME
+        proj_path = M.store_file(out, M.FUSION_PROJ_NAME)
         if not manifest.teachers:  # a new store, or one that crashed before its first save
             manifest.teachers, measured = _calibrate(job, sources, proj_path)
             manifest.params = {**_params(job, proj_path), **measured}
@@ -142,8 +142,7 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
         summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
     # A worker killed mid-write (and retried elsewhere) leaves its temporary
     # file behind; every writer has finished now, so none of them is live.
-    for folder in (out, out / M.SIGNALS_DIR, out / M.REJECTS_DIR):
-        sweep_temporaries(folder)
+    _sweep_temporaries(out)
     seconds = time.perf_counter() - started
     rows = sum(s["rows"] for s in summaries)
     return {"store": str(out), "shards_total": len(sources), "shards_run": len(summaries),
@@ -199,7 +198,7 @@ def _finished(ds) -> Iterator[dict]:
         yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
-def _calibrate(job: TeacherPassJob, sources: list[str], proj_path: Path) -> tuple[dict, dict]:
+def _calibrate(job: TeacherPassJob, sources: list[str], proj_path) -> tuple[dict, dict]:
     """Fit W on the first calibration rows of the pass, as a Ray task where the workers run.
 
     Returns the teachers' identities (paths and digests) and the pass
@@ -239,7 +238,7 @@ def _image_sizes(*teachers) -> list[dict]:
     return [{k: v for k, v in size.items() if v is not None} for size in sizes]
 
 
-def _params(job: TeacherPassJob, proj_path: Path) -> dict:
+def _params(job: TeacherPassJob, proj_path) -> dict:
     from pipeline.signals import load_projection
 
     w = load_projection(proj_path)
@@ -251,37 +250,44 @@ def _params(job: TeacherPassJob, proj_path: Path) -> dict:
             "embedding_dtype": "float16", "logit_dtype": "float32"}
 
 
-def _prepare_store(job: TeacherPassJob, out: Path) -> M.Manifest:
-    """Fresh, resumed or overwritten store; the resolved config written beside it."""
+def _prepare_store(job: TeacherPassJob, out: str) -> M.Manifest:
+    """Fresh, resumed or overwritten store (a folder or a URI); the resolved config written beside it."""
     # The config is written first, so any store a crash left behind has one.
-    has_store = (out / M.MANIFEST_NAME).exists() or (out / CONFIG_NAME).exists()
+    has_store = fs.exists(M.manifest_path(out)) or fs.exists(M.store_file(out, CONFIG_NAME))
     if has_store and job.mode == "fresh":
         raise InputError(f"{out} already holds a signal store; pass --resume to continue it "
                          f"or --overwrite to replace it")
     if job.mode == "overwrite":
         for name in (M.MANIFEST_NAME, M.FUSION_PROJ_NAME, CONFIG_NAME):
-            (out / name).unlink(missing_ok=True)
+            fs.remove(M.store_file(out, name))
         for sub in (M.SIGNALS_DIR, M.REJECTS_DIR):
-            shutil.rmtree(out / sub, ignore_errors=True)
+            fs.remove_tree(M.store_file(out, sub))
         has_store = False
-    elif not has_store and out.exists() and any(out.iterdir()):
+    elif not has_store and fs.listdir(out):
         raise InputError(f"{out} exists and is not a signal store; choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = M.Manifest.load(out) if (out / M.MANIFEST_NAME).exists() else M.Manifest()
+    fs.makedirs(out)
+    manifest = M.Manifest.load(out) if fs.exists(M.manifest_path(out)) else M.Manifest()
     if has_store:
         _check_resumable(job, out, manifest)
-    for folder in (out, out / M.SIGNALS_DIR, out / M.REJECTS_DIR):
-        sweep_temporaries(folder)
-    atomic_write_json(out / CONFIG_NAME, dataclasses.asdict(job))
+    _sweep_temporaries(out)
+    fs.write_json(M.store_file(out, CONFIG_NAME), dataclasses.asdict(job))
     return manifest
 
 
-def _check_resumable(job: TeacherPassJob, out: Path, manifest: M.Manifest) -> None:
+def _sweep_temporaries(out: str) -> None:
+    """Remove what a crashed writer left (local stores; at a URI nothing is written under a temporary name)."""
+    if not fs.is_uri(out):
+        for folder in (out, M.store_file(out, M.SIGNALS_DIR), M.store_file(out, M.REJECTS_DIR)):
+            sweep_temporaries(folder)
+
+
+def _check_resumable(job: TeacherPassJob, out: str, manifest: M.Manifest) -> None:
     import json
 
     from pipeline.teachers import teacher_digests
 
-    saved = json.loads((out / CONFIG_NAME).read_text()) if (out / CONFIG_NAME).exists() else {}
+    config = M.store_file(out, CONFIG_NAME)
+    saved = json.loads(fs.read_bytes(config)) if fs.exists(config) else {}
     same = ("dual", "single", "pool_size", "topk", "calibration_rows")
     changed = [k for k in same if k in saved and saved[k] != getattr(job, k)]
     # Same paths are not the same teachers: the files may have been replaced.
@@ -295,12 +301,12 @@ def _check_resumable(job: TeacherPassJob, out: Path, manifest: M.Manifest) -> No
                          f"use --overwrite to start again")
 
 
-def _is_done(manifest: M.Manifest, out: Path, source: str, name: str) -> bool:
+def _is_done(manifest: M.Manifest, out: str, source: str, name: str) -> bool:
     entry = manifest.shards.get(name)
-    if not entry or entry.get(M.STATUS) != M.STATUS_DONE or not M.signals_path(out, name).exists():
+    if not entry or entry.get(M.STATUS) != M.STATUS_DONE or not fs.exists(M.signals_path(out, name)):
         return False
     now = M.source_identity(source)
-    if (now[M.SIZE], now[M.MTIME]) != (entry[M.SIZE], entry[M.MTIME]):
+    if not M.same_source(entry, now):
         raise InputError(f"input shard {source} changed since it was processed; use --overwrite")
     return True
 

@@ -196,7 +196,7 @@ def teacher_logit_scale(store) -> float:
 def check_data_matches(store, data: str) -> None:
     """Refuse data shards that are not the ones the store was made from, naming the mismatch."""
     from pipeline.shards import list_shards, shard_name
-    from storage.manifest import MTIME, SIZE, source_identity
+    from storage.manifest import same_source, source_identity
 
     given = {shard_name(p): p for p in list_shards(data)}
     pinned = store.fingerprint()["shards"]
@@ -206,7 +206,7 @@ def check_data_matches(store, data: str) -> None:
                          f"not in --data, {extra[:3]} in --data but not in the store")
     for name, path in given.items():
         now = source_identity(path)
-        if (now[SIZE], now[MTIME]) != (pinned[name][SIZE], pinned[name][MTIME]):
+        if not same_source(pinned[name], now):
             raise InputError(f"the data does not match the store: shard {name} ({path}) changed "
                              f"since the teacher pass (size or mtime); rerun the teacher pass")
 

@@ -132,6 +132,12 @@ def source_identity(path: str | os.PathLike) -> dict[str, Any]:
     return {SOURCE: source, SIZE: size, MTIME: mtime}
 
 
+def same_source(pinned: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether an input file is unchanged: the same size and mtime (to the millisecond: a local
+    stat and an object store's listing give the same file's mtime at different precisions)."""
+    return pinned[SIZE] == now[SIZE] and abs(float(pinned[MTIME]) - float(now[MTIME])) < 1e-3
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file, streamed; of a folder, over its files' relative names and digests."""
     if fs.is_uri(path):

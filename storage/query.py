@@ -27,6 +27,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage import fs
 from storage import schema as S
 from storage.errors import InputError
 from storage.manifest import (
@@ -47,6 +48,9 @@ def connect(store: Store | str | os.PathLike) -> duckdb.DuckDBPyConnection:
     running pass has not finished yet appear in `shards` only.
     """
     store = store if isinstance(store, Store) else open_store(store, allow_incomplete=True)
+    if fs.is_uri(store.path):  # DuckDB reads these files by path; remote reads need its httpfs extension
+        raise InputError(f"{store.path}: `mcad signals` inspects a store on a local or mounted disk; "
+                         f"copy it here first (e.g. `aws s3 sync` / `gsutil rsync`)")
     con = duckdb.connect()
     sig_files = [signals_path(store.path, name) for name in store.shards]
     rej_files = [rejects_path(store.path, name) for name in store.shards]

@@ -99,3 +99,10 @@ def test_shards_at_a_uri_are_listed_and_streamed(tmp_path):
     assert [s.key for s in iter_shard(f"file://{tmp_path}/000000.tar")] == ["a"]
     with pytest.raises(InputError, match="shard not found"):
         list_shards(fs.join(root, "missing.tar"))
+
+
+def test_signals_queries_refuse_a_store_at_a_uri_in_one_line(make_store):
+    from storage.query import connect
+
+    with pytest.raises(InputError, match="local or mounted disk"):
+        connect(make_store(_mock("/store")))
