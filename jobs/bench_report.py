@@ -88,6 +88,7 @@ class ReportConfig:
     preset: str = "s"
     teachers: str = str(ASSETS)   # a folder with dual/, single/ and teacher_recall.json
     skip_speed: bool = False
+    ray_address: str | None = None  # the teacher passes' cluster; None: a local one
     # Benchmark sizes; None: the demo's (or its quick ones). Python only (tests shrink them).
     train: int | None = None
     val: int | None = None
@@ -112,7 +113,8 @@ class ReportConfig:
         sizes = {k: getattr(self, k) for k in ("epochs", "train", "val", "test", "pool", "topk")
                  if getattr(self, k) is not None}
         return DemoConfig.make(quick=self.quick, out=str(Path(self.out) / f"seed_{seed}"), seed=seed,
-                               teachers=self.teachers, preset=self.preset, **sizes)
+                               teachers=self.teachers, preset=self.preset, ray_address=self.ray_address,
+                               **sizes)
 
 
 # ------------------------------------------------------------------ quality
@@ -522,8 +524,10 @@ Examples:
 @click.option("--teachers", type=click.Path(exists=True, file_okay=False), default=str(ASSETS),
               show_default="the shipped demo teachers", help="A folder with dual/ and single/.")
 @click.option("--skip-speed", is_flag=True, help="Quality and cost only: no speed benches.")
-def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed):
+@click.option("--ray-address", default=None,
+              help="Run the teacher passes on this cluster ('auto', 'ray://host:port'); default: a local one.")
+def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address):
     """Quality over seeds (teachers and five students), speed ratios and cost, as JSON, markdown and plots."""
     cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
-                       skip_speed=skip_speed)
+                       skip_speed=skip_speed, ray_address=ray_address)
     run_report(cfg, echo=click.echo)

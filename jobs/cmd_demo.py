@@ -16,7 +16,9 @@ Examples:
 @click.option("--retrain-teachers", is_flag=True, help="Train new demo teachers instead of the shipped ones.")
 @click.option("--teachers", type=click.Path(exists=True, file_okay=False),
               help="Use the teachers in this folder (dual/, single/) instead of the shipped ones.")
-def demo(out, quick, seed, retrain_teachers, teachers):
+@click.option("--ray-address", default=None,
+              help="Run the teacher pass on this cluster ('auto', 'ray://host:port'); default: a local one.")
+def demo(out, quick, seed, retrain_teachers, teachers, ray_address):
     """Run the whole flow on the shapes benchmark and print the recall table.
 
     Writes the benchmark, takes the shipped demo teachers, runs the teacher
@@ -27,5 +29,6 @@ def demo(out, quick, seed, retrain_teachers, teachers):
     from jobs.demo import DemoConfig, run_demo
 
     extra = {"teachers": teachers} if teachers else {}
-    run_demo(DemoConfig.make(out=out, quick=quick, seed=seed, retrain_teachers=retrain_teachers, **extra),
+    run_demo(DemoConfig.make(out=out, quick=quick, seed=seed, retrain_teachers=retrain_teachers,
+                             ray_address=ray_address, **extra),
              echo=click.echo)

@@ -40,6 +40,7 @@ class DemoConfig:
     alpha: float = 0.5
     beta: float | None = None     # None: the beta the shipped teachers' combined score was tuned with
     teacher_epochs: int = 10
+    ray_address: str | None = None  # the teacher pass's cluster; None: a local one
 
     @classmethod
     def make(cls, *, quick: bool, **kw) -> "DemoConfig":
@@ -132,7 +133,7 @@ def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: 
     from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
 
     job = TeacherPassJob(data=str(data / "train"), dual=str(dual), single=str(single), out=str(store),
-                         pool_size=cfg.pool, topk=cfg.topk, mode="overwrite")
+                         pool_size=cfg.pool, topk=cfg.topk, mode="overwrite", ray_address=cfg.ray_address)
     run_teacher_pass(job)
     return store
 
