@@ -103,7 +103,7 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 
 def distribution_kl(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                    i2t_logits: torch.Tensor, t2i_logits: torch.Tensor
+                    i2t_logits: torch.Tensor, t2i_logits: torch.Tensor, temperature: float = 1.0
                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL(p_i ‖ q_i) both directions, mean over rows, directions averaged.
 
@@ -115,10 +115,16 @@ def distribution_kl(*, image: torch.Tensor, text: torch.Tensor, logit_scale: tor
     Teacher logits are targets: no gradient flows into them.
     Student: q_i = softmax_j(s·u_i·w_j) (image→text) and softmax_j(s·w_i·u_j)
     (text→image), restricted to the teacher's finite entries.
+    temperature T (Hinton et al.): both sides' logits are divided by T and the
+    KL multiplied by T², so T > 1 lets the student see the teacher's ranking of
+    the negatives, not only its (near one-hot) top choice. T = 1 is the plain KL.
     """
-    scores = _scores(image, text, logit_scale)
-    kl_i2t = _kl_rows(i2t_logits.detach(), scores).mean()
-    kl_t2i = _kl_rows(t2i_logits.detach(), scores.T).mean()
+    if not temperature > 0:
+        raise InputError(f"distillation temperature must be > 0, got {temperature}")
+    scores = _scores(image, text, logit_scale) / temperature
+    kl_i2t = _kl_rows(i2t_logits.detach() / temperature, scores).mean()
+    kl_t2i = _kl_rows(t2i_logits.detach() / temperature, scores.T).mean()
+    kl_i2t, kl_t2i = kl_i2t * temperature ** 2, kl_t2i * temperature ** 2
     loss = (kl_i2t + kl_t2i) / 2
     metrics = {"dist": float(loss.detach()), "dist_i2t": float(kl_i2t.detach()),
                "dist_t2i": float(kl_t2i.detach())}
@@ -144,8 +150,8 @@ def feature_loss(*, image_proj: torch.Tensor, text_proj: torch.Tensor, img_feat:
 
 def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
               logit_scale: torch.Tensor, targets: Mapping[str, torch.Tensor] | None = None,
-              image_proj: torch.Tensor | None = None, text_proj: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              image_proj: torch.Tensor | None = None, text_proj: torch.Tensor | None = None,
+              temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """L = w_con·L_con + w_dist·L_dist + w_feat·L_feat; terms of weight 0 are not computed.
 
     image, text: (B, D) normalised student embeddings; logit_scale: scalar (exp'd).
@@ -163,7 +169,7 @@ def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
     if weights.dist > 0:
         terms.append((weights.dist, distribution_kl(
             image=image, text=text, logit_scale=logit_scale,
-            i2t_logits=targets[I2T_LOGITS], t2i_logits=targets[T2I_LOGITS])))
+            i2t_logits=targets[I2T_LOGITS], t2i_logits=targets[T2I_LOGITS], temperature=temperature)))
     if weights.feat > 0:
         terms.append((weights.feat, feature_loss(
             image_proj=image_proj, text_proj=text_proj,

@@ -40,6 +40,7 @@ class TrainConfig:
     alpha: float = 0.5            # weight of the single teacher's fused features in v', t'
     beta: float = 0.5             # weight of the single teacher's ITM logits in the distribution
     k_prime: int | None = None    # candidates used per row (<= K); None: all K
+    kd_temperature: float = 1.0   # T of the distribution KL (both sides' logits / T, KL x T^2)
     w_con: float = 1.0
     w_dist: float = 1.0
     w_feat: float = 1.0
@@ -61,6 +62,8 @@ class TrainConfig:
         for name in ("epochs", "pools_per_batch", "batch_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.kd_temperature > 0:
+            raise InputError(f"--kd-temperature must be > 0, got {self.kd_temperature}")
         if self.k_prime is not None and self.k_prime < 1:
             raise InputError(f"--k-prime must be at least 1, got {self.k_prime}")
         self.weights()  # refuses all-zero weights
@@ -150,7 +153,7 @@ def batch_loss(cfg: TrainConfig, student, batch: dict, teacher_logit_scale: floa
                                k_prime=cfg.k_prime)
     return mcad_loss(weights=cfg.weights(), image=out["image"], text=out["text"],
                      logit_scale=out["logit_scale"], targets=targets,
-                     image_proj=out["image_head"], text_proj=out["text_head"])
+                     image_proj=out["image_head"], text_proj=out["text_head"], temperature=cfg.kd_temperature)
 
 
 @dataclass(frozen=True)

@@ -44,16 +44,16 @@ def naive_info_nce(u, w, s):
     return (i2t + t2i) / 2
 
 
-def naive_kl(u, w, s, i2t, t2i):
-    """Loops over rows; within a row only the teacher's finite columns; sum p·log(p/q)."""
+def naive_kl(u, w, s, i2t, t2i, temperature=1.0):
+    """Loops over rows; within a row only the teacher's finite columns; T²·sum p·log(p/q) at T."""
     u, w, s, b = u.tolist(), w.tolist(), float(s), len(u)
     total = []
     for query, cand, teacher in ((u, w, i2t.tolist()), (w, u, t2i.tolist())):
         row_kls = []
         for i in range(b):
             cols = [j for j in range(b) if teacher[i][j] != -math.inf]
-            zt = {j: teacher[i][j] for j in cols}
-            zs = {j: s * sum(x * y for x, y in zip(query[i], cand[j])) for j in cols}
+            zt = {j: teacher[i][j] / temperature for j in cols}
+            zs = {j: s * sum(x * y for x, y in zip(query[i], cand[j])) / temperature for j in cols}
             nt = sum(math.exp(z) for z in zt.values())
             ns = sum(math.exp(z) for z in zs.values())
             kl = 0.0
@@ -61,7 +61,7 @@ def naive_kl(u, w, s, i2t, t2i):
                 p, q = math.exp(zt[j]) / nt, math.exp(zs[j]) / ns
                 if p > 0:
                     kl += p * math.log(p / q)
-            row_kls.append(kl)
+            row_kls.append(kl * temperature ** 2)
         total.append(sum(row_kls) / b)
     return sum(total) / 2
 
@@ -86,11 +86,13 @@ def test_info_nce_matches_naive():
     assert 0 <= metrics["con_acc_i2t"] <= 1 and metrics["logit_scale"] == 5.0
 
 
-def test_distribution_kl_matches_naive_per_block():
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 0.5])
+def test_distribution_kl_matches_naive_per_block(temperature):
     u, w, s = _student(1)
     i2t, t2i = _teacher(2, BLOCK)
-    loss, metrics = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=i2t, t2i_logits=t2i)
-    assert loss.item() == pytest.approx(naive_kl(u, w, s, i2t, t2i), rel=1e-5)
+    loss, metrics = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=i2t, t2i_logits=t2i,
+                                    temperature=temperature)
+    assert loss.item() == pytest.approx(naive_kl(u, w, s, i2t, t2i, temperature), rel=1e-5)
     assert metrics["dist"] == pytest.approx((metrics["dist_i2t"] + metrics["dist_t2i"]) / 2)
 
 
@@ -104,6 +106,13 @@ def test_distribution_kl_is_finite_when_teacher_mass_underflows():
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(u.grad).all()
     assert loss.item() == pytest.approx(naive_kl(u, w, s, i2t, t2i), rel=1e-9)
+
+
+def test_distribution_kl_refuses_a_non_positive_temperature():
+    u, w, s = _student(1)
+    i2t, t2i = _teacher(2, BLOCK)
+    with pytest.raises(InputError, match="temperature"):
+        distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=i2t, t2i_logits=t2i, temperature=0.0)
 
 
 def test_distribution_kl_is_zero_when_student_equals_teacher():
@@ -145,7 +154,7 @@ def test_gradcheck_distribution_kl_with_blocks():
     args = tuple(x.clone().requires_grad_() for x in (u, w, s))
     assert torch.autograd.gradcheck(
         lambda a, b, c: distribution_kl(image=a, text=b, logit_scale=c,
-                                        i2t_logits=i2t, t2i_logits=t2i)[0], args)
+                                        i2t_logits=i2t, t2i_logits=t2i, temperature=3.0)[0], args)
 
 
 def test_gradcheck_feature_loss():
