@@ -28,9 +28,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # e.g. ENOSPC from a write: say which file could not be written
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
