@@ -319,7 +319,7 @@ main(sys.argv[3:], prog_name="mcad")
 class MisbehavingDriver:
     """`mcad ARGS` in its own session and Ray temp folder, with a fault `mode` in its workers."""
 
-    def __init__(self, tmp: Path, mode: str, args: list):
+    def __init__(self, tmp: Path, mode: str, args: list, prefix: tuple = ()):
         self.mark = tmp / f"{mode}.mark"
         script = tmp / "driver.py"
         script.write_text(DRIVER)
@@ -329,7 +329,7 @@ class MisbehavingDriver:
         env.update(RAY_TMPDIR=self.ray_tmp, RAY_BACKEND_LOG_LEVEL="fatal",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
         self.log = open(tmp / "driver.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, str(script), mode, str(self.mark), *map(str, args)],
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(script), mode, str(self.mark), *map(str, args)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -373,8 +373,8 @@ class MisbehavingDriver:
 def misbehaving(tmp_path):
     started: list[MisbehavingDriver] = []
 
-    def start(mode: str, *args) -> MisbehavingDriver:
-        started.append(MisbehavingDriver(tmp_path, mode, list(args)))
+    def start(mode: str, *args, prefix: tuple = ()) -> MisbehavingDriver:
+        started.append(MisbehavingDriver(tmp_path, mode, list(args), prefix))
         return started[-1]
 
     yield start
@@ -428,6 +428,47 @@ def test_worker_killed_mid_shard_is_retried_and_the_job_completes(
     assert "60 rows from 3 shards" in driver.output()
     assert_same_data(out, tiny_store)
     assert leftovers(out) == []
+
+
+DISK_KB = 48  # a tmpfs this small holds the config, W, the manifest and about one shard
+
+
+@pytest.mark.slow  # a pass in a Ray cluster of its own (about 30 s)
+@pytest.mark.ray
+def test_full_disk_fails_in_one_line_and_a_later_run_resumes(
+        misbehaving, tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    import shlex
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace (unshare -m) here: no small disk to fill")
+    disk, copy = tmp_path / "disk", tmp_path / "store"
+    disk.mkdir()
+    # In a mount namespace of its own: a tiny tmpfs as the output disk, the pass,
+    # then the store as the full disk left it copied out for inspection.
+    inside = (f"mount -t tmpfs -o size={DISK_KB}k tmpfs {shlex.quote(str(disk))} || exit 97; "
+              f"\"$@\"; rc=$?; cp -a {shlex.quote(str(disk / 'store'))} {shlex.quote(str(copy))}; exit $rc")
+    driver = misbehaving("plain", *pass_args(shapes_data, tiny_teachers, tiny_pass, disk / "store"),
+                         prefix=("unshare", "-m", "sh", "-c", inside, "sh"))
+    rc, output = driver.wait(), driver.output()
+    assert rc == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "mcad: error:" in line]
+    assert len(errors) == 1 and "No space left on device: " in errors[0], output[-3000:]
+    assert "Traceback" not in output
+    assert leftovers(copy) == []
+    # The manifest is whole and every shard it records is complete; a shard the
+    # disk filled up after may have complete files but no entry: --resume redoes it.
+    manifest = M.Manifest.load(copy)
+    for name in manifest.done_shards():
+        assert pq.read_metadata(M.signals_path(copy, name)).num_rows == manifest.shards[name][M.ROWS]
+    for path in (copy / M.SIGNALS_DIR).glob("*.parquet"):
+        pq.read_metadata(path)  # whole Parquet files only
+    done = manifest.done_shards()
+
+    result = invoke(*pass_args(shapes_data, tiny_teachers, tiny_pass, copy), "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"({len(done)} already done" in result.output
+    assert_same_data(copy, tiny_store)
+    assert leftovers(copy) == []
 
 
 def _make_read_only(folder: Path):
