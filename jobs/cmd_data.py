@@ -26,8 +26,10 @@ def data():
 @click.option("--image-size", default=48, show_default=True, help="Image side in pixels (at least 24).")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per tar shard.")
 @click.option("--seed", default=0, show_default=True, help="Same seed and arguments give byte-identical shards.")
+@click.option("--train-pairs", default=0.0, show_default=True,
+              help="Share of train/val samples written as adjacent swap pairs (hard negatives in a pool).")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
-def synth(out, train, val, test, image_size, shard_size, seed, overwrite):
+def synth(out, train, val, test, image_size, shard_size, seed, train_pairs, overwrite):
     """Write the shapes benchmark as WebDataset tar shards (img2dataset layout).
 
     OUT/{train,val,test}/000000.tar, ... hold KEY.jpg, KEY.txt (one caption) and
@@ -41,7 +43,7 @@ def synth(out, train, val, test, image_size, shard_size, seed, overwrite):
     from pipeline.synth import SPLITS, SynthConfig, existing_shards, write_benchmark
 
     cfg = SynthConfig(train=train, val=val, test=test, image_size=image_size,
-                      shard_size=shard_size, seed=seed)
+                      shard_size=shard_size, seed=seed, train_pairs=train_pairs)
     existing_shards(out, overwrite=overwrite)  # refuse before the progress bar starts
     with tqdm(total=cfg.total, desc="synth", unit="img", file=sys.stderr) as bar:
         summary = write_benchmark(cfg, out, overwrite=overwrite, on_sample=bar.update)

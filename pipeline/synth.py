@@ -63,6 +63,9 @@ class SynthConfig:
     image_size: int = 48
     shard_size: int = 1000
     seed: int = 0
+    # Share of train/val samples written as adjacent swap pairs (as in test): pools of
+    # consecutive samples then hold the hard negatives a binding-aware teacher knows.
+    train_pairs: float = 0.0
 
     def __post_init__(self):
         for name in ("train", "val", "test", "shard_size"):
@@ -73,6 +76,8 @@ class SynthConfig:
                 raise InputError(f"--{name} must be below {MAX_PER_SPLIT:,} (9-digit keys), got {value}")
         if self.test % 2:
             raise InputError(f"--test must be even (the test split is made of pairs), got {self.test}")
+        if not 0.0 <= self.train_pairs <= 1.0:
+            raise InputError(f"--train-pairs must be within [0, 1], got {self.train_pairs}")
         if self.image_size < MIN_IMAGE_SIZE:
             raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} px to fit 3 shapes, "
                              f"got {self.image_size}")
@@ -265,6 +270,27 @@ def _plain_scenes(rng: np.random.Generator, n: int, image_size: int) -> Iterator
         yield make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 1)), None
 
 
+def _train_scenes(rng: np.random.Generator, n: int, image_size: int, pairs: float) -> Iterator[tuple[Scene, None]]:
+    """Plain scenes; with pairs > 0, that share of the samples comes as adjacent swap pairs."""
+    if pairs <= 0:
+        yield from _plain_scenes(rng, n, image_size)
+        return
+    made = 0
+    while made < n:
+        if n - made >= 2 and rng.random() < pairs:
+            while True:  # some scenes have no distinct swap (two alike shapes): draw again
+                first = make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 2))
+                second = SWAPS["colour" if rng.random() < 0.5 else "relation"](first)
+                if second is not None and canonical(second) != canonical(first):
+                    break
+            yield first, None
+            yield second, None
+            made += 2
+        else:
+            yield make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 1)), None
+            made += 1
+
+
 def _test_pairs(rng: np.random.Generator, n: int, image_size: int) -> Iterator[tuple[Scene, dict]]:
     """n/2 swap pairs; no canonical scene occurs twice in the split (one right answer)."""
     seen: set[str] = set()
@@ -302,7 +328,10 @@ def _samples(split: str, cfg: SynthConfig) -> Iterator[dict]:
     """The split's WebDataset samples (key, jpg, txt, json as bytes), in key order."""
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
     n = getattr(cfg, split)
-    scenes = (_test_pairs if split == "test" else _plain_scenes)(rng, n, cfg.image_size)
+    if split == "test":
+        scenes = _test_pairs(rng, n, cfg.image_size)
+    else:
+        scenes = _train_scenes(rng, n, cfg.image_size, cfg.train_pairs)
     for index, (scene, pair) in enumerate(scenes):
         key = f"{KEY_OFFSETS[split] + index:09d}"
         caps = captions(scene, rng, N_CAPTIONS)

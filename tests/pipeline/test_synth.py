@@ -158,6 +158,24 @@ def test_test_split_is_pairs_with_one_bag_of_words_and_distinct_meanings(bench):
     assert len(set(texts)) == len(texts)
 
 
+def test_train_pairs_put_swap_partners_side_by_side(tmp_path):
+    write_benchmark(SynthConfig(train=60, val=10, test=2, shard_size=100, train_pairs=1.0), tmp_path)
+    metas = [s["json"] for s in _read(tmp_path, "train")]
+    assert len(metas) == 60
+    for a, b in zip(metas[::2], metas[1::2]):  # every sample comes with its partner next to it
+        assert Counter(a["canonical"].split()) == Counter(b["canonical"].split())
+        assert a["canonical"] != b["canonical"]
+    # No pairs asked: the train split is what it always was (plain random scenes).
+    plain = tmp_path / "plain"
+    write_benchmark(SynthConfig(train=60, val=10, test=2, shard_size=100), plain)
+    again = tmp_path / "again"
+    write_benchmark(SynthConfig(train=60, val=10, test=2, shard_size=100, train_pairs=0.0), again)
+    assert _hashes(plain) == {k: v for k, v in _hashes(again).items()}
+    metas = [s["json"]["canonical"] for s in _read(plain, "train")]
+    neighbours = sum(Counter(a.split()) == Counter(b.split()) for a, b in zip(metas[::2], metas[1::2]))
+    assert neighbours < 10
+
+
 def test_mirrored_relation_is_the_same_scene():
     red = Obj("red", "circle", "small", 10, 24)
     blue = Obj("blue", "square", "large", 34, 24)
@@ -176,7 +194,8 @@ def test_other_image_size_decodes_to_that_size(tmp_path):
     assert sizes == {(32, 32)}
 
 
-@pytest.mark.parametrize("field,value", [("test", 3), ("image_size", 16), ("shard_size", 0), ("train", 0)])
+@pytest.mark.parametrize("field,value", [("test", 3), ("image_size", 16), ("shard_size", 0), ("train", 0),
+                                         ("train_pairs", 1.5)])
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(InputError):
         SynthConfig(**{field: value})
