@@ -5,7 +5,8 @@ CLI (real Ray, pyarrow, DuckDB and HF models; nothing mocked). Per-reason unit
 tests of the shard reader live in tests/pipeline/test_shards.py; this module
 checks that each case survives the whole teacher pass.
 
-    ./dev.sh test tests/jobs/test_fault_matrix.py            the matrix (about 2 minutes on 2 cores)
+    ./dev.sh test tests/jobs/test_fault_matrix.py            the matrix (about 90 s on 2 cores)
+    ./dev.sh test tests/jobs/test_fault_matrix.py -m slow    + a worker killed, a full disk (about 80 s)
     ./dev.sh test tests/jobs/test_fault_matrix.py -k driver  one case
 
 1. Inputs       damaged shards through a real teacher pass: good samples kept, each
@@ -417,6 +418,7 @@ def test_driver_killed_mid_run_then_resume_matches_an_uninterrupted_run(
     assert M.Manifest.load(out).done_shards() == ["000000", "000001", "000002"]
 
 
+@pytest.mark.slow  # a whole pass in a Ray cluster of its own, one actor started twice (about 30 s)
 @pytest.mark.ray
 def test_worker_killed_mid_shard_is_retried_and_the_job_completes(
         misbehaving, tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
