@@ -135,11 +135,15 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     started = time.perf_counter()
     with ray_session(job.ray_address, stall_timeout_s=job.stall_timeout_s) as cluster:
         proj_path = M.store_file(out, M.FUSION_PROJ_NAME)
-        if not manifest.teachers:  # a new store, or one that crashed before its first save
-            manifest.teachers, measured = _calibrate(job, sources, proj_path)
-            manifest.params = {**_params(job, proj_path), **measured}
-            manifest.save(out)
-        summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
+        try:
+            if not manifest.teachers:  # a new store, or one that crashed before its first save
+                manifest.teachers, measured = _calibrate(job, sources, proj_path)
+                manifest.params = {**_params(job, proj_path), **measured}
+                manifest.save(out)
+            summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
+        except OSError as exc:  # the driver's own writes: the manifest on a full disk
+            raise InputError(f"teacher pass stopped: {error_line(exc)}; the shards its manifest records "
+                             f"are kept in {out}, rerun with --resume once the cause is fixed") from None
     # A worker killed mid-write (and retried elsewhere) leaves its temporary
     # file behind; every writer has finished now, so none of them is live.
     _sweep_temporaries(out)
