@@ -41,6 +41,15 @@ def tiny_teachers(tmp_path_factory, shapes_data):
 
 
 @pytest.fixture(scope="session")
+def teachers_dir(tiny_teachers, tmp_path_factory):
+    """The tiny teachers as a teachers folder (dual/, single/), as the demo and benches take them."""
+    folder = tmp_path_factory.mktemp("teachers_dir")
+    for name, path in zip(("dual", "single"), tiny_teachers):
+        (folder / name).symlink_to(path)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_pass() -> dict:
     """Teacher-pass settings of the toy store: pools of 8, 3 candidates."""
     return dict(pool_size=8, topk=3, batch_size=16, calibration_rows=24)

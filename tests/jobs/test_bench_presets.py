@@ -13,14 +13,6 @@ from storage.errors import InputError
 SMALL = ["--batch", "8", "--batches", "1", "--gallery", "100", "--queries", "2", "--threads", "1"]
 
 
-@pytest.fixture(scope="module")
-def teachers_dir(tiny_teachers, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("preset_teachers")
-    for name, path in zip(("dual", "single"), tiny_teachers):
-        (folder / name).symlink_to(path)
-    return folder
-
-
 def test_presets_bench_counts_and_times(teachers_dir, tiny_teachers, tmp_path):
     import torch
 

@@ -18,14 +18,6 @@ TOY = dict(seeds=2, quick=True, skip_speed=True, train=48, val=10, test=10, pool
 
 
 @pytest.fixture(scope="module")
-def teachers_dir(tiny_teachers, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("report_teachers")
-    for name, path in zip(("dual", "single"), tiny_teachers):
-        (folder / name).symlink_to(path)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def toy_report(ray_local, teachers_dir, tmp_path_factory):
     cfg = ReportConfig(out=str(tmp_path_factory.mktemp("report") / "r"), teachers=str(teachers_dir), **TOY)
     lines: list[str] = []
