@@ -300,9 +300,11 @@ def _final_recall(dual_dir: Path, single_dir: Path, splits: dict[str, Split], to
     """Recall of the teachers as saved (reloaded with plain transformers, float32)."""
     from transformers import AutoProcessor, BlipForImageTextRetrieval, CLIPModel
 
-    clip = CLIPModel.from_pretrained(dual_dir, dtype=torch.float32)
-    blip = BlipForImageTextRetrieval.from_pretrained(single_dir, dtype=torch.float32)
-    procs = AutoProcessor.from_pretrained(dual_dir), AutoProcessor.from_pretrained(single_dir)
+    clip = CLIPModel.from_pretrained(dual_dir, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    blip = BlipForImageTextRetrieval.from_pretrained(single_dir, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
+    procs = (AutoProcessor.from_pretrained(dual_dir, local_files_only=True),
+             AutoProcessor.from_pretrained(single_dir, local_files_only=True))
     evs = {name: evidence(clip, procs[0], blip, procs[1], split, top_k) for name, split in splits.items()}
     beta, beta_from = (choose_beta(evs["val"]), "val") if "val" in evs else (1.0, "default")
     out = {"beta": beta, "beta_from": beta_from, "top_k": top_k}

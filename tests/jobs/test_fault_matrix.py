@@ -724,8 +724,6 @@ def test_dataset_without_a_usable_sample_is_one_line_and_exit_2(tiny_teachers, t
 
 PRODUCT_PACKAGES = ("storage", "student", "pipeline", "jobs")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
-# Loads of a folder this code has just written itself, not of user input (see README "Reliability").
-FROM_PRETRAINED_EXEMPT = {("pipeline/bootstrap.py", "_final_recall")}
 
 
 def _product_sources():
@@ -777,7 +775,7 @@ def test_no_pickle_and_no_remote_code_on_any_load_path():
                     problems.append(f"{where} trust_remote_code is not False")
                 model_load = callee.endswith(".from_pretrained") and not any(
                     s in callee for s in ("Processor", "Tokenizer", "Config"))
-                if model_load and _kw(node, "use_safetensors") is not True and (rel, fn) not in FROM_PRETRAINED_EXEMPT:
+                if model_load and _kw(node, "use_safetensors") is not True:
                     problems.append(f"{where} {callee} without use_safetensors=True")
             elif isinstance(node, (ast.Assign, ast.AugAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
