@@ -79,7 +79,7 @@ Examples:
 @click.option("--alpha", default=0.5, show_default=True, help="Fused-feature weight in the feature targets.")
 @click.option("--beta", default=0.5, show_default=True, help="ITM-logit weight in the distribution targets.")
 @click.option("--k-prime", type=int, default=None, help="Use only the first K' <= K candidates.")
-@click.option("--kd-temperature", default=1.0, show_default=True,
+@click.option("--kd-temperature", default=4.0, show_default=True,
               help="Distillation temperature T of the distribution KL (logits / T, KL x T^2).")
 @click.option("--w-con", default=1.0, show_default=True, help="Weight of the contrastive loss.")
 @click.option("--w-dist", default=1.0, show_default=True, help="Weight of the distribution KL.")
