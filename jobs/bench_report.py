@@ -291,9 +291,11 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
     evals = method_evals(per_seed)
     online = speed["student"]["ratios"]["online_over_stored"] if speed else None
     demo_cfg = json.loads((out / "seed_0" / "demo_config.json").read_text())
+    mcad_run = out / "seed_0" / "runs" / "mcad" / "train_config.json"  # the full-MCAD student's settings
     report = {
         "config": dataclasses.asdict(cfg),
         "demo_config": demo_cfg,
+        "mcad_train": json.loads(mcad_run.read_text())["train"] if mcad_run.is_file() else {},
         "seeds": sorted(per_seed),
         "methods": list(METHODS),
         "labels": LABELS,
@@ -369,7 +371,9 @@ def markdown(report: dict) -> str:
         "# mcad report: shapes benchmark", "",
         f"Seeds {', '.join(map(str, report['seeds']))} ({n}); per seed: {d['train']:,} train / {d['val']:,} val / "
         f"{d['test']:,} test images, pools of {d['pool']}, {d['topk']} candidates; students: preset "
-        f"`{d['preset']}`, {d['epochs']} epochs, alpha = {d['alpha']}, beta = {d['beta']}; one teacher pass "
+        f"`{d['preset']}`, {d['epochs']} epochs, alpha = {d['alpha']}, beta = {d['beta']}"
+        + (f", distillation temperature {report['mcad_train']['kd_temperature']}"
+           if "kd_temperature" in report.get("mcad_train", {}) else "") + "; one teacher pass "
         f"per seed, every student of a seed from that one store. Teachers: `{c['teachers']}`"
         + (" (the shipped demo teachers, bootstrapped on the seed-0 benchmark: see its README; the other "
            "seeds draw new data from the same generator)." if Path(c["teachers"]) == ASSETS else "."),

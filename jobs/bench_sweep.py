@@ -30,11 +30,11 @@ from jobs.bench_machine import machine_info
 @dataclass(frozen=True)
 class SweepBenchConfig:
     trials: int = 2             # grid points (alpha values spread over [0, 1])
-    epochs: int = 1             # epochs per trial; ASHA never stops a trial early here
+    epochs: int = 2             # epochs per trial; ASHA never stops a trial early here
     parallel: int = 1           # trials at once
     preset: str = "s"
     size: str = "demo"          # teacher size of a built store
-    samples: int = 512
+    samples: int = 2048         # enough steps that training, not Ray/Tune start-up, is what is timed
     pool_size: int = 64
     topk: int = 16
     seed: int = 0
@@ -105,7 +105,7 @@ def format_table(result: dict) -> str:
 
 EPILOG = """\b
 Examples:
-  mcad bench sweep --json bench-sweep.json            2 trials x 1 epoch each way, demo-size teachers
+  mcad bench sweep --json bench-sweep.json            2 trials x 2 epochs each way, demo-size teachers
   mcad bench sweep --trials 4 --parallel 2 --epochs 2
   mcad bench sweep --size smoke --preset smoke --samples 128 --pool 32    a quick look
 """
@@ -115,12 +115,12 @@ Examples:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the figures as JSON to this file.")
 @click.option("--trials", default=2, show_default=True, help="Grid points of each sweep.")
-@click.option("--epochs", default=1, show_default=True, help="Epochs per trial.")
+@click.option("--epochs", default=2, show_default=True, help="Epochs per trial.")
 @click.option("--parallel", default=1, show_default=True, help="Trials at once.")
 @click.option("--preset", default="s", show_default=True, help="Student size preset.")
 @click.option("--size", type=click.Choice(["smoke", "demo"]), default="demo", show_default=True,
               help="Teacher size of the built store (random weights).")
-@click.option("--samples", default=512, show_default=True, help="Training samples of the built store.")
+@click.option("--samples", default=2048, show_default=True, help="Training samples of the built store.")
 @click.option("--pool", "pool_size", default=64, show_default=True, help="Pool size P of the built store.")
 @click.option("--topk", default=16, show_default=True, help="Candidates K of the built store.")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False, exists=True), default=None,

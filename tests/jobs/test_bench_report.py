@@ -98,6 +98,7 @@ def test_report_markdown_and_plots(toy_report):
     assert "| mcad | " + " | ".join(f"{r['i2t']['R@1']:.1f} / {r['t2i']['R@1']:.1f}" for r in per_seed) + " |" in md
     assert "## Ablations" in md and "break-even" in md and "n * (r - 1) * S >= T" in md
     assert f"{report['machine']['cpus']} CPUs" in md
+    assert f"distillation temperature {report['mcad_train']['kd_temperature']}" in md
     assert (out / "recall.png").stat().st_size > 5000
     for method in STUDENTS:
         assert (out / f"curves_{method}.png").stat().st_size > 5000

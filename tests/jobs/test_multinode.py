@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,6 +91,11 @@ class TwoNodes:
 
     def stop(self) -> None:
         _kill_trees(str(self.root))
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def shipped_packages(self) -> set[str]:
+        """Top-level packages the cluster unpacked from jobs' runtime environments (py_modules)."""
+        return {p.name for p in self.root.glob("session_*/runtime_resources/py_modules_files/_ray_pkg_*/*")}
 
     def _ray(self, *args: str) -> None:
         subprocess.run([RAY, *args], env=self.env, check=True, capture_output=True, timeout=120)
@@ -149,6 +155,8 @@ def test_teacher_pass_survives_losing_a_worker_node_then_a_sweep_runs(two_nodes,
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 0, output
     assert done_before < 12
+    # mcad's code was shipped to the cluster in the job's runtime environment (py_modules).
+    assert {"jobs", "pipeline", "storage", "student"} <= two_nodes.shipped_packages()
     opened = open_store(store)  # refuses anything incomplete, orphaned or miscounted
     assert opened.num_rows == 192 and len(opened.shards) == 12
     check = subprocess.run([MCAD, "signals", "validate", str(store), "--data", str(wide_data / "train")],
