@@ -265,26 +265,25 @@ def _object_count(rng: np.random.Generator, minimum: int) -> int:
     return int(counts[rng.choice(len(counts), p=p / p.sum())])
 
 
-def _plain_scenes(rng: np.random.Generator, n: int, image_size: int) -> Iterator[tuple[Scene, None]]:
-    for _ in range(n):
-        yield make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 1)), None
+def _swap_pair(rng: np.random.Generator, image_size: int) -> tuple[str, Scene, Scene] | None:
+    """(kind, scene, its colour- or place-swapped partner), or None when the swap means the same."""
+    kind = "colour" if rng.random() < 0.5 else "relation"
+    first = make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 2))
+    second = SWAPS[kind](first)
+    if second is None or canonical(second) == canonical(first):
+        return None
+    return kind, first, second
 
 
 def _train_scenes(rng: np.random.Generator, n: int, image_size: int, pairs: float) -> Iterator[tuple[Scene, None]]:
     """Plain scenes; with pairs > 0, that share of the samples comes as adjacent swap pairs."""
-    if pairs <= 0:
-        yield from _plain_scenes(rng, n, image_size)
-        return
     made = 0
     while made < n:
-        if n - made >= 2 and rng.random() < pairs:
-            while True:  # some scenes have no distinct swap (two alike shapes): draw again
-                first = make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 2))
-                second = SWAPS["colour" if rng.random() < 0.5 else "relation"](first)
-                if second is not None and canonical(second) != canonical(first):
-                    break
-            yield first, None
-            yield second, None
+        if pairs > 0 and n - made >= 2 and rng.random() < pairs:  # no draw at all when pairs = 0
+            while (pair := _swap_pair(rng, image_size)) is None:
+                pass
+            yield pair[1], None
+            yield pair[2], None
             made += 2
         else:
             yield make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 1)), None
@@ -297,11 +296,10 @@ def _test_pairs(rng: np.random.Generator, n: int, image_size: int) -> Iterator[t
     misses = 0
     for pair_id in range(n // 2):
         while True:
-            kind = "colour" if rng.random() < 0.5 else "relation"
-            first = make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 2))
-            second = SWAPS[kind](first)
-            meanings = {canonical(first), canonical(second)} if second else set()
-            if len(meanings) == 2 and not meanings & seen:
+            pair = _swap_pair(rng, image_size)
+            meanings = {canonical(pair[1]), canonical(pair[2])} if pair else set()
+            if pair and not meanings & seen:
+                kind, first, second = pair
                 break
             misses += 1
             if misses > 10_000 + 20 * n:
