@@ -70,18 +70,18 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     if job.workers > 1 or job.ray_address:
         record = _train_on_ray(job, progress=progress)
     else:
-        record = fit(job, progress=progress, on_epoch=on_epoch)
+        record = fit(job, store=store, progress=progress, on_epoch=on_epoch)
     return {"run": job.out, "model": str(Path(job.out) / MODEL_DIR), "record": record}
 
 
-def fit(job: StudentJob, *, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True,
+def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None) -> dict:
     """The training itself, in this process (one rank of `world_size`); rank 0 exports the model."""
     from storage.reader import fingerprint_digest, open_store
     from student.models import build_student, export_hf
     from student.train import train
 
-    store = open_store(job.store)
+    store = store or open_store(job.store)  # Ray Train ranks open it themselves
     run = Path(job.out)
     student, processor = build_student(None if job.init else job.preset, tokenizer_from=job.tokenizer_from,
                                        teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
