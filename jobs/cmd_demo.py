@@ -17,13 +17,14 @@ Examples:
 @click.option("--teachers", type=click.Path(exists=True, file_okay=False),
               help="Use the teachers in this folder (dual/, single/) instead of the shipped ones.")
 @click.option("--ray-address", default=None,
-              help="Run the teacher pass on this cluster ('auto', 'ray://host:port'); default: a local one.")
+              help="Run the teacher pass and the students on this cluster ('auto', 'ray://host:port'); "
+                   "default: a local one.")
 def demo(out, quick, seed, retrain_teachers, teachers, ray_address):
     """Run the whole flow on the shapes benchmark and print the recall table.
 
     Writes the benchmark, takes the shipped demo teachers, runs the teacher
     pass on a local Ray cluster, trains three students from the one store
-    (contrastive baseline, dual-only KD, MCAD), evaluates teachers and
+    side by side (contrastive baseline, dual-only KD, MCAD), evaluates teachers and
     students on the test split, and writes OUT/results.json and OUT/recall.png.
     """
     from jobs.demo import DemoConfig, run_demo

@@ -84,7 +84,7 @@ Examples:
 @click.option("--w-con", default=1.0, show_default=True, help="Weight of the contrastive loss.")
 @click.option("--w-dist", default=1.0, show_default=True, help="Weight of the distribution KL.")
 @click.option("--w-feat", default=1.0, show_default=True, help="Weight of the feature loss.")
-@click.option("--epochs", default=5, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
 @click.option("--pools-per-batch", default=1, show_default=True, help="Replay: pools per student batch.")
 @click.option("--batch-size", default=256, show_default=True, help="Remix: rows per student batch.")
 @click.option("--lr", default=5e-4, show_default=True)

@@ -2,7 +2,8 @@
 
 synth -> teachers (shipped, or bootstrapped with --retrain-teachers) -> teacher
 pass (local Ray) -> three students from the one store (contrastive baseline,
-dual-only KD, MCAD) -> recall table, bar chart and OUT/results.json.
+dual-only KD, MCAD), trained side by side as Ray tasks -> recall table, bar
+chart and OUT/results.json.
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ class DemoConfig:
     test: int = 500
     pool: int = 64
     topk: int = 16
-    epochs: int = 6
+    epochs: int = 10
     preset: str = "s"
     alpha: float = 0.5
     beta: float | None = None     # None: the beta the shipped teachers' combined score was tuned with
     teacher_epochs: int = 10
-    ray_address: str | None = None  # the teacher pass's cluster; None: a local one
+    ray_address: str | None = None  # where the teacher pass and the students run; None: a local cluster
 
     @classmethod
     def make(cls, *, quick: bool, **kw) -> "DemoConfig":
@@ -64,6 +65,8 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
     """The demo's stages into cfg.out: synth, teachers, teacher pass, teacher eval, then each
     student of `students` (name -> TrainConfig overrides; default STUDENTS) trained from the one
     store and evaluated. Writes OUT/demo_config.json and OUT/results.json; returns the results."""
+    from jobs.ray_cluster import ray_session
+
     students = STUDENTS if students is None else students
     if not cfg.retrain_teachers:
         shipped_teachers(cfg)  # fail before any work when they are missing
@@ -83,15 +86,20 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
     dual, single, beta = stage("teachers", lambda: _teachers(cfg, data, out / "teachers"))
     cfg = dataclasses.replace(cfg, beta=beta if cfg.beta is None else cfg.beta)
     atomic_write_json(out / "demo_config.json", dataclasses.asdict(cfg))  # with beta resolved
-    store = stage("teacher_pass", lambda: _teacher_pass(cfg, data, dual, single, out / "store"))
-    teachers = stage("eval_teachers", lambda: _eval_teachers(data, dual, single, beta))
-    paths = {"dual": str(dual), "single": str(single), "store": str(store)}
+    with ray_session(cfg.ray_address):  # one cluster for the pass and the students
+        store = stage("teacher_pass", lambda: _teacher_pass(cfg, data, dual, single, out / "store"))
+        teachers = stage("eval_teachers", lambda: _eval_teachers(data, dual, single, beta))
+        paths = {"dual": str(dual), "single": str(single), "store": str(store)}
+        jobs = {name: _student_job(cfg, data, store, out / "runs" / name, losses)
+                for name, losses in students.items()}
+        trained = stage("students", lambda: train_side_by_side(jobs, ray_address=cfg.ray_address,
+                                                               echo=echo, tag=tag))
     evals = {}
-    for name, losses in students.items():
-        model = stage(f"student_{name}", lambda: _student(cfg, data, store, out / "runs" / name, losses))
-        evals[name] = stage(f"eval_{name}", lambda: _eval(model, data / "test"))
-        paths[name] = str(model)
-    results = {"teachers": teachers, "students": evals, "seconds": seconds, "paths": paths}
+    for name, (model, _) in trained.items():
+        evals[name] = stage(f"eval_{name}", lambda: _eval(Path(model), data / "test"))
+        paths[name] = model
+    results = {"teachers": teachers, "students": evals, "seconds": seconds,
+               "student_seconds": {name: round(s, 2) for name, (_, s) in trained.items()}, "paths": paths}
     atomic_write_json(out / "results.json", results)
     return results
 
@@ -144,18 +152,97 @@ def _eval_teachers(data: Path, dual: Path, single: Path, beta: float) -> dict:
     return evaluate(dual, str(data / "test"), single=single, beta=beta)
 
 
-def _student(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: dict) -> Path:
-    import shutil
-
-    from jobs.train_student import StudentJob, run_train_student
+def _student_job(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: dict):
+    from jobs.train_student import StudentJob
     from student.train import TrainConfig
 
-    shutil.rmtree(run, ignore_errors=True)
     train = TrainConfig(**{"alpha": cfg.alpha, "beta": cfg.beta, "epochs": cfg.epochs,
                            "seed": cfg.seed, **losses})
-    job = StudentJob(store=str(store), data=str(data / "train"), out=str(run), train=train,
-                     preset=cfg.preset, val_data=str(data / "val"))
-    return Path(run_train_student(job)["model"])
+    return StudentJob(store=str(store), data=str(data / "train"), out=str(run), train=train,
+                      preset=cfg.preset, val_data=str(data / "val"))
+
+
+def train_side_by_side(jobs: dict, *, ray_address: str | None = None, echo=print,
+                       tag: str = "demo") -> dict[str, tuple[str, float]]:
+    """Train every student of `jobs` (name -> StudentJob, single-process) at once, one Ray
+    task each; return name -> (model dir, that student's own wall seconds).
+
+    Small students gain little from a second torch thread, so on a small machine
+    they share the cores one thread each: two students on 2 cores train in about
+    the time of one. A bar counts the epochs all students have finished.
+    """
+    import shutil
+
+    import ray
+    from tqdm import tqdm
+
+    from jobs.ray_cluster import ray_session
+
+    for job in jobs.values():
+        shutil.rmtree(job.out, ignore_errors=True)
+    with ray_session(ray_address) as cluster:
+        cpus = float(cluster["resources"].get("CPU", 1.0))
+        threads = max(1, int(cpus // len(jobs)))
+        task = ray.remote(num_cpus=min(float(threads), cpus / len(jobs)))(_train_task)
+        refs = {task.remote(job, threads): name for name, job in jobs.items()}
+        total = sum(job.train.epochs for job in jobs.values())
+        trained, pending = {}, list(refs)
+        with tqdm(total=total, unit="epoch", desc=f"{len(jobs)} students") as bar:
+            try:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1, timeout=2.0)
+                    for ref in done:
+                        trained[refs[ref]] = _task_result(ref, refs[ref])
+                    bar.update(sum(_epochs_done(Path(job.out)) for job in jobs.values()) - bar.n)
+            except BaseException:  # one student failed (or Ctrl-C): stop the others too
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
+    for name in jobs:
+        echo(f"[{tag}] student {name}: {trained[name][1]:.0f} s")
+    return {name: trained[name] for name in jobs}
+
+
+def _epochs_done(run: Path) -> int:
+    """Epoch records in RUN/metrics.jsonl so far (a line being written is not one yet)."""
+    from student.curves import METRICS_FILE
+
+    path = run / METRICS_FILE
+    if not path.is_file():
+        return 0
+    done = 0
+    for line in path.read_text().splitlines():
+        try:
+            done += json.loads(line).get("kind") == "epoch"
+        except ValueError:
+            pass
+    return done
+
+
+def _train_task(job, threads: int) -> tuple[str, float]:
+    import time
+
+    import torch
+
+    from jobs.train_student import run_train_student
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = run_train_student(job, progress=False)["model"]
+    return model, time.perf_counter() - t0
+
+
+def _task_result(ref, name: str) -> tuple[str, float]:
+    import ray
+
+    from jobs.teacher_pass import error_line
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # bad input found in the task: its one line, not Ray's
+        if isinstance(exc.cause, (InputError, OSError)):
+            raise InputError(f"student {name}: {error_line(exc.cause)}") from None
+        raise
 
 
 def _eval(model: Path, test: Path) -> dict:

@@ -56,7 +56,7 @@ def test_report_has_every_method_of_every_seed(toy_report):
     single = json.loads((out / "seed_0" / "runs" / "single_dist" / "train_config.json").read_text())["train"]
     assert single["beta"] > 0 and single["alpha"] == 0 and single["w_feat"] == 0 and single["w_dist"] > 0
     assert report["speed"] is None and report["cost"]["payback_runs"] is None
-    assert any("[report seed 1] student_mcad" in line for line in lines)
+    assert any(line.startswith("[report seed 1] student mcad: ") for line in lines)
 
 
 @pytest.mark.ray
@@ -79,8 +79,10 @@ def test_report_statistics_recompute_from_the_seeds(toy_report):
     seconds = [report["per_seed"][str(s)]["seconds"] for s in (0, 1)]
     assert report["cost"]["teacher_pass_s"] == pytest.approx((seconds[0]["teacher_pass"]
                                                               + seconds[1]["teacher_pass"]) / 2)
-    assert report["cost"]["student_s"] == pytest.approx((seconds[0]["student_mcad"]
-                                                         + seconds[1]["student_mcad"]) / 2)
+    n = len(STUDENTS)  # trained side by side: the stage's wall time is shared by all of them
+    assert report["cost"]["student_s"] == pytest.approx((seconds[0]["students"] + seconds[1]["students"]) / 2 / n)
+    own = [report["per_seed"][str(s)]["student_seconds"]["mcad"] for s in (0, 1)]
+    assert report["cost"]["student_s_by_method"]["mcad"]["mean"] == pytest.approx(sum(own) / 2)
 
 
 @pytest.mark.ray
@@ -170,8 +172,8 @@ def test_report_refuses_a_folder_made_with_other_settings(toy_report):
 
 
 def test_cost_payback_formula():
-    per_seed = {s: {"seconds": {"teacher_pass": t, "eval_teachers": 1.0,
-                                **{f"student_{m}": 10.0 for m in STUDENTS}}} for s, t in ((0, 100.0), (1, 140.0))}
+    per_seed = {s: {"seconds": {"teacher_pass": t, "eval_teachers": 1.0, "students": 10.0 * len(STUDENTS)},
+                    "student_seconds": {m: 25.0 for m in STUDENTS}} for s, t in ((0, 100.0), (1, 140.0))}
     c = cost(per_seed, 4.0)  # online run 40 s, 30 s more than stored: 120 / 30 = 4 runs
     assert c["teacher_pass_s"] == 120.0 and c["student_s"] == 10.0
     assert c["break_even_runs"] == pytest.approx(4.0) and c["payback_runs"] == 4

@@ -7,7 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
-from jobs.demo import DemoConfig, run_demo
+from jobs.demo import DemoConfig, run_demo, train_side_by_side
+from jobs.train_student import StudentJob
+from storage.errors import InputError
+from student.train import TrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -31,7 +34,10 @@ def test_demo_runs_the_whole_flow(ray_local, tiny_teachers, tmp_path):
         assert EVAL_KEYS <= block.keys()
         assert block["n_images"] == 10 and block["n_texts"] == 50  # 5 captions per test image
     assert set(on_disk["paths"]) == {"dual", "single", "store", "baseline", "dual_kd", "mcad"}
-    assert {"synth", "teacher_pass", "student_mcad"} <= on_disk["seconds"].keys()
+    assert {"synth", "teacher_pass", "students", "eval_mcad"} <= on_disk["seconds"].keys()
+    assert on_disk["student_seconds"].keys() == {"baseline", "dual_kd", "mcad"}
+    # Trained side by side: together they took less than one after the other would have.
+    assert on_disk["seconds"]["students"] < sum(on_disk["student_seconds"].values())
     assert (tmp_path / "demo" / "recall.png").stat().st_size > 1000
     assert any("student mcad" in line for line in lines)
     # The three students really differ in their losses.
@@ -44,3 +50,15 @@ def test_demo_runs_the_whole_flow(ray_local, tiny_teachers, tmp_path):
 def test_demo_without_teachers_says_how_to_get_them(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--teachers", str(tmp_path)])
     assert result.exit_code == 2 and "--retrain-teachers" in result.output
+
+
+def test_a_failing_student_is_one_line_and_stops_the_others(tiny_store, shapes_data, tmp_path):
+    def job(name, data):
+        return StudentJob(store=str(tiny_store), data=str(data), out=str(tmp_path / name), preset="smoke",
+                          train=TrainConfig(epochs=50))
+    jobs = {"good": job("good", shapes_data / "train"), "bad": job("bad", shapes_data / "val")}
+    with pytest.raises(InputError, match=r"^student bad: .*does not match the store") as err:
+        train_side_by_side(jobs, echo=lambda _: None)
+    assert "Traceback" not in str(err.value) and "\n" not in str(err.value)
+    # The good student was stopped long before its 50 epochs: no model exported.
+    assert not (tmp_path / "good" / "model").exists()
