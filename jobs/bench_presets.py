@@ -75,7 +75,7 @@ def sample_inputs(n: int, image_size: int, seed: int) -> tuple[list, list[str]]:
     """n rendered shapes images and one real caption of each (the benchmark's own generator)."""
     import numpy as np
 
-    from pipeline.synth import captions, make_scene, render
+    from pipeline.shapes import captions, make_scene, render
 
     rng = np.random.default_rng(seed)
     images, texts = [], []

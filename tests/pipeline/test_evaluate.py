@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from jobs.cli import main
 from pipeline.evaluate import evaluate, evaluate_student, recall_table
 from pipeline.shards import Sample, iter_shard, list_shards
-from pipeline.synth import VOCABULARY, SynthConfig, write_benchmark
+from pipeline.shapes import VOCABULARY
+from pipeline.synth import SynthConfig, write_benchmark
 from pipeline.teacher_models import make_tiny_teachers
 from pipeline.teachers import DualTeacher, SingleTeacher
 from storage.errors import InputError

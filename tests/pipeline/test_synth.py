@@ -17,8 +17,9 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from jobs.cli import main
-from pipeline import synth
-from pipeline.synth import Obj, Scene, SynthConfig, write_benchmark
+from pipeline import shapes, synth
+from pipeline.shapes import Obj, Scene
+from pipeline.synth import SynthConfig, write_benchmark
 from storage.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -96,7 +97,7 @@ def test_shard_layout_and_keys(bench):
     assert len(all_keys) == len(set(all_keys)) == TINY.total
     assert all(re.fullmatch(r"\d{9}", k) for k in all_keys)
     config = json.loads((root / synth.CONFIG_NAME).read_text())
-    assert config["config"] == {**TINY.__dict__} and config["vocabulary"] == synth.VOCABULARY
+    assert config["config"] == {**TINY.__dict__} and config["vocabulary"] == shapes.VOCABULARY
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -111,14 +112,14 @@ def test_images_match_their_metadata_and_every_caption_tells_the_truth(bench, sp
         caps = meta["captions"]
         assert len(caps) == len(set(caps)) and 1 <= len(caps) <= 5
         assert s["txt"] == caps[0]
-        assert all(len(c.split()) <= 17 and set(c.split()) <= set(synth.VOCABULARY) for c in caps)
+        assert all(len(c.split()) <= 17 and set(c.split()) <= set(shapes.VOCABULARY) for c in caps)
         assert {_meaning(c) for c in caps} == {meta["canonical"]}
         objs = [Obj(**o) for o in meta["objects"]]
         assert 1 <= len(objs) <= 3
-        assert synth.canonical(Scene(tuple(objs), 48)) == meta["canonical"]
+        assert shapes.canonical(Scene(tuple(objs), 48)) == meta["canonical"]
         pixels = np.asarray(img).astype(int)
         for o in objs:  # the JPEG shows each shape's colour at its centre
-            assert np.abs(pixels[o.y, o.x] - synth.COLOURS[o.colour]).max() < 40, (meta, o)
+            assert np.abs(pixels[o.y, o.x] - shapes.COLOURS[o.colour]).max() < 40, (meta, o)
         if len(objs) >= 2:  # the stated relation holds in the picture, along a clear axis
             m = re.fullmatch(r"a (\w+ \w+ \w+) (left of|above) a (\w+ \w+ \w+).*", meta["canonical"])
             by_phrase = {o.phrase: o for o in objs}
@@ -179,11 +180,11 @@ def test_train_pairs_put_swap_partners_side_by_side(tmp_path):
 def test_mirrored_relation_is_the_same_scene():
     red = Obj("red", "circle", "small", 10, 24)
     blue = Obj("blue", "square", "large", 34, 24)
-    assert synth.canonical(Scene((red, blue), 48)) == synth.canonical(Scene((blue, red), 48))
-    assert synth.canonical(Scene((red, blue), 48)) == "a small red circle left of a large blue square"
-    swapped = synth.swap_places(Scene((red, blue), 48))
-    assert synth.canonical(swapped) == "a large blue square left of a small red circle"
-    variants = synth.caption_variants(Scene((red, blue), 48))
+    assert shapes.canonical(Scene((red, blue), 48)) == shapes.canonical(Scene((blue, red), 48))
+    assert shapes.canonical(Scene((red, blue), 48)) == "a small red circle left of a large blue square"
+    swapped = shapes.swap_places(Scene((red, blue), 48))
+    assert shapes.canonical(swapped) == "a large blue square left of a small red circle"
+    variants = shapes.caption_variants(Scene((red, blue), 48))
     assert "the large blue square to the right of the small red circle" in variants
     assert "small red circle left of large blue square" in variants
 

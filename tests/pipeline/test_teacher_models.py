@@ -149,7 +149,7 @@ DEMO = Path(__file__).resolve().parents[2] / "pipeline" / "assets" / "demo_teach
 
 @pytest.mark.skipif(not (DEMO / "dual").is_dir(), reason="demo teachers not shipped in this checkout")
 def test_shipped_demo_teachers_load_and_see_colours():
-    from pipeline.synth import COLOURS, Obj, Scene, render
+    from pipeline.shapes import COLOURS, Obj, Scene, render
 
     clip = CLIPModel.from_pretrained(DEMO / "dual", dtype=torch.float32).eval()
     blip = BlipForImageTextRetrieval.from_pretrained(DEMO / "single", dtype=torch.float32).eval()
