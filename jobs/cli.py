@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from storage.errors import InputError
+from storage.errors import InputError, error_line
 
 # torch's OpenMP threads spin-wait between parallel regions by default; on a CPU
 # shared with other work that made 2 threads about 5x slower (mcad bench
@@ -38,11 +38,8 @@ class McadGroup(click.Group):
         except click.UsageError as exc:  # a missing path, a bad option value, an unknown command
             where = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
             _fail(exc.format_message() + where)
-        except InputError as exc:
-            _fail(str(exc))
-        except OSError as exc:  # unreadable input, read-only output, full disk
-            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-            _fail(f"{exc.strerror or exc}{where}")
+        except (InputError, OSError) as exc:  # OSError: unreadable input, read-only output, full disk
+            _fail(error_line(exc))
 
 
 def _fail(message: str) -> None:

@@ -176,7 +176,7 @@ def train_side_by_side(jobs: dict, *, ray_address: str | None = None, echo=print
     import ray
     from tqdm import tqdm
 
-    from jobs.ray_cluster import ray_session
+    from jobs.ray_cluster import get_one_line, ray_session
 
     for job in jobs.values():
         shutil.rmtree(job.out, ignore_errors=True)
@@ -192,7 +192,7 @@ def train_side_by_side(jobs: dict, *, ray_address: str | None = None, echo=print
                 while pending:
                     done, pending = ray.wait(pending, num_returns=1, timeout=2.0)
                     for ref in done:
-                        trained[refs[ref]] = _task_result(ref, refs[ref])
+                        trained[refs[ref]] = get_one_line(ref, f"student {refs[ref]}")
                     bar.update(sum(_epochs_done(Path(job.out)) for job in jobs.values()) - bar.n)
             except BaseException:  # one student failed (or Ctrl-C): stop the others too
                 for ref in pending:
@@ -230,19 +230,6 @@ def _train_task(job, threads: int) -> tuple[str, float]:
     t0 = time.perf_counter()
     model = run_train_student(job, progress=False)["model"]
     return model, time.perf_counter() - t0
-
-
-def _task_result(ref, name: str) -> tuple[str, float]:
-    import ray
-
-    from jobs.teacher_pass import error_line
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:  # bad input found in the task: its one line, not Ray's
-        if isinstance(exc.cause, (InputError, OSError)):
-            raise InputError(f"student {name}: {error_line(exc.cause)}") from None
-        raise
 
 
 def _eval(model: Path, test: Path) -> dict:

@@ -46,6 +46,21 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
             ray.shutdown()
 
 
+def get_one_line(ref, what: str):
+    """ray.get(ref); bad input the task found (InputError, OSError) is raised here as one
+    InputError line starting with `what`, not as Ray's wrapper with the remote traceback."""
+    import ray
+
+    from storage.errors import InputError, error_line
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (InputError, OSError)):
+            raise InputError(f"{what}: {error_line(exc.cause)}") from None
+        raise
+
+
 def _code_modules() -> list:
     """mcad's own top-level packages, shipped to a remote cluster's workers."""
     import jobs

@@ -23,7 +23,7 @@ from jobs.ray_cluster import ray_session
 from storage import fs
 from storage import manifest as M
 from storage.atomic import sweep_temporaries
-from storage.errors import InputError
+from storage.errors import InputError, error_line
 
 CONFIG_NAME = "teacher_pass_config.json"
 ERROR = "error"  # the per-shard result field saying why a shard could not be done
@@ -107,15 +107,6 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
     info = write_shard(job.out, shard, columns, rejects, d=dual.dim, f=single.dim_fused,
                        k=cfg.topk, pool_size=cfg.pool_size)
     return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start, ERROR: ""}
-
-
-def error_line(exc: BaseException) -> str:
-    """An InputError or OSError as one line: its message, or strerror and the file it concerns."""
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
 
 
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
@@ -210,15 +201,10 @@ def _calibrate(job: TeacherPassJob, sources: list[str], proj_path) -> tuple[dict
     """
     import ray
 
+    from jobs.ray_cluster import get_one_line
+
     task = ray.remote(num_cpus=1, num_gpus=job.gpus_per_worker or None)(_calibrate_task)
-    try:
-        return ray.get(task.remote(job, sources, str(proj_path)))
-    except ray.exceptions.RayTaskError as exc:
-        # Bad input found by the task (no usable sample, a write failure): the
-        # original error, not Ray's wrapper with the remote traceback in its text.
-        if isinstance(exc.cause, (InputError, OSError)):
-            raise InputError(f"teacher pass: {error_line(exc.cause)}") from None
-        raise
+    return get_one_line(task.remote(job, sources, str(proj_path)), "teacher pass")
 
 
 def _calibrate_task(job: TeacherPassJob, sources: list[str], proj_path: str) -> dict:
