@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.atomic import atomic_write_json
-from storage.errors import InputError
+from mcad.pipeline.shapes import DEMO_TEACHERS
+from mcad.storage.atomic import atomic_write_json
+from mcad.storage.errors import InputError
 
-ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "demo_teachers"
 STUDENTS = {  # name -> the loss settings that define it
     "baseline": dict(w_dist=0.0, w_feat=0.0),
     "dual_kd": dict(alpha=0.0, beta=0.0),
@@ -30,7 +30,7 @@ class DemoConfig:
     quick: bool = False
     seed: int = 0
     retrain_teachers: bool = False
-    teachers: str = str(ASSETS)   # a folder with dual/, single/ and teacher_recall.json
+    teachers: str = str(DEMO_TEACHERS)   # a folder with dual/, single/ and teacher_recall.json
     train: int = 10000
     val: int = 500
     test: int = 500
@@ -65,7 +65,7 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
     """The demo's stages into cfg.out: synth, teachers, teacher pass, teacher eval, then each
     student of `students` (name -> TrainConfig overrides; default STUDENTS) trained from the one
     store and evaluated. Writes OUT/demo_config.json and OUT/results.json; returns the results."""
-    from jobs.ray_cluster import ray_session
+    from mcad.jobs.ray_cluster import ray_session
 
     students = STUDENTS if students is None else students
     if not cfg.retrain_teachers:
@@ -105,7 +105,7 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
 
 
 def _synth(cfg: DemoConfig, folder: Path) -> Path:
-    from pipeline.synth import SynthConfig, write_benchmark
+    from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 
     synth = SynthConfig(train=cfg.train, val=cfg.val, test=cfg.test, seed=cfg.seed)
     config_file = folder / "synth_config.json"
@@ -118,8 +118,8 @@ def _synth(cfg: DemoConfig, folder: Path) -> Path:
 def _teachers(cfg: DemoConfig, data: Path, folder: Path) -> tuple[Path, Path, float]:
     if not cfg.retrain_teachers:
         return shipped_teachers(cfg)
-    from pipeline.bootstrap import BootstrapConfig, bootstrap
-    from pipeline.bootstrap_data import load_split
+    from mcad.pipeline.shapes.bootstrap import BootstrapConfig, bootstrap
+    from mcad.pipeline.shapes.bootstrap_data import load_split
 
     splits = {name: load_split(str(data / name)) for name in ("train", "val", "test")}
     result = bootstrap(BootstrapConfig(size="demo", epochs=cfg.teacher_epochs, seed=cfg.seed),
@@ -138,7 +138,7 @@ def shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
 
 
 def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path) -> Path:
-    from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+    from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
 
     job = TeacherPassJob(data=str(data / "train"), dual=str(dual), single=str(single), out=str(store),
                          pool_size=cfg.pool, topk=cfg.topk, mode="overwrite", ray_address=cfg.ray_address)
@@ -147,14 +147,14 @@ def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: 
 
 
 def _eval_teachers(data: Path, dual: Path, single: Path, beta: float) -> dict:
-    from pipeline.evaluate import evaluate
+    from mcad.pipeline.evaluate import evaluate
 
     return evaluate(dual, str(data / "test"), single=single, beta=beta)
 
 
 def _student_job(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: dict):
-    from jobs.train_student import StudentJob
-    from student.train import TrainConfig
+    from mcad.jobs.train_student import StudentJob
+    from mcad.student.train import TrainConfig
 
     train = TrainConfig(**{"alpha": cfg.alpha, "beta": cfg.beta, "epochs": cfg.epochs,
                            "seed": cfg.seed, **losses})
@@ -176,7 +176,7 @@ def train_side_by_side(jobs: dict, *, ray_address: str | None = None, echo=print
     import ray
     from tqdm import tqdm
 
-    from jobs.ray_cluster import get_one_line, ray_session
+    from mcad.jobs.ray_cluster import get_one_line, ray_session
 
     for job in jobs.values():
         shutil.rmtree(job.out, ignore_errors=True)
@@ -205,7 +205,7 @@ def train_side_by_side(jobs: dict, *, ray_address: str | None = None, echo=print
 
 def _epochs_done(run: Path) -> int:
     """Epoch records in RUN/metrics.jsonl so far (a line being written is not one yet)."""
-    from student.curves import METRICS_FILE
+    from mcad.student.curves import METRICS_FILE
 
     path = run / METRICS_FILE
     if not path.is_file():
@@ -224,7 +224,7 @@ def _train_task(job, threads: int) -> tuple[str, float]:
 
     import torch
 
-    from jobs.train_student import run_train_student
+    from mcad.jobs.train_student import run_train_student
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def _train_task(job, threads: int) -> tuple[str, float]:
 
 
 def _eval(model: Path, test: Path) -> dict:
-    from pipeline.evaluate import evaluate
+    from mcad.pipeline.evaluate import evaluate
 
     return evaluate(model, str(test))
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Iterator
-
 
 
 @contextlib.contextmanager
@@ -51,7 +51,7 @@ def get_one_line(ref, what: str):
     InputError line starting with `what`, not as Ray's wrapper with the remote traceback."""
     import ray
 
-    from storage.errors import InputError, error_line
+    from mcad.storage.errors import InputError, error_line
 
     try:
         return ray.get(ref)
@@ -61,11 +61,25 @@ def get_one_line(ref, what: str):
         raise
 
 
-def _code_modules() -> list:
-    """mcad's own top-level packages, shipped to a remote cluster's workers."""
-    import jobs
-    import pipeline
-    import storage
-    import student
+def _code_modules() -> list[str]:
+    """mcad itself, shipped to a remote cluster's workers as one `mcad` package.
 
-    return [jobs, pipeline, storage, student]
+    Its sub-packages are folders at the top of the repository mapped into the
+    `mcad` namespace at install time, so the folder to ship is assembled here:
+    `mcad/` with `storage/`, `student/`, `pipeline/` and `jobs/` inside.
+    """
+    import shutil
+    import tempfile
+
+    import mcad
+    import mcad.jobs
+    import mcad.pipeline
+    import mcad.storage
+    import mcad.student
+
+    staging = Path(tempfile.mkdtemp(prefix="mcad-ship-")) / "mcad"
+    shutil.copytree(Path(mcad.__file__).parent, staging, ignore=shutil.ignore_patterns("__pycache__"))
+    for package in (mcad.jobs, mcad.pipeline, mcad.storage, mcad.student):
+        shutil.copytree(Path(package.__file__).parent, staging / package.__name__.rpartition(".")[2],
+                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    return [str(staging)]

@@ -25,8 +25,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.atomic import atomic_write_json
-from storage.errors import InputError
+from mcad.storage.atomic import atomic_write_json
+from mcad.storage.errors import InputError
 
 CONFIG_NAME, RESULTS_NAME, BEST_DIR, TRIALS_DIR, TUNE_DIR = (
     "sweep_config.json", "results.csv", "best", "trials", "tune")
@@ -58,8 +58,8 @@ class SweepJob:
 
 def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
     """["alpha=0,0.5", "preset=smoke,s"] -> {"alpha": [0.0, 0.5], "preset": ["smoke", "s"]}, typed."""
-    from student.models import PRESETS
-    from student.train import TrainConfig
+    from mcad.student.models import PRESETS
+    from mcad.student.train import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     fixed = {"epochs": "--epochs", "mode": "--mode"}
@@ -96,8 +96,8 @@ def trial_name(config: dict) -> str:
 
 def student_job(sweep: SweepJob, config: dict, *, threads: int = 0):
     """The train-student job of one grid point (resumed when its run has a checkpoint)."""
-    from jobs.train_student import StudentJob
-    from student.train import TrainConfig
+    from mcad.jobs.train_student import StudentJob
+    from mcad.student.train import TrainConfig
 
     run = Path(sweep.out) / TRIALS_DIR / trial_name(config)
     resume = (run / "checkpoints" / "last" / "state.json").is_file()
@@ -122,9 +122,9 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from jobs.ray_cluster import ray_session
-    from jobs.train_student import check_data_matches
-    from storage.reader import open_store
+    from mcad.jobs.ray_cluster import ray_session
+    from mcad.jobs.train_student import check_data_matches
+    from mcad.storage.reader import open_store
 
     store = open_store(sweep.store)  # refuse a bad store or data before any trial starts
     check_data_matches(store, sweep.data)
@@ -162,7 +162,7 @@ def _trial(config: dict, *, sweep: SweepJob, threads: int) -> None:
     """One Tune trial: a train-student run that reports every epoch (ASHA may stop it between)."""
     from ray import tune
 
-    from jobs.train_student import run_train_student
+    from mcad.jobs.train_student import run_train_student
 
     def report(record: dict) -> None:
         tune.report({METRIC: float(record.get(METRIC, 0.0)), "epoch": int(record["epoch"]) + 1,

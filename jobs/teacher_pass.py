@@ -19,11 +19,11 @@ from typing import Iterator
 
 import numpy as np
 
-from jobs.ray_cluster import ray_session
-from storage import fs
-from storage import manifest as M
-from storage.atomic import sweep_temporaries
-from storage.errors import InputError, error_line
+from mcad.jobs.ray_cluster import ray_session
+from mcad.storage import fs
+from mcad.storage.manifest import FUSION_PROJ_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K, PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, POOLS, REJECTED, REJECTS_DIR, ROWS, SECONDS, SIGNALS_DIR, STATUS, STATUS_DONE, file_digest, manifest_path, same_source, signals_path, source_identity, store_file
+from mcad.storage.atomic import sweep_temporaries
+from mcad.storage.errors import InputError, error_line
 
 CONFIG_NAME = "teacher_pass_config.json"
 ERROR = "error"  # the per-shard result field saying why a shard could not be done
@@ -58,7 +58,7 @@ class TeacherPassJob:
             raise InputError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
 
     def pass_config(self):
-        from pipeline.signals import PassConfig
+        from mcad.pipeline.signals import PassConfig
 
         return PassConfig(pool_size=self.pool_size, topk=self.topk, pair_batch=self.batch_size,
                           calibration_rows=self.calibration_rows)
@@ -70,8 +70,8 @@ class ShardWorker:
     def __init__(self, job: TeacherPassJob, projection_path: str, threads: int):
         import torch
 
-        from pipeline.signals import load_projection
-        from pipeline.teachers import load_teachers
+        from mcad.pipeline.signals import load_projection
+        from mcad.pipeline.teachers import load_teachers
 
         torch.set_num_threads(threads)
         self.job = job
@@ -97,9 +97,9 @@ class ShardWorker:
 
 def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
     """Teachers over one shard -> signals/<shard>.parquet + rejects; returns its summary."""
-    from pipeline.shards import iter_shard
-    from pipeline.signals import shard_signals
-    from storage.writer import write_shard
+    from mcad.pipeline.shards import iter_shard
+    from mcad.pipeline.signals import shard_signals
+    from mcad.storage.writer import write_shard
 
     start = time.perf_counter()
     columns, rejects, _ = shard_signals(dual, single, iter_shard(source), shard=shard,
@@ -111,8 +111,8 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
 
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     """The whole pass: plan, calibrate the fusion projection, run the shards, return a summary."""
-    from pipeline.shards import list_shards, shard_name
-    from pipeline.teachers import check_teacher_dirs
+    from mcad.pipeline.shards import list_shards, shard_name
+    from mcad.pipeline.teachers import check_teacher_dirs
 
     job.pass_config()  # validate P and K, and the teachers' folders, before anything starts
     check_teacher_dirs(job.dual, job.single)
@@ -125,7 +125,7 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     pending = [(s, n) for s, n in zip(sources, names) if not _is_done(manifest, out, s, n)]
     started = time.perf_counter()
     with ray_session(job.ray_address, stall_timeout_s=job.stall_timeout_s) as cluster:
-        proj_path = M.store_file(out, M.FUSION_PROJ_NAME)
+        proj_path = store_file(out, FUSION_PROJ_NAME)
         try:
             if not manifest.teachers:  # a new store, or one that crashed before its first save
                 manifest.teachers, measured = _calibrate(job, sources, proj_path)
@@ -164,7 +164,7 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
         num_cpus=actor_cpus, num_gpus=job.gpus_per_worker or None,
         fn_constructor_kwargs={"job": job, "projection_path": str(proj_path), "threads": threads},
     )  # Ray Data restarts lost actors and retries their shards by itself (max_restarts=-1)
-    identity = {s: M.source_identity(s) for s, _ in pending}
+    identity = {s: source_identity(s) for s, _ in pending}
     bar = tqdm(total=len(pending), unit="shard", disable=not progress, desc="teacher pass")
     rows, t0 = 0, time.perf_counter()
     for row in _finished(ds):
@@ -174,12 +174,12 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
             raise InputError(f"teacher pass stopped at shard {row['shard']} ({row['source']}): {row[ERROR]}; "
                              f"{len(manifest.done_shards())} finished shards are kept in {out}, "
                              f"rerun with --resume once the cause is fixed")
-        entry = {**identity[str(row["source"])], M.ROWS: int(row["rows"]),
-                 M.REJECTED: int(row["rejected"]), M.POOLS: int(row["pools"]),
-                 M.SECONDS: float(row["seconds"]), M.STATUS: M.STATUS_DONE}
+        entry = {**identity[str(row["source"])], ROWS: int(row["rows"]),
+                 REJECTED: int(row["rejected"]), POOLS: int(row["pools"]),
+                 SECONDS: float(row["seconds"]), STATUS: STATUS_DONE}
         manifest.record_shard(str(row["shard"]), entry)
         manifest.save(out)
-        rows += entry[M.ROWS]
+        rows += entry[ROWS]
         bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - t0):.1f}")
         bar.update(1)
         yield {"shard": str(row["shard"]), **entry}
@@ -201,7 +201,7 @@ def _calibrate(job: TeacherPassJob, sources: list[str], proj_path) -> tuple[dict
     """
     import ray
 
-    from jobs.ray_cluster import get_one_line
+    from mcad.jobs.ray_cluster import get_one_line
 
     task = ray.remote(num_cpus=1, num_gpus=job.gpus_per_worker or None)(_calibrate_task)
     return get_one_line(task.remote(job, sources, str(proj_path)), "teacher pass")
@@ -210,16 +210,16 @@ def _calibrate(job: TeacherPassJob, sources: list[str], proj_path) -> tuple[dict
 def _calibrate_task(job: TeacherPassJob, sources: list[str], proj_path: str) -> dict:
     from itertools import chain
 
-    from pipeline.shards import iter_shard
-    from pipeline.signals import calibrate, save_projection
-    from pipeline.teachers import load_teachers
+    from mcad.pipeline.shards import iter_shard
+    from mcad.pipeline.signals import calibrate, save_projection
+    from mcad.pipeline.teachers import load_teachers
 
     dual, single = load_teachers(job.dual, job.single)
     items = chain.from_iterable(iter_shard(s) for s in sources)
     save_projection(calibrate(dual, single, items, config=job.pass_config()), proj_path)
     teachers = {"dual": dual.identity(), "single": single.identity()}
-    return teachers, {M.PARAM_LOGIT_SCALE: dual.logit_scale,
-                      M.PARAM_FUSION_PROJ_SHA256: M.file_digest(proj_path),
+    return teachers, {PARAM_LOGIT_SCALE: dual.logit_scale,
+                      PARAM_FUSION_PROJ_SHA256: file_digest(proj_path),
                       "image_size": _image_sizes(dual, single)}
 
 
@@ -229,54 +229,54 @@ def _image_sizes(*teachers) -> list[dict]:
 
 
 def _params(job: TeacherPassJob, proj_path) -> dict:
-    from pipeline.signals import load_projection
+    from mcad.pipeline.signals import load_projection
 
     w = load_projection(proj_path)
     cfg = job.pass_config()
     # Only what defines the signals: the fingerprint a student pins covers all of it.
-    return {M.PARAM_POOL_SIZE: cfg.pool_size, M.PARAM_K: cfg.topk,
-            M.PARAM_F: int(w.shape[0]), M.PARAM_D: int(w.shape[1]),
+    return {PARAM_POOL_SIZE: cfg.pool_size, PARAM_K: cfg.topk,
+            PARAM_F: int(w.shape[0]), PARAM_D: int(w.shape[1]),
             "calibration_rows": cfg.calibration_rows, "ridge": cfg.ridge,
             "embedding_dtype": "float16", "logit_dtype": "float32"}
 
 
-def _prepare_store(job: TeacherPassJob, out: str) -> M.Manifest:
+def _prepare_store(job: TeacherPassJob, out: str) -> Manifest:
     """Fresh, resumed or overwritten store (a folder or a URI); the resolved config written beside it."""
     # The config is written first, so any store a crash left behind has one.
-    has_store = fs.exists(M.manifest_path(out)) or fs.exists(M.store_file(out, CONFIG_NAME))
+    has_store = fs.exists(manifest_path(out)) or fs.exists(store_file(out, CONFIG_NAME))
     if has_store and job.mode == "fresh":
         raise InputError(f"{out} already holds a signal store; pass --resume to continue it "
                          f"or --overwrite to replace it")
     if job.mode == "overwrite":
-        for name in (M.MANIFEST_NAME, M.FUSION_PROJ_NAME, CONFIG_NAME):
-            fs.remove(M.store_file(out, name))
-        for sub in (M.SIGNALS_DIR, M.REJECTS_DIR):
-            fs.remove_tree(M.store_file(out, sub))
+        for name in (MANIFEST_NAME, FUSION_PROJ_NAME, CONFIG_NAME):
+            fs.remove(store_file(out, name))
+        for sub in (SIGNALS_DIR, REJECTS_DIR):
+            fs.remove_tree(store_file(out, sub))
         has_store = False
     elif not has_store and fs.listdir(out):
         raise InputError(f"{out} exists and is not a signal store; choose an empty or new folder")
     fs.makedirs(out)
-    manifest = M.Manifest.load(out) if fs.exists(M.manifest_path(out)) else M.Manifest()
+    manifest = Manifest.load(out) if fs.exists(manifest_path(out)) else Manifest()
     if has_store:
         _check_resumable(job, out, manifest)
     _sweep_temporaries(out)
-    fs.write_json(M.store_file(out, CONFIG_NAME), dataclasses.asdict(job))
+    fs.write_json(store_file(out, CONFIG_NAME), dataclasses.asdict(job))
     return manifest
 
 
 def _sweep_temporaries(out: str) -> None:
     """Remove what a crashed writer left (local stores; at a URI nothing is written under a temporary name)."""
     if not fs.is_uri(out):
-        for folder in (out, M.store_file(out, M.SIGNALS_DIR), M.store_file(out, M.REJECTS_DIR)):
+        for folder in (out, store_file(out, SIGNALS_DIR), store_file(out, REJECTS_DIR)):
             sweep_temporaries(folder)
 
 
-def _check_resumable(job: TeacherPassJob, out: str, manifest: M.Manifest) -> None:
+def _check_resumable(job: TeacherPassJob, out: str, manifest: Manifest) -> None:
     import json
 
-    from pipeline.teachers import teacher_digests
+    from mcad.pipeline.teachers import teacher_digests
 
-    config = M.store_file(out, CONFIG_NAME)
+    config = store_file(out, CONFIG_NAME)
     saved = json.loads(fs.read_bytes(config)) if fs.exists(config) else {}
     same = ("dual", "single", "pool_size", "topk", "calibration_rows")
     changed = [k for k in same if k in saved and saved[k] != getattr(job, k)]
@@ -291,12 +291,12 @@ def _check_resumable(job: TeacherPassJob, out: str, manifest: M.Manifest) -> Non
                          f"use --overwrite to start again")
 
 
-def _is_done(manifest: M.Manifest, out: str, source: str, name: str) -> bool:
+def _is_done(manifest: Manifest, out: str, source: str, name: str) -> bool:
     entry = manifest.shards.get(name)
-    if not entry or entry.get(M.STATUS) != M.STATUS_DONE or not fs.exists(M.signals_path(out, name)):
+    if not entry or entry.get(STATUS) != STATUS_DONE or not fs.exists(signals_path(out, name)):
         return False
-    now = M.source_identity(source)
-    if not M.same_source(entry, now):
+    now = source_identity(source)
+    if not same_source(entry, now):
         raise InputError(f"input shard {source} changed since it was processed; use --overwrite")
     return True
 

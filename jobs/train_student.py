@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from storage.atomic import atomic_write_json
-from storage.errors import InputError
-from student.train import TrainConfig
+from mcad.storage.atomic import atomic_write_json
+from mcad.storage.errors import InputError
+from mcad.student.train import TrainConfig
 
 CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerprint.json", "model"
 
@@ -57,7 +57,7 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     parallel on Ray Train (see `_train_on_ray`). The checks and the run folder
     are done here, in the driver, before any worker starts.
     """
-    from storage.reader import open_store
+    from mcad.storage.reader import open_store
 
     store = open_store(job.store)
     check_data_matches(store, job.data)
@@ -77,9 +77,9 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
 def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None) -> dict:
     """The training itself, in this process (one rank of `world_size`); rank 0 exports the model."""
-    from storage.reader import fingerprint_digest, open_store
-    from student.models import build_student, export_hf
-    from student.train import train
+    from mcad.storage.reader import fingerprint_digest, open_store
+    from mcad.student.models import build_student, export_hf
+    from mcad.student.train import train
 
     store = store or open_store(job.store)  # Ray Train ranks open it themselves
     run = Path(job.out)
@@ -113,7 +113,7 @@ def _train_on_ray(job: StudentJob, *, progress: bool) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.ray_cluster import ray_session
+    from mcad.jobs.ray_cluster import ray_session
 
     run = Path(job.out).resolve()
     with ray_session(job.ray_address) as cluster:
@@ -146,7 +146,7 @@ def _train_worker(config: dict) -> None:
 
 
 def last_epoch_record(run: Path) -> dict:
-    from student.curves import METRICS_FILE, read_metrics
+    from mcad.student.curves import METRICS_FILE, read_metrics
 
     epochs = [r for r in read_metrics(Path(run) / METRICS_FILE) if r.get("kind") == "epoch"]
     return epochs[-1] if epochs else {}
@@ -155,25 +155,25 @@ def last_epoch_record(run: Path) -> dict:
 def student_batches(store, cfg: TrainConfig, processor, *, epoch: int, evidence=None,
                     rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     """Collated batches of one epoch: whole pools (replay) or mixed rows (remix)."""
-    from storage.reader import rebatch
-    from student import data as D
+    from mcad.storage.reader import rebatch
+    from mcad.student.data import READ_COLUMNS, collate, replay_batches
 
     pools = store.iter_joined_pools(kept_samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                    world_size=world_size, columns=D.READ_COLUMNS)
+                                    world_size=world_size, columns=READ_COLUMNS)
     if evidence is not None:
         pools = map(evidence, pools)
     if cfg.mode == "replay":
-        for group in D.replay_batches(pools, cfg.pools_per_batch):
-            yield D.collate(group, processor=processor)
+        for group in replay_batches(pools, cfg.pools_per_batch):
+            yield collate(group, processor=processor)
     else:
         rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
         for rows in rebatch(pools, batch_size=cfg.batch_size, buffer_size=4 * cfg.batch_size, rng=rng):
-            yield D.collate([rows], processor=processor, remix=True)
+            yield collate([rows], processor=processor, remix=True)
 
 
 def kept_samples(source: str):
     """(key, Sample) of one tar in order; the store's reader skips what the pass rejected."""
-    from pipeline.shards import Sample, iter_shard
+    from mcad.pipeline.shards import Sample, iter_shard
 
     return ((s.key, s) for s in iter_shard(source) if isinstance(s, Sample))
 
@@ -185,7 +185,7 @@ def steps_per_epoch(store, cfg: TrainConfig, world_size: int = 1) -> int:
 
 
 def teacher_logit_scale(store) -> float:
-    from storage.manifest import PARAM_LOGIT_SCALE
+    from mcad.storage.manifest import PARAM_LOGIT_SCALE
 
     scale = store.manifest.params.get(PARAM_LOGIT_SCALE)
     if scale is None:
@@ -195,8 +195,8 @@ def teacher_logit_scale(store) -> float:
 
 def check_data_matches(store, data: str) -> None:
     """Refuse data shards that are not the ones the store was made from, naming the mismatch."""
-    from pipeline.shards import list_shards, shard_name
-    from storage.manifest import same_source, source_identity
+    from mcad.pipeline.shards import list_shards, shard_name
+    from mcad.storage.manifest import same_source, source_identity
 
     given = {shard_name(p): p for p in list_shards(data)}
     pinned = store.fingerprint()["shards"]
@@ -235,10 +235,10 @@ def _jsonable(job: StudentJob) -> dict:
 
 def _online_evidence(job: StudentJob, store):
     """Teachers in the loop, checked to be the ones the store was made with."""
-    from pipeline.online import OnlineEvidence
-    from pipeline.signals import load_projection
-    from pipeline.teachers import load_teachers
-    from storage.manifest import FUSION_PROJ_NAME, store_file
+    from mcad.pipeline.online import OnlineEvidence
+    from mcad.pipeline.signals import load_projection
+    from mcad.pipeline.teachers import load_teachers
+    from mcad.storage.manifest import FUSION_PROJ_NAME, store_file
 
     dual, single = load_teachers(*job.online_teachers)
     for role, teacher in (("dual", dual), ("single", single)):
@@ -254,6 +254,6 @@ def _online_evidence(job: StudentJob, store):
 def _validator(val_data: str | None, processor):
     if not val_data:
         return None
-    from pipeline.evaluate import evaluate_student
+    from mcad.pipeline.evaluate import evaluate_student
 
     return lambda student: evaluate_student(student, processor, val_data)

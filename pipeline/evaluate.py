@@ -1,6 +1,6 @@
 """Retrieval evaluation of a CLIPModel dir (a student or the dual teacher) on WebDataset shards.
 
-    from pipeline.evaluate import evaluate
+    from mcad.pipeline.evaluate import evaluate
     r = evaluate("out/student", "data/shapes/test")                      # one EVAL dict
     r = evaluate("teachers/dual", "data/shapes/test", single="teachers/single")
     r["dual"], r["single"], r["combined"]                                # three EVAL dicts
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.shards import Sample, iter_shard, list_shards
-from pipeline.teachers import DualTeacher, SingleTeacher, check_model_dir
-from storage.errors import InputError
-from student.metrics import recall_at_k, rerank_recalls, top_k
+from mcad.pipeline.shards import Sample, iter_shard, list_shards
+from mcad.pipeline.teachers import DualTeacher, SingleTeacher, check_model_dir
+from mcad.storage.errors import InputError
+from mcad.student.metrics import recall_at_k, rerank_recalls, top_k
 
 DEFAULT_BETA = 1.0
 DEFAULT_RERANK_K = 16

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.signals import compute_pool
-from storage import schema as S
+from mcad.pipeline.signals import compute_pool
+from mcad.storage import schema
 
 
 class OnlineEvidence:
@@ -22,9 +22,9 @@ class OnlineEvidence:
         self.k, self.pair_batch = k, pair_batch
 
     def __call__(self, pool: dict) -> dict:
-        rows = pool[S.ROW]
-        fresh = compute_pool(self.dual, self.single, pool[S.DATA], k=self.k, projection=self.projection,
+        rows = pool[schema.ROW]
+        fresh = compute_pool(self.dual, self.single, pool[schema.DATA], k=self.k, projection=self.projection,
                              pair_batch=self.pair_batch, start=int(rows[0]))
         out = dict(pool)
-        out.update({name: value for name, value in fresh.items() if name not in (S.KEY, S.ROW)})
+        out.update({name: value for name, value in fresh.items() if name not in (schema.KEY, schema.ROW)})
         return out

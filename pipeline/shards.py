@@ -5,7 +5,7 @@ see the same samples in the same order. Every sample of a shard comes out as
 exactly one item: a `Sample` (usable) or a `Reject` (key, reason, detail) that
 the store records; nothing raises and nothing is dropped silently.
 
-    from pipeline.shards import list_shards, iter_shard, shard_name
+    from mcad.pipeline.shards import list_shards, iter_shard, shard_name
     for path in list_shards("data/{00000..00009}.tar"):
         for item in iter_shard(path):
             ...  # isinstance(item, Sample) or Reject
@@ -57,9 +57,9 @@ from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.images import to_rgb
-from storage import fs
-from storage.errors import InputError
+from mcad.pipeline.images import to_rgb
+from mcad.storage import fs
+from mcad.storage.errors import InputError
 
 CORRUPT_IMAGE = "corrupt_image"
 NO_IMAGE = "no_image"

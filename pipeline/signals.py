@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.shards import Reject
-from storage import fs
-from storage.errors import InputError
-from storage.schema import (
+from mcad.pipeline.shards import Reject
+from mcad.storage import fs
+from mcad.storage.errors import InputError
+from mcad.storage.schema import (
     DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
     ROW, SHARD, TXT_EMB, col,
 )

@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from storage.errors import InputError
-from storage.manifest import file_digest
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import file_digest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_GLOB = "*.safetensors"

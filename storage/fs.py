@@ -25,7 +25,7 @@ from typing import IO, Callable
 
 import pyarrow.fs as pafs
 
-from storage.errors import InputError
+from mcad.storage.errors import InputError
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -141,7 +141,7 @@ def read_bytes(location: str | os.PathLike) -> bytes:
 def write_file(location: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write a whole file that readers see complete or not at all (local: temp + fsync + rename)."""
     if not is_uri(location):
-        from storage.atomic import atomic_write
+        from mcad.storage.atomic import atomic_write
 
         def to_path(tmp: str) -> None:
             with open(tmp, "wb") as fh:

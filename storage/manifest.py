@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage import fs
-from storage.errors import InputError
-from storage.schema import SCHEMA_VERSION, check_version
+from mcad.storage import fs
+from mcad.storage.errors import InputError
+from mcad.storage.schema import SCHEMA_VERSION, check_version
 
 MANIFEST_NAME = "manifest.json"
 SIGNALS_DIR = "signals"

@@ -27,18 +27,18 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage import fs
-from storage import schema as S
-from storage.errors import InputError
-from storage.manifest import (
+from mcad.storage import fs
+from mcad.storage import schema
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import (
     MTIME, POOLS, REJECTED, ROWS, SECONDS, SHARD_FIELDS, SIZE, SOURCE, STATUS, STATUS_DONE, rejects_path,
     signals_path,
 )
-from storage.reader import Store, open_store
+from mcad.storage.reader import Store, open_store
 
 SIGNALS_VIEW, REJECTS_VIEW, SHARDS_VIEW = "signals", "rejects", "shards"
 # Candidate-list columns whose softmax `store_stats` describes, by short name.
-LOGIT_FIELDS = {"dual": S.DUAL, "itm": S.ITM}
+LOGIT_FIELDS = {"dual": schema.DUAL, "itm": schema.ITM}
 
 
 def connect(store: Store | str | os.PathLike) -> duckdb.DuckDBPyConnection:
@@ -58,11 +58,11 @@ def connect(store: Store | str | os.PathLike) -> duckdb.DuckDBPyConnection:
         con.sql(f"CREATE VIEW {SIGNALS_VIEW} AS SELECT * FROM read_parquet({_list(sig_files)})")
         # The rejects schema has no shard column: the file name is the shard.
         con.sql(f"CREATE VIEW {REJECTS_VIEW} AS SELECT * EXCLUDE (filename), "
-                f"parse_filename(filename, true) AS {S.SHARD} "
+                f"parse_filename(filename, true) AS {schema.SHARD} "
                 f"FROM read_parquet({_list(rej_files)}, filename = true)")
     else:  # nothing finished yet: typed, empty views
-        con.register(SIGNALS_VIEW, _as_read_by_duckdb(S.signal_schema(**store.dims)).empty_table())
-        con.register(REJECTS_VIEW, S.REJECTS_SCHEMA.append(pa.field(S.SHARD, pa.string())).empty_table())
+        con.register(SIGNALS_VIEW, _as_read_by_duckdb(schema.signal_schema(**store.dims)).empty_table())
+        con.register(REJECTS_VIEW, schema.REJECTS_SCHEMA.append(pa.field(schema.SHARD, pa.string())).empty_table())
     con.register(SHARDS_VIEW, _shards_table(store))
     return con
 
@@ -105,16 +105,16 @@ def store_stats(store: Store | str | os.PathLike) -> dict[str, Any]:
     store = store if isinstance(store, Store) else open_store(store, allow_incomplete=True)
     con = connect(store)
     shards = _rows(con.sql(
-        f"WITH s AS (SELECT {S.SHARD}, count(*) AS n, count(DISTINCT {S.POOL}) AS p "
-        f"           FROM {SIGNALS_VIEW} GROUP BY {S.SHARD}), "
-        f"r AS (SELECT {S.SHARD}, count(*) AS n FROM {REJECTS_VIEW} GROUP BY {S.SHARD}) "
-        f"SELECT m.{S.SHARD}, coalesce(s.n, 0) AS {ROWS}, coalesce(r.n, 0) AS {REJECTED}, "
+        f"WITH s AS (SELECT {schema.SHARD}, count(*) AS n, count(DISTINCT {schema.POOL}) AS p "
+        f"           FROM {SIGNALS_VIEW} GROUP BY {schema.SHARD}), "
+        f"r AS (SELECT {schema.SHARD}, count(*) AS n FROM {REJECTS_VIEW} GROUP BY {schema.SHARD}) "
+        f"SELECT m.{schema.SHARD}, coalesce(s.n, 0) AS {ROWS}, coalesce(r.n, 0) AS {REJECTED}, "
         f"       coalesce(s.p, 0) AS {POOLS} "
-        f"FROM {SHARDS_VIEW} m LEFT JOIN s ON s.{S.SHARD} = m.{S.SHARD} "
-        f"LEFT JOIN r ON r.{S.SHARD} = m.{S.SHARD} "
-        f"WHERE m.{STATUS} = '{STATUS_DONE}' ORDER BY m.{S.SHARD}"))
-    reasons = con.sql(f"SELECT {S.REJECT_REASON}, count(*) FROM {REJECTS_VIEW} "
-                      f"GROUP BY {S.REJECT_REASON} ORDER BY count(*) DESC, {S.REJECT_REASON}").fetchall()
+        f"FROM {SHARDS_VIEW} m LEFT JOIN s ON s.{schema.SHARD} = m.{schema.SHARD} "
+        f"LEFT JOIN r ON r.{schema.SHARD} = m.{schema.SHARD} "
+        f"WHERE m.{STATUS} = '{STATUS_DONE}' ORDER BY m.{schema.SHARD}"))
+    reasons = con.sql(f"SELECT {schema.REJECT_REASON}, count(*) FROM {REJECTS_VIEW} "
+                      f"GROUP BY {schema.REJECT_REASON} ORDER BY count(*) DESC, {schema.REJECT_REASON}").fetchall()
     m = store.manifest
     return {
         "store": str(store.path),
@@ -140,10 +140,10 @@ def candidate_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]
     exp(max(l) - lse); entropy lse - sum(exp(x - lse) * x). Means are None
     when the store has no rows.
     """
-    names = [(dr, short, S.col(dr, fld)) for dr in S.DIRECTIONS for short, fld in LOGIT_FIELDS.items()]
+    names = [(dr, short, schema.col(dr, fld)) for dr in schema.DIRECTIONS for short, fld in LOGIT_FIELDS.items()]
     a = {c: f"{dr}_{short}" for dr, short, c in names}  # SQL aliases
     lists = ", ".join(f"list_filter({c}::DOUBLE[], lambda x: isfinite(x)) AS {a[c]}_l" for c in a)
-    lses = ", ".join(f"{S.col(dr, S.DUAL_LSE)} AS {dr}_pool_lse" for dr in S.DIRECTIONS)
+    lses = ", ".join(f"{schema.col(dr, schema.DUAL_LSE)} AS {dr}_pool_lse" for dr in schema.DIRECTIONS)
     maxes = ", ".join(f"list_max({x}_l) AS {x}_m" for x in a.values())
     row_lse = ", ".join(f"{x}_m + ln(list_sum(list_transform({x}_l, lambda x: exp(x - {x}_m)))) AS {x}_lse"
                         for x in a.values())
@@ -152,7 +152,7 @@ def candidate_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]
         means.append(f"avg(exp({x}_m - {x}_lse)) AS {x}_top1")
         means.append(f"avg({x}_lse - list_sum(list_transform({x}_l, lambda x: exp(x - {x}_lse) * x))) "
                      f"AS {x}_entropy")
-    for dr in S.DIRECTIONS:
+    for dr in schema.DIRECTIONS:
         means.append(f"avg(exp({dr}_dual_lse - {dr}_pool_lse)) AS {dr}_topk_mass")
     query = (f"WITH l AS (SELECT {lists}, {lses} FROM {SIGNALS_VIEW}), "
              f"m AS (SELECT *, {maxes} FROM l), "
@@ -160,7 +160,7 @@ def candidate_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]
              f"SELECT {', '.join(means)} FROM e")
     got = _rows(con.sql(query))[0]
     out: dict[str, dict[str, Any]] = {}
-    for dr in S.DIRECTIONS:
+    for dr in schema.DIRECTIONS:
         out[dr] = {short: {"top1": got[f"{dr}_{short}_top1"], "entropy": got[f"{dr}_{short}_entropy"]}
                    for short in LOGIT_FIELDS}
         out[dr]["topk_mass"] = got[f"{dr}_topk_mass"]
@@ -181,7 +181,7 @@ def check_store(store: Store | str | os.PathLike) -> dict[str, int]:
     included, and no key appears twice among the kept rows.
     """
     store = store if isinstance(store, Store) else open_store(store)
-    want = S.REJECTS_SCHEMA
+    want = schema.REJECTS_SCHEMA
     for name in store.shards:
         got = pq.read_schema(rejects_path(store.path, name))
         if got.names != want.names or got.types != want.types:
@@ -196,7 +196,7 @@ def check_store(store: Store | str | os.PathLike) -> dict[str, int]:
             problems = [k for k, v in bad[0].items() if k != "file_shard" and v]
             raise InputError(f"{store.path}: shard {bad[0]['file_shard']}: {', '.join(problems)} "
                              f"({len(bad)} shard(s) with problems)")
-    rows, pools = con.sql(f"SELECT count(*), count(DISTINCT ({S.SHARD}, {S.POOL})) "
+    rows, pools = con.sql(f"SELECT count(*), count(DISTINCT ({schema.SHARD}, {schema.POOL})) "
                           f"FROM {SIGNALS_VIEW}").fetchall()[0]
     rejected = con.sql(f"SELECT count(*) FROM {REJECTS_VIEW}").fetchall()[0][0]
     return {"shards": len(store.shards), "rows": rows, "rejected": rejected, "pools": pools}
@@ -206,17 +206,17 @@ def _row_checks_sql(files: list[Path], pool_size: int) -> str:
     """One row per signals file with any problem; each problem a boolean column named by what is wrong."""
     here = "parse_filename(filename, true)"
     checks = {
-        "shard column differs from the file name": f"bool_or({S.SHARD} <> {here})",
-        "rows are not 0..n-1 in file order": f"bool_or({S.ROW} <> file_row_number)",
-        f"pool is not row // {pool_size}": f"bool_or({S.POOL} <> {S.ROW} // {pool_size})",
-        "duplicate keys": f"count(DISTINCT {S.KEY}) <> count(*)",
+        "shard column differs from the file name": f"bool_or({schema.SHARD} <> {here})",
+        "rows are not 0..n-1 in file order": f"bool_or({schema.ROW} <> file_row_number)",
+        f"pool is not row // {pool_size}": f"bool_or({schema.POOL} <> {schema.ROW} // {pool_size})",
+        "duplicate keys": f"count(DISTINCT {schema.KEY}) <> count(*)",
     }
-    for dr in S.DIRECTIONS:
-        idx = S.col(dr, S.IDX)
+    for dr in schema.DIRECTIONS:
+        idx = schema.col(dr, schema.IDX)
         checks[f"{idx} has candidates outside the row's pool"] = (
             f"bool_or(NOT list_bool_and(list_transform({idx}, "
-            f"lambda j: j = {S.PAD_IDX} OR j // {pool_size} = {S.POOL})))")
-        checks[f"{idx} lacks the positive"] = f"bool_or(NOT list_contains({idx}, {S.ROW}))"
+            f"lambda j: j = {schema.PAD_IDX} OR j // {pool_size} = {schema.POOL})))")
+        checks[f"{idx} lacks the positive"] = f"bool_or(NOT list_contains({idx}, {schema.ROW}))"
     cols = ", ".join(f'{expr} AS "{name}"' for name, expr in checks.items())
     anybad = " OR ".join(f'"{name}"' for name in checks)
     return (f"WITH c AS (SELECT {here} AS file_shard, {cols} "
@@ -235,10 +235,10 @@ def check_data_keys(store: Store, shard: str, data_keys: Iterable[str]) -> dict[
     {"kept", "rejected"} counts; raises InputError naming the first mismatch.
     """
     where = f"{store.path}: shard {shard}"
-    kept = pq.read_table(signals_path(store.path, shard), columns=[S.KEY]).column(S.KEY).to_pylist()
+    kept = pq.read_table(signals_path(store.path, shard), columns=[schema.KEY]).column(schema.KEY).to_pylist()
     rejected: dict[str, int] = {}
-    for key in pq.read_table(rejects_path(store.path, shard), columns=[S.REJECT_KEY]).column(
-            S.REJECT_KEY).to_pylist():
+    for key in pq.read_table(rejects_path(store.path, shard), columns=[schema.REJECT_KEY]).column(
+            schema.REJECT_KEY).to_pylist():
         rejected[key] = rejected.get(key, 0) + 1
     total_rejected = sum(rejected.values())
     nxt = 0
@@ -269,7 +269,7 @@ def _shards_table(store: Store) -> pa.Table:
     names = sorted(entries)
     types = {SOURCE: pa.string(), SIZE: pa.int64(), MTIME: pa.float64(), ROWS: pa.int64(),
              REJECTED: pa.int64(), POOLS: pa.int64(), SECONDS: pa.float64(), STATUS: pa.string()}
-    cols = {S.SHARD: pa.array(names, pa.string())}
+    cols = {schema.SHARD: pa.array(names, pa.string())}
     for fld in SHARD_FIELDS:
         try:
             cols[fld] = pa.array([entries[n].get(fld) for n in names], types[fld])
@@ -278,14 +278,14 @@ def _shards_table(store: Store) -> pa.Table:
     return pa.table(cols)
 
 
-def _as_read_by_duckdb(schema: pa.Schema) -> pa.Schema:
+def _as_read_by_duckdb(arrow_schema: pa.Schema) -> pa.Schema:
     """The types DuckDB gives a signals Parquet file: float16 as float32, fixed-size lists as lists."""
     def plain(t: pa.DataType) -> pa.DataType:
         if pa.types.is_fixed_size_list(t):
             return pa.list_(plain(t.value_type))
         return pa.float32() if pa.types.is_float16(t) else t
 
-    return pa.schema([pa.field(f.name, plain(f.type)) for f in schema])
+    return pa.schema([pa.field(f.name, plain(f.type)) for f in arrow_schema])
 
 
 def _list(paths: list[Path]) -> str:

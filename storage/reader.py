@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage import fs
-from storage import schema as S
-from storage.atomic import TMP_PREFIX
-from storage.errors import InputError
-from storage.manifest import (
+from mcad.storage import fs
+from mcad.storage import schema
+from mcad.storage.atomic import TMP_PREFIX
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import (
     MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS,
     REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, rejects_path, signals_path,
     store_file,
@@ -90,8 +90,8 @@ def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray
             rejected = pf.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{where}: unreadable Parquet file ({' '.join(str(exc).split())})") from None
-    S.check_version(S.version_of(arrow_schema), f"{where} (signals file)")
-    dims = S.validate(arrow_schema.empty_table(), where=f"{where} (signals file)")
+    schema.check_version(schema.version_of(arrow_schema), f"{where} (signals file)")
+    dims = schema.validate(arrow_schema.empty_table(), where=f"{where} (signals file)")
     want = {"d": params[PARAM_D], "f": params[PARAM_F], "k": params[PARAM_K]}
     if dims != want:
         raise InputError(f"{where}: signals file has dims {dims}, the manifest says {want}")
@@ -149,8 +149,8 @@ class Store:
 
     def rejected_keys(self, shard: str) -> set[str]:
         with parquet_file(rejects_path(self.path, shard)) as pf:
-            return set(pf.read(columns=[S.REJECT_KEY])
-                   .column(S.REJECT_KEY).to_pylist())
+            return set(pf.read(columns=[schema.REJECT_KEY])
+                   .column(schema.REJECT_KEY).to_pylist())
 
     # --- replay and remix ------------------------------------------------
 
@@ -192,7 +192,7 @@ class Store:
         shuffle), and with shuffle a buffer of `buffer_pools` pools mixes them.
         """
         slot, slots = _slot(rank, world_size, worker, num_workers)
-        cols = _columns(columns, need=(S.KEY,))
+        cols = _columns(columns, need=(schema.KEY,))
         mine = _order(len(self.shards), shuffle, seed, epoch)[slot::slots]
         pools = (p for i in mine for p in self._joined_shard(open_samples, self.shards[i], cols))
         if shuffle and buffer_pools > 1:
@@ -219,7 +219,7 @@ class Store:
             for pool_index in range(-(-self.shard_rows[name] // self.pool_size)):
                 pool = files.pool(name, pool_index, cols)
                 data = []
-                for offset, key in enumerate(pool[S.KEY]):
+                for offset, key in enumerate(pool[schema.KEY]):
                     row = pool_index * self.pool_size + offset
                     while True:
                         got = next(samples, None)
@@ -233,7 +233,7 @@ class Store:
                             raise InputError(f"shard {name}, row {row}: the data has key {got[0]!r} "
                                              f"where the store has key {key!r}")
                     data.append(got[1])
-                pool[S.DATA] = data
+                pool[schema.DATA] = data
                 yield pool
             for got_key, _ in samples:
                 rejected = self.rejected_keys(name) if rejected is None else rejected
@@ -384,8 +384,8 @@ def _order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
 
 def _columns(columns: Sequence[str] | None, need: Sequence[str] = ()) -> list[str]:
     if columns is None:
-        return list(S.SIGNAL_COLUMNS)
-    unknown = [c for c in columns if c not in S.SIGNAL_COLUMNS]
+        return list(schema.SIGNAL_COLUMNS)
+    unknown = [c for c in columns if c not in schema.SIGNAL_COLUMNS]
     if unknown:
         raise ValueError(f"unknown signal columns {unknown}")
     return list(dict.fromkeys([*need, *columns]))

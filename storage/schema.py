@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from storage.errors import InputError
+from mcad.storage.errors import InputError
 
 SCHEMA_VERSION = 1
 KNOWN_VERSIONS = (1,)

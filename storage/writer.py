@@ -23,20 +23,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage import fs
-from storage import schema as S
-from storage.manifest import rejects_path, signals_path
+from mcad.storage import fs
+from mcad.storage import schema
+from mcad.storage.manifest import rejects_path, signals_path
 
 COMPRESSION = "zstd"
 ROW_GROUP_MIN_ROWS = 256
 # Only the small scalar columns get statistics and dictionaries: they let DuckDB
 # skip row groups by shard/row/pool; stats on list columns would only bloat the footer.
-_STATS_COLUMNS = [S.SHARD, S.ROW, S.POOL]
-_DICT_COLUMNS = [S.SHARD]
+_STATS_COLUMNS = [schema.SHARD, schema.ROW, schema.POOL]
+_DICT_COLUMNS = [schema.SHARD]
 
-_VECTOR_COLUMNS = {S.IMG_EMB: "d", S.TXT_EMB: "d", S.FUSED: "f", S.FUSED_PROJ: "d"}
-_SCALAR_COLUMNS = [S.ITM_POS] + [S.col(dr, S.DUAL_LSE) for dr in S.DIRECTIONS]
-_CAND_COLUMNS = [S.col(dr, fld) for dr in S.DIRECTIONS for fld in (S.IDX, S.DUAL, S.ITM)]
+_VECTOR_COLUMNS = {schema.IMG_EMB: "d", schema.TXT_EMB: "d", schema.FUSED: "f", schema.FUSED_PROJ: "d"}
+_SCALAR_COLUMNS = [schema.ITM_POS] + [schema.col(dr, schema.DUAL_LSE) for dr in schema.DIRECTIONS]
+_CAND_COLUMNS = [schema.col(dr, fld) for dr in schema.DIRECTIONS for fld in (schema.IDX, schema.DUAL, schema.ITM)]
 
 
 def write_shard(
@@ -93,9 +93,9 @@ def build_rejects(rejects: Sequence[tuple[str, str, str]]) -> pa.Table:
     bad = [r for r in rows if len(r) != 3 or not all(isinstance(x, str) for x in r)]
     if bad:
         raise ValueError(f"rejects must be (key, reason, detail) string triples, got {bad[0]!r}")
-    names = S.REJECTS_SCHEMA.names
+    names = schema.REJECTS_SCHEMA.names
     arrays = [pa.array([r[i] for r in rows], pa.string()) for i in range(3)]
-    return pa.Table.from_arrays(arrays, names=names).cast(S.REJECTS_SCHEMA)
+    return pa.Table.from_arrays(arrays, names=names).cast(schema.REJECTS_SCHEMA)
 
 
 def build_table(
@@ -104,36 +104,36 @@ def build_table(
     """Validate `columns` and return them as an Arrow table of the v1 signal schema."""
     if pool_size < 1:
         raise ValueError(f"pool_size must be positive, got {pool_size}")
-    schema = S.signal_schema(d=d, f=f, k=k)
+    table_schema = schema.signal_schema(d=d, f=f, k=k)
     cols = dict(columns)
-    if S.KEY not in cols:
-        raise ValueError(f"shard {shard}: missing column {S.KEY}")
-    n = len(cols[S.KEY])
-    cols.setdefault(S.SHARD, [shard] * n)
-    missing = [c for c in S.SIGNAL_COLUMNS if c not in cols]
-    extra = [c for c in cols if c not in S.SIGNAL_COLUMNS]
+    if schema.KEY not in cols:
+        raise ValueError(f"shard {shard}: missing column {schema.KEY}")
+    n = len(cols[schema.KEY])
+    cols.setdefault(schema.SHARD, [shard] * n)
+    missing = [c for c in schema.SIGNAL_COLUMNS if c not in cols]
+    extra = [c for c in cols if c not in schema.SIGNAL_COLUMNS]
     if missing or extra:
         raise ValueError(f"shard {shard}: missing columns {missing}, unknown columns {extra}")
-    if any(s != shard for s in cols[S.SHARD]):
-        raise ValueError(f"shard {shard}: column {S.SHARD} holds other shard names")
-    if not all(isinstance(x, str) for x in cols[S.KEY]):
+    if any(s != shard for s in cols[schema.SHARD]):
+        raise ValueError(f"shard {shard}: column {schema.SHARD} holds other shard names")
+    if not all(isinstance(x, str) for x in cols[schema.KEY]):
         raise ValueError(f"shard {shard}: keys must be strings")
 
     widths = {"d": d, "f": f}
-    arr = {S.KEY: cols[S.KEY], S.SHARD: cols[S.SHARD]}
-    arr[S.ROW] = _shaped(shard, S.ROW, cols[S.ROW], (n,), np.int32)
-    arr[S.POOL] = _shaped(shard, S.POOL, cols[S.POOL], (n,), np.int32)
+    arr = {schema.KEY: cols[schema.KEY], schema.SHARD: cols[schema.SHARD]}
+    arr[schema.ROW] = _shaped(shard, schema.ROW, cols[schema.ROW], (n,), np.int32)
+    arr[schema.POOL] = _shaped(shard, schema.POOL, cols[schema.POOL], (n,), np.int32)
     for name, w in _VECTOR_COLUMNS.items():
         arr[name] = _shaped(shard, name, cols[name], (n, widths[w]), np.float16)
     for name in _SCALAR_COLUMNS:
         arr[name] = _shaped(shard, name, cols[name], (n,), np.float32)
     for name in _CAND_COLUMNS:
-        dtype = np.int32 if name.endswith(S.IDX) else np.float32
+        dtype = np.int32 if name.endswith(schema.IDX) else np.float32
         arr[name] = _shaped(shard, name, cols[name], (n, k), dtype)
 
     _check_rows(shard, arr, n=n, k=k, pool_size=pool_size)
-    arrays = [_to_arrow(arr[field.name], field.type) for field in schema]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    arrays = [_to_arrow(arr[field.name], field.type) for field in table_schema]
+    return pa.Table.from_arrays(arrays, schema=table_schema)
 
 
 def _shaped(shard: str, name: str, value: Any, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -145,7 +145,7 @@ def _shaped(shard: str, name: str, value: Any, shape: tuple[int, ...], dtype) ->
             raise ValueError(f"shard {shard}: column {name} must be integers, got {a.dtype}")
         return a.astype(dtype)
     out = a.astype(dtype)
-    finite_only = not any(name.endswith(fld) for fld in (S.DUAL, S.ITM))
+    finite_only = not any(name.endswith(fld) for fld in (schema.DUAL, schema.ITM))
     if finite_only and not np.isfinite(out).all():
         raise ValueError(f"shard {shard}: column {name} holds non-finite values")
     return out
@@ -153,18 +153,18 @@ def _shaped(shard: str, name: str, value: Any, shape: tuple[int, ...], dtype) ->
 
 def _check_rows(shard: str, arr: dict[str, np.ndarray], *, n: int, k: int, pool_size: int) -> None:
     """Rows 0..n-1, pools row // P, candidates in the own pool, positive included, padding only when due."""
-    rows = arr[S.ROW]
+    rows = arr[schema.ROW]
     if not np.array_equal(rows, np.arange(n)):
-        raise ValueError(f"shard {shard}: column {S.ROW} must be 0..{n - 1} in order")
-    if not np.array_equal(arr[S.POOL], rows // pool_size):
-        raise ValueError(f"shard {shard}: column {S.POOL} must equal {S.ROW} // {pool_size}")
+        raise ValueError(f"shard {shard}: column {schema.ROW} must be 0..{n - 1} in order")
+    if not np.array_equal(arr[schema.POOL], rows // pool_size):
+        raise ValueError(f"shard {shard}: column {schema.POOL} must equal {schema.ROW} // {pool_size}")
     start = (rows // pool_size) * pool_size
     pool_len = np.minimum(start + pool_size, n) - start
-    for dr in S.DIRECTIONS:
-        idx, dual, itm = (arr[S.col(dr, fld)] for fld in (S.IDX, S.DUAL, S.ITM))
-        pad = idx == S.PAD_IDX
+    for dr in schema.DIRECTIONS:
+        idx, dual, itm = (arr[schema.col(dr, fld)] for fld in (schema.IDX, schema.DUAL, schema.ITM))
+        pad = idx == schema.PAD_IDX
         inside = (idx >= start[:, None]) & (idx < (start + pool_len)[:, None])
-        where = f"shard {shard}: column {S.col(dr, S.IDX)}"
+        where = f"shard {shard}: column {schema.col(dr, schema.IDX)}"
         if not (pad | inside).all():
             bad = int(np.argwhere(~(pad | inside))[0, 0])
             raise ValueError(f"{where}: row {bad} has candidates outside its pool")
@@ -172,10 +172,10 @@ def _check_rows(shard: str, arr: dict[str, np.ndarray], *, n: int, k: int, pool_
             raise ValueError(f"{where}: each row needs min(K, pool size) real candidates")
         if n and not (idx == rows[:, None]).any(axis=1).all():
             raise ValueError(f"{where}: every row's positive must be among its candidates")
-        for fld, logits in ((S.DUAL, dual), (S.ITM, itm)):
+        for fld, logits in ((schema.DUAL, dual), (schema.ITM, itm)):
             if not (np.isfinite(logits[~pad]).all() and np.isneginf(logits[pad]).all()):
-                raise ValueError(f"shard {shard}: column {S.col(dr, fld)} must be finite, "
-                                 f"and -inf exactly where {S.col(dr, S.IDX)} is padding")
+                raise ValueError(f"shard {shard}: column {schema.col(dr, fld)} must be finite, "
+                                 f"and -inf exactly where {schema.col(dr, schema.IDX)} is padding")
 
 
 def _to_arrow(value: Any, typ: pa.DataType) -> pa.Array:

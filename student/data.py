@@ -20,15 +20,15 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from storage import schema as S
+from mcad.storage import schema
 
 PIXELS, INPUT_IDS, ATTENTION = "pixel_values", "input_ids", "attention_mask"
 BLOCK = "block"
-EMBEDDINGS = (S.IMG_EMB, S.TXT_EMB, S.FUSED_PROJ)
-CANDIDATES = tuple(S.col(d, f) for d in S.DIRECTIONS for f in (S.IDX, S.ITM))
+EMBEDDINGS = (schema.IMG_EMB, schema.TXT_EMB, schema.FUSED_PROJ)
+CANDIDATES = tuple(schema.col(d, f) for d in schema.DIRECTIONS for f in (schema.IDX, schema.ITM))
 EVIDENCE = EMBEDDINGS + CANDIDATES
 # What the reader must hand over: the evidence plus the row identities it is keyed by.
-READ_COLUMNS = (S.KEY, S.SHARD, S.ROW, S.POOL) + EVIDENCE
+READ_COLUMNS = (schema.KEY, schema.SHARD, schema.ROW, schema.POOL) + EVIDENCE
 
 
 def replay_batches(pools: Iterable[dict], pools_per_batch: int) -> Iterator[list[dict]]:
@@ -46,7 +46,7 @@ def replay_batches(pools: Iterable[dict], pools_per_batch: int) -> Iterator[list
 def collate(parts: Sequence[dict], *, processor, max_length: int | None = None,
             remix: bool = False) -> dict[str, torch.Tensor]:
     """One student batch from pools (replay) or from row batches (remix), see the module doc."""
-    samples = [s for part in parts for s in part[S.DATA]]
+    samples = [s for part in parts for s in part[schema.DATA]]
     batch = encode_samples(samples, processor=processor, max_length=max_length)
     batch.update(evidence(parts, remix=remix))
     return batch
@@ -64,37 +64,37 @@ def encode_samples(samples: Sequence, *, processor, max_length: int | None = Non
 def evidence(parts: Sequence[dict], *, remix: bool = False) -> dict[str, torch.Tensor]:
     """Evidence tensors of the concatenated parts, candidates indexed by batch position."""
     out = {name: torch.from_numpy(np.concatenate([np.asarray(p[name], dtype=np.float32) for p in parts]))
-           for name in EMBEDDINGS + tuple(S.col(d, S.ITM) for d in S.DIRECTIONS)}
+           for name in EMBEDDINGS + tuple(schema.col(d, schema.ITM) for d in schema.DIRECTIONS)}
     if remix:
         position = {(s, int(r)): i for i, (s, r) in enumerate(
-            (s, r) for p in parts for s, r in zip(p[S.SHARD], p[S.ROW]))}
-        for d in S.DIRECTIONS:
+            (s, r) for p in parts for s, r in zip(p[schema.SHARD], p[schema.ROW]))}
+        for d in schema.DIRECTIONS:
             idx = [_remix_local(p, d, position) for p in parts]
-            out[S.col(d, S.IDX)] = torch.from_numpy(np.concatenate(idx))
+            out[schema.col(d, schema.IDX)] = torch.from_numpy(np.concatenate(idx))
         out[BLOCK] = torch.zeros(len(position), dtype=torch.long)
         return out
     offset, blocks = 0, []
-    idx_parts: dict[str, list[np.ndarray]] = {d: [] for d in S.DIRECTIONS}
+    idx_parts: dict[str, list[np.ndarray]] = {d: [] for d in schema.DIRECTIONS}
     for block, pool in enumerate(parts):
-        rows = np.asarray(pool[S.ROW], dtype=np.int64)
+        rows = np.asarray(pool[schema.ROW], dtype=np.int64)
         first = int(rows[0])
-        for d in S.DIRECTIONS:
-            idx = np.asarray(pool[S.col(d, S.IDX)], dtype=np.int64)
-            idx_parts[d].append(np.where(idx == S.PAD_IDX, -1, idx - first + offset))
+        for d in schema.DIRECTIONS:
+            idx = np.asarray(pool[schema.col(d, schema.IDX)], dtype=np.int64)
+            idx_parts[d].append(np.where(idx == schema.PAD_IDX, -1, idx - first + offset))
         blocks.append(np.full(len(rows), block, dtype=np.int64))
         offset += len(rows)
-    for d in S.DIRECTIONS:
-        out[S.col(d, S.IDX)] = torch.from_numpy(np.concatenate(idx_parts[d]))
+    for d in schema.DIRECTIONS:
+        out[schema.col(d, schema.IDX)] = torch.from_numpy(np.concatenate(idx_parts[d]))
     out[BLOCK] = torch.from_numpy(np.concatenate(blocks))
     return out
 
 
 def _remix_local(part: dict, direction: str, position: dict) -> np.ndarray:
     """Candidate shard rows -> batch positions; -1 where the candidate is not in this batch."""
-    idx = np.asarray(part[S.col(direction, S.IDX)], dtype=np.int64)
+    idx = np.asarray(part[schema.col(direction, schema.IDX)], dtype=np.int64)
     out = np.full(idx.shape, -1, dtype=np.int64)
-    for i, shard in enumerate(part[S.SHARD]):
+    for i, shard in enumerate(part[schema.SHARD]):
         for j, row in enumerate(idx[i]):
-            if row != S.PAD_IDX:
+            if row != schema.PAD_IDX:
                 out[i, j] = position.get((shard, int(row)), -1)
     return out

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.errors import InputError
+from mcad.storage.errors import InputError
 
 FORMATS = ("hf", "onnx", "torchscript")
 

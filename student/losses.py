@@ -37,8 +37,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from storage.errors import InputError
-from student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT
+from mcad.storage.errors import InputError
+from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT
 
 
 @dataclass(frozen=True)

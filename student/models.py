@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from storage.atomic import atomic_write_json
-from storage.errors import InputError
+from mcad.storage.atomic import atomic_write_json
+from mcad.storage.errors import InputError
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 # Beyond this a tokenizer's model_max_length is transformers' "unset" sentinel.

@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from storage.errors import InputError
-from storage.schema import PAD_IDX
+from mcad.storage.errors import InputError
+from mcad.storage.schema import PAD_IDX
 
 # Keys of the dict `mcad_targets` returns (targets, not store columns).
 IMG_FEAT = "img_feat"      # v'_i (B, D)

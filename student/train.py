@@ -21,12 +21,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from storage.errors import InputError
-from student import data as D
-from student.checkpoint import load_checkpoint, save_checkpoint
-from student.curves import MetricsLog, plot_curves
-from student.losses import LossWeights, mcad_loss
-from student.targets import mcad_targets
+from mcad.storage.errors import InputError
+from mcad.student.data import ATTENTION, BLOCK, EVIDENCE, INPUT_IDS, PIXELS
+from mcad.student.checkpoint import load_checkpoint, save_checkpoint
+from mcad.student.curves import MetricsLog, plot_curves
+from mcad.student.losses import LossWeights, mcad_loss
+from mcad.student.targets import mcad_targets
 
 MODES = ("replay", "remix")
 
@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
-                step, seen = step + 1, seen + len(batch[D.INPUT_IDS])
+                step, seen = step + 1, seen + len(batch[INPUT_IDS])
                 if log and (step % cfg.log_every == 0 or step == 1):
                     log.write({"kind": "step", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                                **metrics})
@@ -150,10 +150,10 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
 
 def batch_loss(cfg: TrainConfig, student, batch: dict, teacher_logit_scale: float):
     """The MCAD loss of one collated batch: student forward, targets from evidence, weighted terms."""
-    out = student(batch[D.PIXELS], batch[D.INPUT_IDS], batch[D.ATTENTION])
+    out = student(batch[PIXELS], batch[INPUT_IDS], batch[ATTENTION])
     targets = None
     if cfg.needs_targets:
-        targets = mcad_targets(**{k: batch[k] for k in D.EVIDENCE}, block=batch[D.BLOCK],
+        targets = mcad_targets(**{k: batch[k] for k in EVIDENCE}, block=batch[BLOCK],
                                logit_scale=teacher_logit_scale, alpha=cfg.alpha, beta=cfg.beta,
                                k_prime=cfg.k_prime)
     return mcad_loss(weights=cfg.weights(), image=out["image"], text=out["text"],

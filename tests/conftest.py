@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 # Before anything imports torch: OpenMP threads that sleep instead of spinning
-# keep the suite fast when it shares the cores (see jobs/cli.py).
+# keep the suite fast when it shares the cores (see jobs/cli/__init__.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path  # noqa: E402
@@ -20,10 +20,10 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from storage import fs
-from storage import schema as S
-from storage.manifest import STATUS_DONE, Manifest
-from storage.writer import write_shard
+from mcad.storage import fs
+from mcad.storage import schema
+from mcad.storage.manifest import STATUS_DONE, Manifest
+from mcad.storage.writer import write_shard
 
 LOGIT_SCALE = 10.0
 
@@ -45,7 +45,7 @@ def _unit(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
 def _candidates(logits: np.ndarray, k: int, offset: int) -> np.ndarray:
     """Top-k columns per row by logit, positive (the diagonal) forced in, best first, PAD-padded."""
     n = logits.shape[0]
-    out = np.full((n, k), S.PAD_IDX, np.int64)
+    out = np.full((n, k), schema.PAD_IDX, np.int64)
     for i in range(n):
         top = list(np.argsort(-logits[i], kind="stable")[: min(k, n)])
         if i not in top:
@@ -63,30 +63,30 @@ def random_columns(
     v, t, g = _unit(rng, n, d), _unit(rng, n, d), _unit(rng, n, d)
     fused = rng.standard_normal((n, f)).astype(np.float32)
     cols: dict[str, Any] = {
-        S.KEY: list(keys), S.ROW: np.arange(n), S.POOL: np.arange(n) // pool,
-        S.IMG_EMB: v.astype(np.float16), S.TXT_EMB: t.astype(np.float16),
-        S.FUSED: fused.astype(np.float16), S.FUSED_PROJ: g.astype(np.float16),
-        S.ITM_POS: rng.standard_normal(n).astype(np.float32),
+        schema.KEY: list(keys), schema.ROW: np.arange(n), schema.POOL: np.arange(n) // pool,
+        schema.IMG_EMB: v.astype(np.float16), schema.TXT_EMB: t.astype(np.float16),
+        schema.FUSED: fused.astype(np.float16), schema.FUSED_PROJ: g.astype(np.float16),
+        schema.ITM_POS: rng.standard_normal(n).astype(np.float32),
     }
-    for dr in S.DIRECTIONS:
-        cols[S.col(dr, S.IDX)] = np.zeros((n, k), np.int32)
-        for fld in (S.DUAL, S.ITM):
-            cols[S.col(dr, fld)] = np.zeros((n, k), np.float32)
-        cols[S.col(dr, S.DUAL_LSE)] = np.zeros(n, np.float32)
+    for dr in schema.DIRECTIONS:
+        cols[schema.col(dr, schema.IDX)] = np.zeros((n, k), np.int32)
+        for fld in (schema.DUAL, schema.ITM):
+            cols[schema.col(dr, fld)] = np.zeros((n, k), np.float32)
+        cols[schema.col(dr, schema.DUAL_LSE)] = np.zeros(n, np.float32)
     itm_all = rng.standard_normal((n, n)).astype(np.float32)
     for start in range(0, n, pool):
         sl = slice(start, min(start + pool, n))
         dual = LOGIT_SCALE * v[sl] @ t[sl].T
         for dr, logits, itm in (("i2t", dual, itm_all[sl, sl]), ("t2i", dual.T, itm_all[sl, sl].T)):
             idx = _candidates(logits, k, start)
-            real = idx != S.PAD_IDX
+            real = idx != schema.PAD_IDX
             local = np.where(real, idx - start, 0)
             rows = np.arange(logits.shape[0])[:, None]
-            cols[S.col(dr, S.IDX)][sl] = idx
-            cols[S.col(dr, S.DUAL)][sl] = np.where(real, logits[rows, local], -np.inf)
-            cols[S.col(dr, S.ITM)][sl] = np.where(real, itm[rows, local], -np.inf)
+            cols[schema.col(dr, schema.IDX)][sl] = idx
+            cols[schema.col(dr, schema.DUAL)][sl] = np.where(real, logits[rows, local], -np.inf)
+            cols[schema.col(dr, schema.ITM)][sl] = np.where(real, itm[rows, local], -np.inf)
             mx = logits.max(axis=1)
-            cols[S.col(dr, S.DUAL_LSE)][sl] = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
+            cols[schema.col(dr, schema.DUAL_LSE)][sl] = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
     return cols
 
 

@@ -21,7 +21,7 @@ def ray_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """The shapes benchmark at toy size: train in 3 shards of 20 samples."""
-    from pipeline.synth import SynthConfig, write_benchmark
+    from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 
     out = tmp_path_factory.mktemp("shapes")
     write_benchmark(SynthConfig(train=60, val=10, test=10, shard_size=20, seed=0), out)
@@ -33,7 +33,7 @@ def tiny_teachers(tmp_path_factory, shapes_data):
     """Untrained smoke-size CLIP and BLIP-ITM directories (real HF classes, random weights)."""
     import json
 
-    from pipeline.teacher_models import make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 
     captions = json.loads((shapes_data / "synth_config.json").read_text())["vocabulary"]
     dual, single = make_tiny_teachers(tmp_path_factory.mktemp("teachers"), [" ".join(captions)])
@@ -58,7 +58,7 @@ def tiny_pass() -> dict:
 @pytest.fixture(scope="session")
 def tiny_store(ray_local, shapes_data, tiny_teachers, tiny_pass, tmp_path_factory):
     """A real signal store: the teacher pass over the toy train split (3 shards x 20 samples)."""
-    from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+    from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
 
     dual, single = tiny_teachers
     out = tmp_path_factory.mktemp("store")

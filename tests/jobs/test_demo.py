@@ -6,11 +6,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.demo import DemoConfig, run_demo, train_side_by_side
-from jobs.train_student import StudentJob
-from storage.errors import InputError
-from student.train import TrainConfig
+from mcad.jobs.cli import main
+from mcad.jobs.demo import DemoConfig, run_demo, train_side_by_side
+from mcad.jobs.train_student import StudentJob
+from mcad.storage.errors import InputError
+from mcad.student.train import TrainConfig
 
 pytestmark = pytest.mark.ray
 

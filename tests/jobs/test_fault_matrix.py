@@ -50,10 +50,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from jobs.cli import main
-from pipeline import shards as R
-from storage import manifest as M
-from storage.atomic import TMP_PREFIX
+from mcad.jobs.cli import main
+from mcad.pipeline.shards import CORRUPT_IMAGE, DUPLICATE_KEY, EMPTY_CAPTION, IMAGE_TOO_LARGE, MALFORMED_JSON, NOT_A_TAR, NO_CAPTION, TRUNCATED_TAR, UNDECODABLE_TEXT, UNSAFE_MEMBER
+from mcad.storage.manifest import MANIFEST_NAME, Manifest, REJECTED, REJECTS_DIR, ROWS, SIGNALS_DIR, rejects_path, signals_path
+from mcad.storage.atomic import TMP_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 KEPT = "kept"
@@ -80,12 +80,12 @@ def assert_one_line_error(result, *needles: str) -> str:
     return lines[0]
 
 
-def tables(store: Path, sub: str = M.SIGNALS_DIR) -> dict:
+def tables(store: Path, sub: str = SIGNALS_DIR) -> dict:
     return {p.name: pq.read_table(p) for p in sorted((store / sub).glob("*.parquet"))}
 
 
 def assert_same_data(store: Path, reference: Path) -> None:
-    for sub in (M.SIGNALS_DIR, M.REJECTS_DIR):
+    for sub in (SIGNALS_DIR, REJECTS_DIR):
         got, want = tables(store, sub), tables(reference, sub)
         assert got.keys() == want.keys(), sub
         for name in want:
@@ -136,22 +136,22 @@ def sample(key: str, img: bytes | None = None, *, ext: str = "jpg", txt: bytes |
 
 # (case, shard, key, what the store must say about that sample)
 INPUT_CASES = [
-    ("corrupt JPEG", "000000", "img-corrupt-jpeg", R.CORRUPT_IMAGE),
-    ("zero-byte image", "000000", "img-zero-byte", R.CORRUPT_IMAGE),
+    ("corrupt JPEG", "000000", "img-corrupt-jpeg", CORRUPT_IMAGE),
+    ("zero-byte image", "000000", "img-zero-byte", CORRUPT_IMAGE),
     ("PNG with alpha", "000000", "img-png-alpha", KEPT),
     ("CMYK JPEG", "000000", "img-cmyk-jpeg", KEPT),
     ("16-bit PNG", "000000", "img-png-16bit", KEPT),
-    ("image over the pixel limit", "000000", "img-bomb", R.IMAGE_TOO_LARGE),
-    ("missing caption", "000001", "cap-missing", R.NO_CAPTION),
-    ("empty caption", "000001", "cap-empty", R.EMPTY_CAPTION),
-    ("whitespace caption", "000001", "cap-whitespace", R.EMPTY_CAPTION),
-    ("non-UTF-8 caption", "000001", "cap-non-utf8", R.UNDECODABLE_TEXT),
-    ("malformed json", "000001", "cap-bad-json", R.MALFORMED_JSON),
-    ("duplicate key (second occurrence)", "000001", "cap-dup", R.DUPLICATE_KEY),
-    ("truncated tar", "000002", "trunc-cut", R.TRUNCATED_TAR),
-    ("file that is not a tar", "000003", "000003", R.NOT_A_TAR),
-    ("tar member named ../", "000005", "../evil", R.UNSAFE_MEMBER),
-    ("tar member with an absolute name", "000005", "/abs/evil", R.UNSAFE_MEMBER),
+    ("image over the pixel limit", "000000", "img-bomb", IMAGE_TOO_LARGE),
+    ("missing caption", "000001", "cap-missing", NO_CAPTION),
+    ("empty caption", "000001", "cap-empty", EMPTY_CAPTION),
+    ("whitespace caption", "000001", "cap-whitespace", EMPTY_CAPTION),
+    ("non-UTF-8 caption", "000001", "cap-non-utf8", UNDECODABLE_TEXT),
+    ("malformed json", "000001", "cap-bad-json", MALFORMED_JSON),
+    ("duplicate key (second occurrence)", "000001", "cap-dup", DUPLICATE_KEY),
+    ("truncated tar", "000002", "trunc-cut", TRUNCATED_TAR),
+    ("file that is not a tar", "000003", "000003", NOT_A_TAR),
+    ("tar member named ../", "000005", "../evil", UNSAFE_MEMBER),
+    ("tar member with an absolute name", "000005", "/abs/evil", UNSAFE_MEMBER),
 ]
 # Samples each shard holds (wholly or in part): kept + rejected must equal these.
 INPUT_COUNTS = {"000000": 9, "000001": 9, "000002": 3, "000003": 1, "000004": 0, "000005": 4}
@@ -203,7 +203,7 @@ def write_damaged_shards(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def damaged(ray_local, tiny_teachers, tiny_pass, tmp_path_factory):
     """The damaged shards and the store a real teacher pass made of them."""
-    from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+    from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
 
     root = tmp_path_factory.mktemp("damaged")
     data = write_damaged_shards(root / "data")
@@ -214,11 +214,11 @@ def damaged(ray_local, tiny_teachers, tiny_pass, tmp_path_factory):
 
 
 def store_keys(store: Path, shard: str) -> tuple[list[str], list[tuple[str, str]]]:
-    from storage import schema as S
+    from mcad.storage import schema
 
-    kept = pq.read_table(M.signals_path(store, shard)).column(S.KEY).to_pylist()
-    rej = pq.read_table(M.rejects_path(store, shard)).to_pylist()
-    return kept, [(r[S.REJECT_KEY], r[S.REJECT_REASON]) for r in rej]
+    kept = pq.read_table(signals_path(store, shard)).column(schema.KEY).to_pylist()
+    rej = pq.read_table(rejects_path(store, shard)).to_pylist()
+    return kept, [(r[schema.REJECT_KEY], r[schema.REJECT_REASON]) for r in rej]
 
 
 @pytest.mark.ray
@@ -237,12 +237,12 @@ def test_input_case_is_kept_or_rejected_with_its_reason(damaged, case, shard, ke
 @pytest.mark.ray
 def test_every_shard_accounts_for_every_sample(damaged):
     data, store = damaged
-    manifest = M.Manifest.load(store)
+    manifest = Manifest.load(store)
     assert sorted(manifest.done_shards()) == sorted(INPUT_COUNTS)  # the empty shard too
     for shard, count in INPUT_COUNTS.items():
         kept, rejected = store_keys(store, shard)
         entry = manifest.shards[shard]
-        assert (entry[M.ROWS], entry[M.REJECTED]) == (len(kept), len(rejected)), shard
+        assert (entry[ROWS], entry[REJECTED]) == (len(kept), len(rejected)), shard
         assert len(kept) + len(rejected) == count, shard
     # And key by key, in tar order, against the input (DuckDB over the store).
     result = invoke("signals", "validate", store, "--data", data)
@@ -254,7 +254,7 @@ def test_every_shard_accounts_for_every_sample(damaged):
 def test_stats_counts_every_reject_reason(damaged, tmp_path):
     _, store = damaged
     want = collections.Counter(outcome for _, _, _, outcome in INPUT_CASES if outcome != KEPT)
-    want[R.UNSAFE_MEMBER] = 2
+    want[UNSAFE_MEMBER] = 2
     result = invoke("signals", "stats", store, "--json", tmp_path / "stats.json")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "stats.json").read_text())["rejects_by_reason"] == dict(want)
@@ -280,9 +280,10 @@ MODE, MARK = sys.argv[1], sys.argv[2]
 
 def hook():
     """Ray runs this in each worker process at start: wrap the store's atomic writes."""
-    import storage.atomic
-    import storage.writer
-    real = storage.atomic.atomic_write
+    import mcad.storage.atomic
+    import mcad.storage.writer
+
+    real = mcad.storage.atomic.atomic_write
 
     def atomic_write(path, write):
         def write_then_fault(tmp):
@@ -302,16 +303,16 @@ def hook():
 
         return real(path, write_then_fault)
 
-    storage.atomic.atomic_write = atomic_write
-    if hasattr(storage.writer, "atomic_write"):  # imported by name there, or called via storage.atomic
-        storage.writer.atomic_write = atomic_write
+    mcad.storage.atomic.atomic_write = atomic_write
+    if hasattr(mcad.storage.writer, "atomic_write"):  # imported by name there, or called via mcad.storage.atomic
+        mcad.storage.writer.atomic_write = atomic_write
 
 
 import ray
 
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
          runtime_env={"worker_process_setup_hook": hook})
-from jobs.cli import main
+from mcad.jobs.cli import main
 
 main(sys.argv[3:], prog_name="mcad")
 '''
@@ -400,14 +401,14 @@ def test_driver_killed_mid_run_then_resume_matches_an_uninterrupted_run(
     deadline = time.time() + 180
     while time.time() < deadline and driver.proc.poll() is None:
         # One shard recorded, the next one stalled in its write: its temporary file is there.
-        if (out / M.MANIFEST_NAME).exists() and M.Manifest.load(out).done_shards() and leftovers(out):
+        if (out / MANIFEST_NAME).exists() and Manifest.load(out).done_shards() and leftovers(out):
             break  # (a manifest is never seen torn: it is renamed into place)
         time.sleep(0.05)
     assert driver.proc.poll() is None, driver.output()[-3000:]
     os.kill(driver.proc.pid, signal.SIGKILL)  # the driver only; its Ray goes down with it
     assert driver.wait() == -signal.SIGKILL
     driver.clean_up()
-    done = M.Manifest.load(out).done_shards()
+    done = Manifest.load(out).done_shards()
     assert len(done) == 1 and leftovers(out), done  # killed mid-run, with a shard in flight
 
     result = invoke(*args, "--resume")
@@ -415,7 +416,7 @@ def test_driver_killed_mid_run_then_resume_matches_an_uninterrupted_run(
     assert f"({len(done)} already done" in result.output
     assert_same_data(out, tiny_store)
     assert leftovers(out) == []
-    assert M.Manifest.load(out).done_shards() == ["000000", "000001", "000002"]
+    assert Manifest.load(out).done_shards() == ["000000", "000001", "000002"]
 
 
 @pytest.mark.slow  # a whole pass in a Ray cluster of its own, one actor started twice (about 30 s)
@@ -459,10 +460,10 @@ def test_full_disk_fails_in_one_line_and_a_later_run_resumes(
     assert leftovers(copy) == []
     # The manifest is whole and every shard it records is complete; a shard the
     # disk filled up after may have complete files but no entry: --resume redoes it.
-    manifest = M.Manifest.load(copy)
+    manifest = Manifest.load(copy)
     for name in manifest.done_shards():
-        assert pq.read_metadata(M.signals_path(copy, name)).num_rows == manifest.shards[name][M.ROWS]
-    for path in (copy / M.SIGNALS_DIR).glob("*.parquet"):
+        assert pq.read_metadata(signals_path(copy, name)).num_rows == manifest.shards[name][ROWS]
+    for path in (copy / SIGNALS_DIR).glob("*.parquet"):
         pq.read_metadata(path)  # whole Parquet files only
     done = manifest.done_shards()
 
@@ -497,23 +498,23 @@ def test_read_only_output_fails_in_one_line_and_a_later_run_resumes(
         tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
     out = tmp_path / "store"
     shutil.copytree(tiny_store, out)
-    manifest = M.Manifest.load(out)  # a pass that stopped after two shards
+    manifest = Manifest.load(out)  # a pass that stopped after two shards
     del manifest.shards["000002"]
     manifest.save(out)
-    for path in (M.signals_path(out, "000002"), M.rejects_path(out, "000002")):
+    for path in (signals_path(out, "000002"), rejects_path(out, "000002")):
         path.unlink()
-    before = (out / M.MANIFEST_NAME).read_bytes()
+    before = (out / MANIFEST_NAME).read_bytes()
     args = pass_args(shapes_data, tiny_teachers, tiny_pass, out) + ["--resume"]
 
-    undo = _make_read_only(out / M.SIGNALS_DIR)
+    undo = _make_read_only(out / SIGNALS_DIR)
     try:
         result = invoke(*args)
     finally:
         undo()
     line = assert_one_line_error(result, "shard 000002", "signals/000002.parquet", "--resume")
     assert "not permitted" in line or "denied" in line or "Read-only" in line
-    assert (out / M.MANIFEST_NAME).read_bytes() == before  # the manifest still says two shards
-    assert not M.signals_path(out, "000002").exists() and not M.rejects_path(out, "000002").exists()
+    assert (out / MANIFEST_NAME).read_bytes() == before  # the manifest still says two shards
+    assert not signals_path(out, "000002").exists() and not rejects_path(out, "000002").exists()
     assert leftovers(out) == []
 
     result = invoke(*args)
@@ -538,7 +539,7 @@ def test_read_only_store_folder_fails_before_any_work(tiny_store, shapes_data, t
 @pytest.mark.ray
 def test_resume_refuses_replaced_teacher_files(tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
     """Same paths, other weights: resuming would mix two teachers' signals in one store."""
-    from pipeline.teacher_models import make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 
     teachers = tmp_path / "teachers"
     for role, path in zip(("dual", "single"), tiny_teachers):
@@ -588,7 +589,7 @@ def test_student_killed_mid_epoch_resumes_from_its_last_checkpoint(student_run, 
     args = student_args(tiny_store, shapes_data / "train", run)
     log = tmp_path / "student.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", "import sys; from jobs.cli import main; "
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from mcad.jobs.cli import main; "
                                  "main(sys.argv[1:], prog_name='mcad')", *map(str, args)],
                                 cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
     state = run / "checkpoints" / "last" / "state.json"
@@ -620,9 +621,9 @@ def test_student_killed_mid_epoch_resumes_from_its_last_checkpoint(student_run, 
 def _store_with(tiny_store, tmp_path, edit) -> Path:
     store = tmp_path / "store"
     shutil.copytree(tiny_store, store)
-    raw = json.loads((store / M.MANIFEST_NAME).read_text())
+    raw = json.loads((store / MANIFEST_NAME).read_text())
     edit(raw)
-    (store / M.MANIFEST_NAME).write_text(json.dumps(raw))
+    (store / MANIFEST_NAME).write_text(json.dumps(raw))
     return store
 
 
@@ -649,7 +650,7 @@ def test_student_refuses_a_store_that_does_not_match(case, student_run, tiny_sto
         os.utime(data / "000001.tar", (1, 1))
         args, needle = student_args(tiny_store, data, run), "shard 000001"
     elif case == "another teacher (online)":
-        from pipeline.teacher_models import make_tiny_teachers
+        from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 
         other = make_tiny_teachers(tmp_path / "other", [CAPTION], seed=1)
         args = student_args(tiny_store, train, run, "--online-teachers", *other)
@@ -722,7 +723,7 @@ def test_dataset_without_a_usable_sample_is_one_line_and_exit_2(tiny_teachers, t
 
 # ------------------------------------------------------------ 5. security
 
-PRODUCT_PACKAGES = ("storage", "student", "pipeline", "jobs")
+PRODUCT_PACKAGES = ("mcad.storage", "mcad.student", "mcad.pipeline", "mcad.jobs")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle"}
 
 
@@ -811,10 +812,10 @@ class _Payload:
 def test_pickle_payloads_are_never_unpickled(tiny_teachers, tmp_path):
     import torch
 
-    from pipeline.teachers import DualTeacher
-    from storage.errors import InputError
-    from student.checkpoint import load_checkpoint
-    from student.models import build_student
+    from mcad.pipeline.teachers import DualTeacher
+    from mcad.storage.errors import InputError
+    from mcad.student.checkpoint import load_checkpoint
+    from mcad.student.models import build_student
 
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_Payload(probe)))  # the payload is live

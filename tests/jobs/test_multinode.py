@@ -119,7 +119,7 @@ def two_nodes():
 @pytest.fixture(scope="module")
 def wide_data(tmp_path_factory):
     """12 shards of 16 samples: enough shards that a node can die while some are left."""
-    from pipeline.synth import SynthConfig, write_benchmark
+    from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 
     out = tmp_path_factory.mktemp("wide")
     write_benchmark(SynthConfig(train=192, val=10, test=10, shard_size=16, seed=1), out)
@@ -136,7 +136,7 @@ def _done_shards(store: Path) -> int:
 
 def test_teacher_pass_survives_losing_a_worker_node_then_a_sweep_runs(two_nodes, wide_data, tiny_teachers,
                                                                      tiny_pass, tmp_path):
-    from storage.reader import open_store
+    from mcad.storage.reader import open_store
 
     dual, single = tiny_teachers
     store = tmp_path / "store"
@@ -156,7 +156,7 @@ def test_teacher_pass_survives_losing_a_worker_node_then_a_sweep_runs(two_nodes,
     assert job.returncode == 0, output
     assert done_before < 12
     # mcad's code was shipped to the cluster in the job's runtime environment (py_modules).
-    assert {"jobs", "pipeline", "storage", "student"} <= two_nodes.shipped_packages()
+    assert "mcad" in two_nodes.shipped_packages()
     opened = open_store(store)  # refuses anything incomplete, orphaned or miscounted
     assert opened.num_rows == 192 and len(opened.shards) == 12
     check = subprocess.run([MCAD, "signals", "validate", str(store), "--data", str(wide_data / "train")],

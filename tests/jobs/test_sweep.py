@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.sweep import parse_grid, trial_name
-from storage.errors import InputError
+from mcad.jobs.cli import main
+from mcad.jobs.sweep import parse_grid, trial_name
+from mcad.storage.errors import InputError
 
 
 def test_parse_grid_types_values_by_setting():

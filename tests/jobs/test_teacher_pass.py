@@ -5,10 +5,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.teacher_pass import TeacherPassJob, run_teacher_pass
-from storage import manifest as M
-from storage.reader import open_store
+from mcad.jobs.cli import main
+from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+from mcad.storage.manifest import FUSION_PROJ_NAME, Manifest, POOLS, REJECTED, ROWS, SIGNALS_DIR, signals_path
+from mcad.storage.reader import open_store
 
 pytestmark = pytest.mark.ray
 
@@ -23,7 +23,7 @@ def make_job(shapes_data, tiny_teachers, tiny_pass):
 
 
 def _tables(store):
-    return {p.name: pq.read_table(p) for p in sorted((store / M.SIGNALS_DIR).glob("*.parquet"))}
+    return {p.name: pq.read_table(p) for p in sorted((store / SIGNALS_DIR).glob("*.parquet"))}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +37,12 @@ def test_pass_writes_a_complete_store(one_worker_store):
     assert store.num_rows == 60
     assert list(store.shards) == ["000000", "000001", "000002"]
     assert store.pool_size == 8 and store.dims["k"] == 3
-    assert (out / M.FUSION_PROJ_NAME).is_file()
+    assert (out / FUSION_PROJ_NAME).is_file()
     teachers = store.manifest.teachers
     assert teachers["dual"]["weights_sha256"] and teachers["single"]["config_sha256"]
     for name, entry in store.manifest.shards.items():
-        assert entry[M.ROWS] + entry[M.REJECTED] == 20
-        assert entry[M.POOLS] == 3  # 20 rows in pools of 8: 8, 8, 4
+        assert entry[ROWS] + entry[REJECTED] == 20
+        assert entry[POOLS] == 3  # 20 rows in pools of 8: 8, 8, 4
 
 
 def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, make_job, tmp_path):
@@ -51,10 +51,10 @@ def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, make_job
     out = tmp_path / "store"
     shutil.copytree(one_worker_store[0], out)
     # Simulate a crash after two shards: the third shard's file and entry are gone.
-    manifest = M.Manifest.load(out)
+    manifest = Manifest.load(out)
     del manifest.shards["000002"]
     manifest.save(out)
-    M.signals_path(out, "000002").unlink()
+    signals_path(out, "000002").unlink()
     summary = run_teacher_pass(make_job(out, mode="resume"), progress=False)
     assert (summary["shards_run"], summary["shards_skipped"]) == (1, 2)
     before, after = _tables(one_worker_store[0]), _tables(out)

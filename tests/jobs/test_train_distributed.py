@@ -6,11 +6,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.train_student import student_batches
-from storage import schema as S
-from storage.reader import open_store
-from student.train import TrainConfig
+from mcad.jobs.cli import main
+from mcad.jobs.train_student import student_batches
+from mcad.storage import schema
+from mcad.storage.reader import open_store
+from mcad.student.train import TrainConfig
 
 pytestmark = pytest.mark.ray
 
@@ -19,7 +19,7 @@ def _pools_read(store, processor, *, epoch: int, rank: int, world_size: int) -> 
     seen = []
 
     def record(pool):  # the evidence hook sees every pool a rank reads, before collation
-        seen.append((pool[S.SHARD][0], int(pool[S.POOL][0])))
+        seen.append((pool[schema.SHARD][0], int(pool[schema.POOL][0])))
         return pool
 
     for _ in student_batches(store, TrainConfig(), processor, epoch=epoch, evidence=record,
@@ -29,7 +29,7 @@ def _pools_read(store, processor, *, epoch: int, rank: int, world_size: int) -> 
 
 
 def test_two_ranks_read_every_pool_exactly_once_per_epoch(tiny_store):
-    from student.models import load_processor
+    from mcad.student.models import load_processor
 
     store = open_store(tiny_store)
     processor = load_processor(store.manifest.teachers["dual"]["path"])

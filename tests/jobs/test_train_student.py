@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs.cli import main
-from jobs.train_student import StudentJob, student_batches
-from storage.reader import open_store
-from student.train import TrainConfig, batch_loss
+from mcad.jobs.cli import main
+from mcad.jobs.train_student import StudentJob, student_batches
+from mcad.storage.reader import open_store
+from mcad.student.train import TrainConfig, batch_loss
 
 pytestmark = pytest.mark.ray
 
@@ -39,8 +39,8 @@ def test_cli_trains_exports_and_records(tiny_store, shapes_data, tmp_path):
 
 
 def test_replay_batches_are_whole_pools_once_each(tiny_store, shapes_data):
-    from student.data import BLOCK
-    from student.models import load_processor
+    from mcad.student.data import BLOCK
+    from mcad.student.models import load_processor
 
     store = open_store(tiny_store)
     processor = load_processor(store.manifest.teachers["dual"]["path"])
@@ -56,8 +56,8 @@ def test_replay_batches_are_whole_pools_once_each(tiny_store, shapes_data):
 
 
 def test_stored_and_online_evidence_give_the_same_losses(tiny_store, shapes_data, tiny_teachers):
-    from jobs.train_student import _online_evidence
-    from student.models import build_student
+    from mcad.jobs.train_student import _online_evidence
+    from mcad.student.models import build_student
 
     store = open_store(tiny_store)
     dual_dir = store.manifest.teachers["dual"]["path"]
@@ -99,7 +99,7 @@ def test_refuses_a_changed_shard(tiny_store, shapes_data, tmp_path):
 
 
 def test_refuses_other_online_teachers(tiny_store, shapes_data, tmp_path):
-    from pipeline.teacher_models import make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 
     other = make_tiny_teachers(tmp_path / "other", ["a red circle"], seed=1)
     result = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r", "--online-teachers",

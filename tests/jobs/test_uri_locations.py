@@ -6,8 +6,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
-from storage.reader import open_store
+from mcad.jobs.cli import main
+from mcad.storage.reader import open_store
 
 pytestmark = pytest.mark.ray
 
@@ -16,7 +16,7 @@ def test_teacher_pass_and_student_at_uris_match_the_local_store(ray_local, shape
                                                                 tiny_store, tmp_path):
     import pyarrow.parquet as pq
 
-    from storage.manifest import signals_path
+    from mcad.storage.manifest import signals_path
 
     dual, single = tiny_teachers
     data, store = f"file://{shapes_data / 'train'}", f"file://{tmp_path / 'store'}"

@@ -11,16 +11,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs.cli import main
-from pipeline.evaluate import evaluate, evaluate_student, recall_table
-from pipeline.shards import Sample, iter_shard, list_shards
-from pipeline.shapes import VOCABULARY
-from pipeline.synth import SynthConfig, write_benchmark
-from pipeline.teacher_models import make_tiny_teachers
-from pipeline.teachers import DualTeacher, SingleTeacher
-from storage.errors import InputError
-from student.metrics import recall_at_k, rerank_recalls, top_k
-from student.models import build_student, export_hf
+from mcad.jobs.cli import main
+from mcad.pipeline.evaluate import evaluate, evaluate_student, recall_table
+from mcad.pipeline.shards import Sample, iter_shard, list_shards
+from mcad.pipeline.shapes.world import VOCABULARY
+from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
+from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
+from mcad.pipeline.teachers import DualTeacher, SingleTeacher
+from mcad.storage.errors import InputError
+from mcad.student.metrics import recall_at_k, rerank_recalls, top_k
+from mcad.student.models import build_student, export_hf
 
 
 N_TEST = 10

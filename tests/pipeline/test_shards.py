@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import shards
-from pipeline.shards import Reject, Sample, iter_shard, list_shards, shard_name
-from storage.errors import InputError
+from mcad.pipeline import shards
+from mcad.pipeline.shards import Reject, Sample, iter_shard, list_shards, shard_name
+from mcad.storage.errors import InputError
 
 
 def read(path, **kwargs):

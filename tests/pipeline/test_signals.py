@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.shards import Reject, Sample
-from pipeline.signals import (
+from mcad.pipeline.shards import Reject, Sample
+from mcad.pipeline.signals import (
     PassConfig, calibrate, calibration_pairs, candidates, compute_pool, fit_projection,
     load_projection, pools, project, save_projection, shard_signals,
 )
-from pipeline.teacher_models import make_tiny_teachers
-from pipeline.teachers import load_teachers
-from storage import schema as S
-from storage.errors import InputError
+from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
+from mcad.pipeline.teachers import load_teachers
+from mcad.storage import schema
+from mcad.storage.errors import InputError
 
 N, POOL_SIZE, K = 10, 4, 3  # pools of 4, 4, 2: the last is smaller than K and padded
 CAPTIONS = [f"a {size} {colour} {shape}" for size, colour, shape in zip(
@@ -117,10 +117,10 @@ def test_key_stored_signals_equal_hf_recomputation(dirs, samples, result, projec
     columns, rejects, stats = result
     assert rejects == [("bad1", "decode", "truncated jpeg"), ("bad2", "no_caption", "empty txt")]
     assert stats["rows"] == N and stats["rejected"] == 2 and stats["pools"] == 3
-    assert columns[S.KEY] == [s.key for s in samples]
-    assert columns[S.SHARD] == ["shard-000"] * N
-    np.testing.assert_array_equal(columns[S.ROW], np.arange(N))
-    np.testing.assert_array_equal(columns[S.POOL], np.arange(N) // POOL_SIZE)
+    assert columns[schema.KEY] == [s.key for s in samples]
+    assert columns[schema.SHARD] == ["shard-000"] * N
+    np.testing.assert_array_equal(columns[schema.ROW], np.arange(N))
+    np.testing.assert_array_equal(columns[schema.POOL], np.arange(N) // POOL_SIZE)
 
     replaced = 0
     for rows in pools(N, POOL_SIZE):
@@ -128,19 +128,19 @@ def test_key_stored_signals_equal_hf_recomputation(dirs, samples, result, projec
         p, at = len(rows), slice(rows.start, rows.stop)
         close = lambda got, want: np.testing.assert_allclose(got, want.numpy(), **TOL)  # noqa: E731
         close32 = lambda got, want: np.testing.assert_allclose(got, want.numpy(), **TOL32)  # noqa: E731
-        close(columns[S.IMG_EMB][at], ref["v"])
-        close(columns[S.TXT_EMB][at], ref["t"])
+        close(columns[schema.IMG_EMB][at], ref["v"])
+        close(columns[schema.TXT_EMB][at], ref["t"])
         fused_ref = ref["fused"].diagonal(dim1=0, dim2=1).T
-        close(columns[S.FUSED][at], fused_ref)
-        close32(columns[S.ITM_POS][at], ref["m"].diagonal())
-        close(columns[S.FUSED_PROJ][at], torch.nn.functional.normalize(fused_ref @ projection, dim=-1))
+        close(columns[schema.FUSED][at], fused_ref)
+        close32(columns[schema.ITM_POS][at], ref["m"].diagonal())
+        close(columns[schema.FUSED_PROJ][at], torch.nn.functional.normalize(fused_ref @ projection, dim=-1))
         queries = {"i2t": (ref["logits"], ref["m"]), "t2i": (ref["logits"].T, ref["m"].T)}
         for dr, (logits, m) in queries.items():
-            close32(columns[S.col(dr, S.DUAL_LSE)][at], torch.logsumexp(logits, dim=1))
-            idx, dual, itm = (columns[S.col(dr, f)][at] for f in (S.IDX, S.DUAL, S.ITM))
+            close32(columns[schema.col(dr, schema.DUAL_LSE)][at], torch.logsumexp(logits, dim=1))
+            idx, dual, itm = (columns[schema.col(dr, f)][at] for f in (schema.IDX, schema.DUAL, schema.ITM))
             assert idx.shape == (p, K)
             for i in range(p):
-                valid = idx[i] != S.PAD_IDX
+                valid = idx[i] != schema.PAD_IDX
                 local = idx[i][valid] - rows.start
                 assert set(local.tolist()) == _expected_set(logits[i], i, K), (dr, rows, i)
                 replaced += i not in torch.topk(logits[i], min(K, p)).indices.tolist()
@@ -150,12 +150,12 @@ def test_key_stored_signals_equal_hf_recomputation(dirs, samples, result, projec
                 assert valid.sum() == min(K, p)
                 assert np.all(np.isneginf(dual[i][~valid])) and np.all(np.isneginf(itm[i][~valid]))
     assert replaced > 0  # the positive-replacement path was exercised on real teachers
-    assert np.ptp(columns[S.ITM_POS]) > 100 * TOL32["atol"]  # pairs differ far beyond the tolerance
-    assert (columns[S.col("i2t", S.IDX)][8:] == S.PAD_IDX).sum() == 2  # last pool: 2 rows, K = 3
+    assert np.ptp(columns[schema.ITM_POS]) > 100 * TOL32["atol"]  # pairs differ far beyond the tolerance
+    assert (columns[schema.col("i2t", schema.IDX)][8:] == schema.PAD_IDX).sum() == 2  # last pool: 2 rows, K = 3
 
 
 def test_columns_are_what_the_writer_takes(tmp_path, teachers, result, config):
-    from storage.writer import write_shard
+    from mcad.storage.writer import write_shard
 
     columns, rejects, _ = result
     dual, single = teachers
@@ -163,7 +163,7 @@ def test_columns_are_what_the_writer_takes(tmp_path, teachers, result, config):
                           k=config.topk, pool_size=config.pool_size)
     assert written["rows"] == N and written["rejected"] == 2 and written["pools"] == 3
     table = pq.read_table(tmp_path / "signals" / "shard-000.parquet")
-    assert S.validate(table) == {"d": dual.dim, "f": single.dim_fused, "k": K}
+    assert schema.validate(table) == {"d": dual.dim, "f": single.dim_fused, "k": K}
 
 
 def test_calibration_fits_the_first_kept_rows(teachers, samples, items, config, projection):
@@ -197,14 +197,14 @@ def test_compute_pool_matches_shard_rows(teachers, samples, result, projection):
             assert value == result[0][name][4:8]
         else:
             np.testing.assert_array_equal(value, result[0][name][4:8])
-    assert S.FUSED_PROJ not in compute_pool(*teachers, samples[:2], k=K)
+    assert schema.FUSED_PROJ not in compute_pool(*teachers, samples[:2], k=K)
 
 
 def test_empty_shard_and_bad_projection(teachers, config, projection):
     columns, rejects, stats = shard_signals(*teachers, [Reject("k", "decode", "x")], shard="e",
                                             config=config, projection=projection)
     assert stats["rows"] == 0 and rejects == [("k", "decode", "x")]
-    assert columns[S.IMG_EMB].shape == (0, teachers[0].dim) and columns[S.SHARD] == []
+    assert columns[schema.IMG_EMB].shape == (0, teachers[0].dim) and columns[schema.SHARD] == []
     with pytest.raises(InputError, match="projection"):
         shard_signals(*teachers, [], shard="e", config=config, projection=projection[:, :5])
 
@@ -223,8 +223,8 @@ def test_candidates_order_replacement_and_padding():
     # text j ranks images by column j
     assert candidates(logits, 2, "t2i").tolist() == [[2, 0], [1, 2], [0, 2], [2, 3]]
     small = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
-    assert candidates(small, 4, "i2t").tolist() == [[1, 0, S.PAD_IDX, S.PAD_IDX], [0, 1, S.PAD_IDX, S.PAD_IDX]]
-    assert candidates(small, 4, "t2i").tolist() == [[1, 0, S.PAD_IDX, S.PAD_IDX], [0, 1, S.PAD_IDX, S.PAD_IDX]]
+    assert candidates(small, 4, "i2t").tolist() == [[1, 0, schema.PAD_IDX, schema.PAD_IDX], [0, 1, schema.PAD_IDX, schema.PAD_IDX]]
+    assert candidates(small, 4, "t2i").tolist() == [[1, 0, schema.PAD_IDX, schema.PAD_IDX], [0, 1, schema.PAD_IDX, schema.PAD_IDX]]
     with pytest.raises(ValueError):
         candidates(torch.zeros(2, 3), 1, "i2t")
 

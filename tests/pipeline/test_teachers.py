@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.teacher_models import make_tiny_teachers
-from pipeline.teachers import TEACHERS, DualTeacher, SingleTeacher, load_teachers
-from storage.errors import InputError
+from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
+from mcad.pipeline.teachers import TEACHERS, DualTeacher, SingleTeacher, load_teachers
+from mcad.storage.errors import InputError
 
 CAPTIONS = ["a red circle", "a small blue square left of a green triangle",
             "two large shapes", "a yellow star above a purple diamond"]

@@ -5,7 +5,7 @@ import errno
 
 import pytest
 
-from storage.atomic import TMP_PREFIX, atomic_write
+from mcad.storage.atomic import TMP_PREFIX, atomic_write
 
 
 def test_a_write_that_fails_leaves_no_file_and_names_the_target(tmp_path):

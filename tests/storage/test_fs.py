@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shards import Sample, iter_shard, list_shards
-from storage import fs
-from storage.errors import InputError
-from storage.manifest import Manifest, signals_path, source_identity
-from storage.reader import open_store
+from mcad.pipeline.shards import Sample, iter_shard, list_shards
+from mcad.storage import fs
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import Manifest, signals_path, source_identity
+from mcad.storage.reader import open_store
 
 
 def _mock(tmp: str = "") -> str:
@@ -102,7 +102,7 @@ def test_shards_at_a_uri_are_listed_and_streamed(tmp_path):
 
 
 def test_signals_queries_refuse_a_store_at_a_uri_in_one_line(make_store):
-    from storage.query import connect
+    from mcad.storage.query import connect
 
     with pytest.raises(InputError, match="local or mounted disk"):
         connect(make_store(_mock("/store")))

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage import schema as S
-from storage.errors import InputError
-from storage.manifest import MANIFEST_NAME, Manifest, rejects_path, signals_path
-from storage.reader import fingerprint_digest, open_store
+from mcad.storage import schema
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import MANIFEST_NAME, Manifest, rejects_path, signals_path
+from mcad.storage.reader import fingerprint_digest, open_store
 
 SPLIT = {"world_size": 2, "num_workers": 2}
 SLOTS = [{"rank": r, "worker": w, **SPLIT} for r in range(2) for w in range(2)]
@@ -25,7 +25,7 @@ def store_dir(tmp_path, make_store):
 
 
 def _ids(batch):
-    return list(zip(batch[S.SHARD], batch[S.ROW].tolist()))
+    return list(zip(batch[schema.SHARD], batch[schema.ROW].tolist()))
 
 
 def _all_ids(store):
@@ -44,34 +44,34 @@ def test_open_store_describes_the_store(store_dir):
     assert store.dims == {"d": 8, "f": 12, "k": 3} and store.pool_size == 4
     assert store.num_rows == 22 and store.num_pools == 7
     assert store.rejected_keys("00001") == set(pq.read_table(rejects_path(store_dir, "00001"))
-                                              .column(S.REJECT_KEY).to_pylist())
+                                              .column(schema.REJECT_KEY).to_pylist())
 
 
 def test_pools_round_trip_every_column_in_shard_order(store_dir):
     store = open_store(store_dir)
     pools = list(store.iter_pools())
-    assert [len(p[S.KEY]) for p in pools] == [4, 4, 2, 4, 3, 4, 1]
+    assert [len(p[schema.KEY]) for p in pools] == [4, 4, 2, 4, 3, 4, 1]
     assert [i for p in pools for i in _ids(p)] == _all_ids(store)
     for p in pools:  # one pool per dict, never crossing shards
-        assert len(set(p[S.SHARD])) == 1 and len(set(p[S.POOL].tolist())) == 1
+        assert len(set(p[schema.SHARD])) == 1 and len(set(p[schema.POOL].tolist())) == 1
     first = pools[0]
     table = pq.read_table(signals_path(store_dir, "00000")).slice(0, 4)
-    assert first[S.IMG_EMB].dtype == np.float16 and first[S.IMG_EMB].shape == (4, 8)
-    assert first[S.FUSED].shape == (4, 12)
-    assert first[S.col("i2t", S.IDX)].dtype == np.int32 and first[S.col("i2t", S.IDX)].shape == (4, 3)
-    assert first[S.col("t2i", S.DUAL)].dtype == np.float32 and first[S.ITM_POS].dtype == np.float32
-    for name in S.SIGNAL_COLUMNS:
+    assert first[schema.IMG_EMB].dtype == np.float16 and first[schema.IMG_EMB].shape == (4, 8)
+    assert first[schema.FUSED].shape == (4, 12)
+    assert first[schema.col("i2t", schema.IDX)].dtype == np.int32 and first[schema.col("i2t", schema.IDX)].shape == (4, 3)
+    assert first[schema.col("t2i", schema.DUAL)].dtype == np.float32 and first[schema.ITM_POS].dtype == np.float32
+    for name in schema.SIGNAL_COLUMNS:
         expected = table.column(name).to_pylist()
         got = first[name] if isinstance(first[name], list) else first[name].tolist()
         assert got == expected, name
     last = pools[2]  # rows 8, 9: a pool smaller than K
-    assert (last[S.col("i2t", S.IDX)][:, 2] == S.PAD_IDX).all()
-    assert np.isneginf(last[S.col("t2i", S.ITM)][:, 2]).all()
+    assert (last[schema.col("i2t", schema.IDX)][:, 2] == schema.PAD_IDX).all()
+    assert np.isneginf(last[schema.col("t2i", schema.ITM)][:, 2]).all()
 
 
 def test_pools_read_a_column_subset(store_dir):
-    pools = list(open_store(store_dir).iter_pools(columns=[S.ROW, S.TXT_EMB]))
-    assert set(pools[0]) == {S.ROW, S.TXT_EMB}
+    pools = list(open_store(store_dir).iter_pools(columns=[schema.ROW, schema.TXT_EMB]))
+    assert set(pools[0]) == {schema.ROW, schema.TXT_EMB}
     with pytest.raises(ValueError, match="unknown signal columns"):
         next(open_store(store_dir).iter_pools(columns=["nope"]))
 
@@ -84,7 +84,7 @@ def test_pools_from_files_whose_row_groups_cut_across_pools(store_dir):
     assert pq.read_metadata(path).num_row_groups == 4
     after = list(open_store(store_dir).iter_pools(shuffle=True, seed=3))
     assert [_ids(p) for p in after] == [_ids(p) for p in before]
-    np.testing.assert_array_equal(after[0][S.FUSED], before[0][S.FUSED])
+    np.testing.assert_array_equal(after[0][schema.FUSED], before[0][schema.FUSED])
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -95,7 +95,7 @@ def test_replay_split_reads_every_pool_once(store_dir, shuffle):
         mine = list(store.iter_pools(shuffle=shuffle, seed=5, epoch=1, **slot))
         assert mine  # 7 pools over 4 slots: everyone gets some
         for pool in mine:
-            pools[(pool[S.SHARD][0], int(pool[S.POOL][0]))] += 1
+            pools[(pool[schema.SHARD][0], int(pool[schema.POOL][0]))] += 1
             rows.update(_ids(pool))
     assert len(pools) == store.num_pools and set(pools.values()) == {1}
     assert sorted(rows) == sorted(_all_ids(store)) and set(rows.values()) == {1}
@@ -118,11 +118,11 @@ def test_remix_split_reads_every_row_once_in_mixed_batches(store_dir):
     seen, sizes, mixed = Counter(), [], False
     for slot in SLOTS:
         batches = list(store.iter_rows(batch_size=3, buffer_size=6, seed=2, **slot))
-        sizes += [len(b[S.KEY]) for b in batches[:-1]]
+        sizes += [len(b[schema.KEY]) for b in batches[:-1]]
         for b in batches:
             seen.update(_ids(b))
-            mixed |= len({(s, int(p)) for s, p in zip(b[S.SHARD], b[S.POOL])}) > 1
-            assert b[S.IMG_EMB].shape == (len(b[S.KEY]), 8)
+            mixed |= len({(s, int(p)) for s, p in zip(b[schema.SHARD], b[schema.POOL])}) > 1
+            assert b[schema.IMG_EMB].shape == (len(b[schema.KEY]), 8)
     assert sorted(seen) == sorted(_all_ids(store)) and set(seen.values()) == {1}
     assert set(sizes) == {3} and mixed
 
@@ -137,7 +137,7 @@ def test_remix_order_depends_on_seed_and_epoch_and_is_plain_without_shuffle(stor
     assert rows(seed=0) != rows(seed=1) and rows(seed=0) != rows(seed=0, epoch=1)
     assert sorted(rows(seed=1)) == sorted(_all_ids(store))
     plain = list(store.iter_rows(batch_size=5, shuffle=False))
-    assert [len(b[S.KEY]) for b in plain] == [5, 5, 5, 5, 2]
+    assert [len(b[schema.KEY]) for b in plain] == [5, 5, 5, 5, 2]
     assert [i for b in plain for i in _ids(b)] == _all_ids(store)
     with pytest.raises(ValueError, match="batch_size"):
         next(store.iter_rows(batch_size=8, buffer_size=4))
@@ -154,8 +154,8 @@ def _tar_samples(store, *, with_rejected=True):
     """What a caller's tar walker yields per source: (key, payload) in tar order."""
     out = {}
     for name in store.shards:
-        keys = [k for p in store.iter_pools(columns=[S.KEY]) if p[S.KEY][0].startswith(name)
-                for k in p[S.KEY]]
+        keys = [k for p in store.iter_pools(columns=[schema.KEY]) if p[schema.KEY][0].startswith(name)
+                for k in p[schema.KEY]]
         if with_rejected:
             keys = sorted(keys + sorted(store.rejected_keys(name)))  # keys sort in tar order
         out[store.manifest.shards[name]["source"]] = [(k, {"payload": k}) for k in keys]
@@ -175,7 +175,7 @@ def test_joined_pools_align_data_with_rows(store_dir, with_rejected):
     pools = list(store.iter_joined_pools(open_samples))
     assert [i for p in pools for i in _ids(p)] == _all_ids(store)
     for p in pools:
-        assert [d["payload"] for d in p[S.DATA]] == p[S.KEY]
+        assert [d["payload"] for d in p[schema.DATA]] == p[schema.KEY]
 
 
 def test_joined_split_by_shards_reads_every_row_once(store_dir):
@@ -184,9 +184,9 @@ def test_joined_split_by_shards_reads_every_row_once(store_dir):
     seen, shard_sets = Counter(), []
     for slot in SLOTS:
         pools = list(store.iter_joined_pools(open_samples, shuffle=True, seed=1, buffer_pools=2, **slot))
-        shard_sets.append({p[S.SHARD][0] for p in pools})
+        shard_sets.append({p[schema.SHARD][0] for p in pools})
         for p in pools:
-            assert [d["payload"] for d in p[S.DATA]] == p[S.KEY]
+            assert [d["payload"] for d in p[schema.DATA]] == p[schema.KEY]
             seen.update(_ids(p))
     assert sorted(seen) == sorted(_all_ids(store)) and set(seen.values()) == {1}
     assert sum(len(s) for s in shard_sets) == 3  # whole shards, each to one slot
@@ -203,7 +203,7 @@ def test_joined_rows_remix_keeps_data_aligned(store_dir):
     seen = Counter()
     for slot in SLOTS:
         for b in store.iter_joined_rows(open_samples, batch_size=3, buffer_size=6, seed=4, **slot):
-            assert [d["payload"] for d in b[S.DATA]] == b[S.KEY]
+            assert [d["payload"] for d in b[schema.DATA]] == b[schema.KEY]
             seen.update(_ids(b))
     assert sorted(seen) == sorted(_all_ids(store)) and set(seen.values()) == {1}
 
@@ -237,7 +237,7 @@ def test_refuses_unknown_manifest_version(store_dir):
 def test_refuses_unknown_parquet_version(store_dir):
     path = signals_path(store_dir, "00001")
     table = pq.read_table(path)
-    pq.write_table(table.replace_schema_metadata({S.METADATA_VERSION_KEY: b"99"}), path)
+    pq.write_table(table.replace_schema_metadata({schema.METADATA_VERSION_KEY: b"99"}), path)
     with pytest.raises(InputError, match="shard 00001 .*version 99"):
         open_store(store_dir)
 
@@ -292,7 +292,7 @@ def test_error_messages_are_one_line(store_dir):
 
 def test_fingerprint_pins_sources_teachers_and_params(store_dir):
     fp = open_store(store_dir).fingerprint()
-    assert fp["schema_version"] == S.SCHEMA_VERSION and fp["params"]["pool_size"] == 4
+    assert fp["schema_version"] == schema.SCHEMA_VERSION and fp["params"]["pool_size"] == 4
     assert set(fp["teachers"]["dual"]) == {"config_sha256", "weights_sha256"}  # paths may move
     assert set(fp["shards"]["00000"]) == {"source", "size", "mtime"}
     assert open_store(store_dir).fingerprint() == fp

@@ -15,14 +15,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from storage import schema as S
-from storage import writer
-from storage.atomic import TMP_PREFIX, sweep_temporaries
-from storage.errors import InputError
-from storage.manifest import (
+from mcad.storage import schema
+from mcad.storage import writer
+from mcad.storage.atomic import TMP_PREFIX, sweep_temporaries
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import (
     MANIFEST_NAME, STATUS_DONE, Manifest, file_digest, rejects_path, signals_path, source_identity,
 )
-from storage.writer import write_shard
+from mcad.storage.writer import write_shard
 
 DIMS = {"d": 8, "f": 12, "k": 3, "pool_size": 4}
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -40,28 +40,28 @@ def test_round_trip_every_column_type(tmp_path, make_columns):
     assert info["bytes"] == signals_path(tmp_path, "s0").stat().st_size
 
     table = pq.read_table(signals_path(tmp_path, "s0"))
-    assert S.version_of(table.schema) == S.SCHEMA_VERSION
-    assert S.validate(table) == {"d": 8, "f": 12, "k": 3}
-    assert table.column(S.KEY).to_pylist() == cols[S.KEY]
-    assert table.column(S.SHARD).to_pylist() == ["s0"] * 10
-    for name in (S.IMG_EMB, S.TXT_EMB, S.FUSED, S.FUSED_PROJ):
+    assert schema.version_of(table.schema) == schema.SCHEMA_VERSION
+    assert schema.validate(table) == {"d": 8, "f": 12, "k": 3}
+    assert table.column(schema.KEY).to_pylist() == cols[schema.KEY]
+    assert table.column(schema.SHARD).to_pylist() == ["s0"] * 10
+    for name in (schema.IMG_EMB, schema.TXT_EMB, schema.FUSED, schema.FUSED_PROJ):
         got = np.array(table.column(name).to_pylist(), dtype=np.float16)
         np.testing.assert_array_equal(got, cols[name])
-    for name in (S.ROW, S.POOL, S.ITM_POS, S.col("t2i", S.DUAL_LSE)):
+    for name in (schema.ROW, schema.POOL, schema.ITM_POS, schema.col("t2i", schema.DUAL_LSE)):
         np.testing.assert_array_equal(table.column(name).to_numpy(), np.asarray(cols[name]))
-    idx = np.array(table.column(S.col("i2t", S.IDX)).to_pylist())
-    dual = np.array(table.column(S.col("i2t", S.DUAL)).to_pylist(), dtype=np.float32)
-    itm = np.array(table.column(S.col("t2i", S.ITM)).to_pylist(), dtype=np.float32)
-    np.testing.assert_array_equal(idx, cols[S.col("i2t", S.IDX)])
-    np.testing.assert_array_equal(dual, cols[S.col("i2t", S.DUAL)])
-    np.testing.assert_array_equal(itm, cols[S.col("t2i", S.ITM)])
+    idx = np.array(table.column(schema.col("i2t", schema.IDX)).to_pylist())
+    dual = np.array(table.column(schema.col("i2t", schema.DUAL)).to_pylist(), dtype=np.float32)
+    itm = np.array(table.column(schema.col("t2i", schema.ITM)).to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(idx, cols[schema.col("i2t", schema.IDX)])
+    np.testing.assert_array_equal(dual, cols[schema.col("i2t", schema.DUAL)])
+    np.testing.assert_array_equal(itm, cols[schema.col("t2i", schema.ITM)])
     # The last pool (rows 8, 9) is smaller than K = 3: padded.
-    assert (idx[8:, 2] == S.PAD_IDX).all() and np.isneginf(dual[8:, 2]).all()
+    assert (idx[8:, 2] == schema.PAD_IDX).all() and np.isneginf(dual[8:, 2]).all()
 
     rej = pq.read_table(rejects_path(tmp_path, "s0"))
-    assert rej.schema.names == S.REJECTS_SCHEMA.names
+    assert rej.schema.names == schema.REJECTS_SCHEMA.names
     assert [tuple(r.values()) for r in rej.to_pylist()] == rejects
-    assert S.version_of(rej.schema) == S.SCHEMA_VERSION
+    assert schema.version_of(rej.schema) == schema.SCHEMA_VERSION
 
 
 def test_row_groups_hold_whole_pools(tmp_path, make_columns, monkeypatch):
@@ -103,19 +103,19 @@ def _drop_positive_of_row0(idx):
 
 
 BAD_INPUTS = {  # case: (column, how to break it, expected message)
-    "embedding width": (S.IMG_EMB, lambda a: a[:, :5], "img_emb has shape"),
-    "fewer rows": (S.ITM_POS, lambda a: a[:-1], "itm_pos has shape"),
-    "rows out of order": (S.ROW, lambda a: a[::-1], "row must be 0..9"),
-    "pool not row//P": (S.POOL, _set(5, 0), "pool must equal row // 4"),
-    "candidate in another pool": (S.col("i2t", S.IDX), _set((0, 2), 7), "row 0 has candidates outside"),
-    "positive missing": (S.col("t2i", S.IDX), _drop_positive_of_row0, "positive"),
-    "padding where the pool is full": (S.col("i2t", S.IDX), _set((1, 2), S.PAD_IDX), "min\\(K, pool size\\)"),
-    "-inf logit on a real candidate": (S.col("i2t", S.DUAL), _set((0, 0), -np.inf), "i2t_dual must be finite"),
-    "finite logit on padding": (S.col("t2i", S.ITM), _set((9, 2), 0.5), "t2i_itm must be finite"),
-    "nan embedding": (S.TXT_EMB, _set((3, 3), np.nan), "txt_emb holds non-finite"),
-    "float candidate ids": (S.col("i2t", S.IDX), lambda a: a.astype(np.float32), "must be integers"),
-    "other shard name": (S.SHARD, lambda a: ["s9"] * 10, "other shard names"),
-    "non-string key": (S.KEY, lambda a: list(range(10)), "keys must be strings"),
+    "embedding width": (schema.IMG_EMB, lambda a: a[:, :5], "img_emb has shape"),
+    "fewer rows": (schema.ITM_POS, lambda a: a[:-1], "itm_pos has shape"),
+    "rows out of order": (schema.ROW, lambda a: a[::-1], "row must be 0..9"),
+    "pool not row//P": (schema.POOL, _set(5, 0), "pool must equal row // 4"),
+    "candidate in another pool": (schema.col("i2t", schema.IDX), _set((0, 2), 7), "row 0 has candidates outside"),
+    "positive missing": (schema.col("t2i", schema.IDX), _drop_positive_of_row0, "positive"),
+    "padding where the pool is full": (schema.col("i2t", schema.IDX), _set((1, 2), schema.PAD_IDX), "min\\(K, pool size\\)"),
+    "-inf logit on a real candidate": (schema.col("i2t", schema.DUAL), _set((0, 0), -np.inf), "i2t_dual must be finite"),
+    "finite logit on padding": (schema.col("t2i", schema.ITM), _set((9, 2), 0.5), "t2i_itm must be finite"),
+    "nan embedding": (schema.TXT_EMB, _set((3, 3), np.nan), "txt_emb holds non-finite"),
+    "float candidate ids": (schema.col("i2t", schema.IDX), lambda a: a.astype(np.float32), "must be integers"),
+    "other shard name": (schema.SHARD, lambda a: ["s9"] * 10, "other shard names"),
+    "non-string key": (schema.KEY, lambda a: list(range(10)), "keys must be strings"),
 }
 
 
@@ -123,7 +123,7 @@ BAD_INPUTS = {  # case: (column, how to break it, expected message)
 def test_write_shard_refuses_inconsistent_columns(tmp_path, make_columns, case):
     name, fn, message = BAD_INPUTS[case]
     cols = make_columns("s0", 10)
-    cols.setdefault(S.SHARD, ["s0"] * 10)
+    cols.setdefault(schema.SHARD, ["s0"] * 10)
     cols = _break(cols, name, fn)
     with pytest.raises(ValueError, match=f"^shard s0: .*{message}"):
         write_shard(tmp_path, "s0", cols, [], **DIMS)
@@ -132,7 +132,7 @@ def test_write_shard_refuses_inconsistent_columns(tmp_path, make_columns, case):
 
 def test_write_shard_refuses_missing_or_unknown_columns_and_bad_rejects(tmp_path, make_columns):
     cols = make_columns("s0", 6)
-    del cols[S.FUSED]
+    del cols[schema.FUSED]
     with pytest.raises(ValueError, match="missing columns \\['fused'\\]"):
         write_shard(tmp_path, "s0", cols, [], **DIMS)
     with pytest.raises(ValueError, match="unknown columns \\['extra'\\]"):
@@ -162,7 +162,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import numpy as np
     from conftest import random_columns
-    from storage.writer import write_shard
+    from mcad.storage.writer import write_shard
     keys = [f"big-{i:06d}" for i in range(3000)]
     cols = random_columns("big", keys, pool=64, d=256, f=384, k=8, rng=np.random.default_rng(0))
     rejects = [(f"bad-{i}", "decode_error", "x" * 100) for i in range(2000)]
@@ -186,7 +186,7 @@ def test_killed_writer_leaves_complete_files_or_none(tmp_path):
         if path.exists():  # whatever is under a final name is complete and valid
             table = pq.read_table(path)
             assert table.num_rows == rows
-    S.validate(pq.read_table(signals_path(tmp_path, "big")))
+    schema.validate(pq.read_table(signals_path(tmp_path, "big")))
     for folder in ("signals", "rejects"):
         leftovers = sweep_temporaries(tmp_path / folder)
         assert all(p.name.startswith(TMP_PREFIX) for p in leftovers)

@@ -6,14 +6,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from jobs.cli import main
-from student.export import example_inputs, export_encoders
-from student.models import build_student, export_hf, load_processor
+from mcad.jobs.cli import main
+from mcad.student.export import example_inputs, export_encoders
+from mcad.student.models import build_student, export_hf, load_processor
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    from pipeline.teacher_models import make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 
     root = tmp_path_factory.mktemp("export")
     dual, _ = make_tiny_teachers(root / "t", ["a small red circle left of a large blue square"])

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from storage.errors import InputError
-from student.losses import LossWeights, distribution_kl, feature_loss, info_nce, mcad_loss
-from student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
+from mcad.storage.errors import InputError
+from mcad.student.losses import LossWeights, distribution_kl, feature_loss, info_nce, mcad_loss
+from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
 
 
 def _unit(gen, n, d, dtype=torch.float32):

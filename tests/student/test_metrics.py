@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from student.metrics import recall_at_k, rerank, rerank_by, rerank_recalls, top_k
+from mcad.student.metrics import recall_at_k, rerank, rerank_by, rerank_recalls, top_k
 
 KS = (1, 5, 10)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from storage.errors import InputError
-from student.models import (
+from mcad.storage.errors import InputError
+from mcad.student.models import (
     MAX_LOGIT_SCALE,
     PRESETS,
     Student,
@@ -26,7 +26,7 @@ CAPTIONS = ["a small red circle left of a large blue square", "the large green s
 
 @pytest.fixture(scope="module")
 def dual_dir(tmp_path_factory):
-    from pipeline.teacher_models import make_tiny_teachers  # tests may use pipeline; student/ may not
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers  # tests may use pipeline; student/ may not
 
     torch.set_num_threads(1)
     dual, _ = make_tiny_teachers(tmp_path_factory.mktemp("teachers"), CAPTIONS)

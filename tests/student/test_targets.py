@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from storage.errors import InputError
-from storage.schema import PAD_IDX
-from student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
+from mcad.storage.errors import InputError
+from mcad.storage.schema import PAD_IDX
+from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
 
 SCALE = 7.0
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from storage.errors import InputError
-from student import data as D
-from student.models import build_student
-from student.train import TrainConfig, train, warmup_cosine
+from mcad.storage.errors import InputError
+from mcad.student.data import ATTENTION, INPUT_IDS, PIXELS
+from mcad.student.models import build_student
+from mcad.student.train import TrainConfig, train, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero():
@@ -30,7 +30,7 @@ def test_config_refuses_bad_values(kw, message):
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from pipeline.teacher_models import make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 
     dual, _ = make_tiny_teachers(tmp_path_factory.mktemp("t"), ["a small red circle left of a blue square"])
     return dual
@@ -44,7 +44,7 @@ def _batches(processor, n_batches=3, size=6, seed=0):
         pixels = torch.rand(size, 3, 32, 32, generator=gen)
         texts = [words[int(i)] for i in torch.randint(len(words), (size,), generator=gen)]
         tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
-        out.append({D.PIXELS: pixels, D.INPUT_IDS: tokens["input_ids"], D.ATTENTION: tokens["attention_mask"]})
+        out.append({PIXELS: pixels, INPUT_IDS: tokens["input_ids"], ATTENTION: tokens["attention_mask"]})
     return out
 
 

@@ -1,0 +1,358 @@
+"""`mcad bench report`: quality over seeds, speed ratios and cost, in one reproducible run.
+
+For each seed N (0 .. --seeds - 1) the demo's own flow (jobs.demo.run_flow) runs
+into OUT/seed_N: the shapes benchmark from seed N, the teachers, ONE teacher
+pass, the teachers' evaluation (dual, single re-ranking the dual top-16, and
+their combination), then five students from that one store, trained side by
+side (jobs.demo.train_side_by_side), each evaluated on the test split:
+
+  baseline     contrastive only                        w_dist = w_feat = 0
+  dual_kd      dual-teacher KD (distribution + features of the plain dual teacher)
+                                                       alpha = beta = 0
+  single_dist  the single teacher's re-ranked distribution only
+                                                       alpha = 0, beta = the demo's, w_feat = 0
+  feat_only    MCAD feature distillation only          w_dist = 0
+  mcad         full MCAD                               the student defaults (alpha, beta)
+
+A seed whose OUT/seed_N/results.json exists is not run again (an interrupted
+report restarts where it stopped); OUT/report_config.json pins the settings, and
+a report folder made with other settings is refused. Then, unless
+--skip-speed, the speed benches run in this process, with the same functions
+and configurations as `mcad bench student|teacher-pass|store|presets` (the
+exact command lines are written beside them), each kept as
+OUT/speed/bench-<name>.json (also reused on a restart).
+
+Outputs: OUT/report.json, OUT/report.md (tables), OUT/recall.png (R@1 and rsum
+per method, mean with the seed spread), OUT/curves_<method>.png (training loss
+per step and validation rsum per epoch, one line per seed).
+
+    mcad bench report --out report/ --seeds 3
+    mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed
+
+This module imports only click and the stdlib at module level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from mcad.pipeline.shapes import DEMO_TEACHERS
+
+STUDENTS = {  # name -> TrainConfig overrides on the demo's (alpha, beta from the demo config)
+    "baseline": dict(w_dist=0.0, w_feat=0.0),
+    "dual_kd": dict(alpha=0.0, beta=0.0),
+    "single_dist": dict(alpha=0.0, w_feat=0.0),
+    "feat_only": dict(w_dist=0.0),
+    "mcad": dict(),
+}
+TEACHERS = ("dual", "single", "combined")
+METHODS = tuple(f"teacher_{t}" for t in TEACHERS) + tuple(STUDENTS)
+LABELS = {
+    "teacher_dual": "teacher dual (CLIP)",
+    "teacher_single": "teacher single (BLIP-ITM re-ranks dual top-16)",
+    "teacher_combined": "teacher combined (dual + beta ITM)",
+    "baseline": "student: contrastive only",
+    "dual_kd": "student: dual-only KD (alpha = beta = 0)",
+    "single_dist": "student: single re-ranked distribution only (alpha = 0, beta > 0, no feature loss)",
+    "feat_only": "student: feature distillation only (no distribution loss)",
+    "mcad": "student: full MCAD",
+}
+FIGURES = (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
+CONFIG_NAME, RESULTS_NAME = "report_config.json", "results.json"
+# Settings that change a seed's results: a report folder made with others is refused.
+PINNED = ("quick", "epochs", "preset", "teachers", "train", "val", "test", "pool", "topk")
+
+PAYBACK_FORMULA = (
+    "A student run from the store costs S seconds of the machine (the students, trained side by side, "
+    "take the students stage's wall time together: S is that time over their number, mean over seeds). With the "
+    "teachers online every step also runs the teachers: `mcad bench student` measures that step at "
+    "r = online_over_stored times the stored step, so an online run costs about r * S (the whole run "
+    "scaled by the step ratio; validation and export, which do not change, are a small part). The "
+    "stored path pays the teacher pass T once; n student runs cost T + n * S stored against "
+    "n * r * S online, so the pass is paid back once n * (r - 1) * S >= T: "
+    "break-even n = T / ((r - 1) * S), payback = ceil of it (never when r <= 1).")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out: str = "report_out"
+    seeds: int = 3
+    quick: bool = False
+    epochs: int | None = None     # None: the demo's (10, or 2 with --quick)
+    preset: str = "s"
+    teachers: str = str(DEMO_TEACHERS)   # a folder with dual/, single/ and teacher_recall.json
+    skip_speed: bool = False
+    ray_address: str | None = None  # where the passes and students run; None: a local cluster
+    # Benchmark sizes; None: the demo's (or its quick ones). Python only (tests shrink them).
+    train: int | None = None
+    val: int | None = None
+    test: int | None = None
+    pool: int | None = None
+    topk: int | None = None
+
+    def __post_init__(self):
+        from mcad.storage.errors import InputError
+
+        if self.seeds < 1:
+            raise InputError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.epochs is not None and self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+
+    def pinned(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in PINNED}
+
+    def demo_config(self, seed: int):
+        from mcad.jobs.demo import DemoConfig
+
+        sizes = {k: getattr(self, k) for k in ("epochs", "train", "val", "test", "pool", "topk")
+                 if getattr(self, k) is not None}
+        return DemoConfig.make(quick=self.quick, out=str(Path(self.out) / f"seed_{seed}"), seed=seed,
+                               teachers=self.teachers, preset=self.preset, ray_address=self.ray_address,
+                               **sizes)
+
+
+# ------------------------------------------------------------------ quality
+
+def run_seeds(cfg: ReportConfig, *, echo=print) -> tuple[dict[int, dict], list[int]]:
+    """Each seed's results (the demo's results.json), running the seeds not finished yet."""
+    from mcad.jobs.demo import run_flow
+
+    results, skipped = {}, []
+    for seed in range(cfg.seeds):
+        done = Path(cfg.out) / f"seed_{seed}" / RESULTS_NAME
+        if done.exists():
+            found = json.loads(done.read_text())
+            if set(found.get("students", {})) == set(STUDENTS):
+                echo(f"[report] seed {seed}: finished before, kept ({done})")
+                results[seed], skipped = found, skipped + [seed]
+                continue
+        results[seed] = run_flow(cfg.demo_config(seed), students=STUDENTS, echo=echo,
+                                 tag=f"report seed {seed}")
+    return results, skipped
+
+
+def method_evals(per_seed: dict[int, dict]) -> dict[str, list[dict]]:
+    """method -> its EVAL dict of every seed, in seed order."""
+    out: dict[str, list[dict]] = {m: [] for m in METHODS}
+    for seed in sorted(per_seed):
+        r = per_seed[seed]
+        for t in TEACHERS:
+            out[f"teacher_{t}"].append(r["teachers"][t])
+        for s in STUDENTS:
+            out[s].append(r["students"][s])
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarize(evals: dict[str, list[dict]]) -> dict:
+    """Per method: mean and std over seeds of R@1/5/10 both directions and rsum."""
+    summary = {}
+    for method, runs in evals.items():
+        s = {d: {k: mean_std([r[d][k] for r in runs]) for k in ("R@1", "R@5", "R@10")} for d in ("i2t", "t2i")}
+        s["rsum"] = mean_std([r["rsum"] for r in runs])
+        summary[method] = s
+    return summary
+
+
+def ablation(evals: dict[str, list[dict]]) -> dict:
+    """Each student against the baseline of the same seed: mean and std of the per-seed differences."""
+    base = evals["baseline"]
+    out = {}
+    for method in STUDENTS:
+        if method == "baseline":
+            continue
+        runs = evals[method]
+        out[method] = {
+            "i2t_R@1": mean_std([r["i2t"]["R@1"] - b["i2t"]["R@1"] for r, b in zip(runs, base)]),
+            "t2i_R@1": mean_std([r["t2i"]["R@1"] - b["t2i"]["R@1"] for r, b in zip(runs, base)]),
+            "rsum": mean_std([r["rsum"] - b["rsum"] for r, b in zip(runs, base)]),
+        }
+    return out
+
+
+# ------------------------------------------------------------------ speed and cost
+
+def speed_benches(cfg: ReportConfig) -> dict:
+    """name -> (function, config, the equivalent command line); quick: small sizes."""
+    from mcad.jobs.bench.presets import PresetsBenchConfig, run_presets_bench
+    from mcad.jobs.bench.store import StoreBenchConfig, run_store_bench
+    from mcad.jobs.bench.student import StudentBenchConfig, run_student_bench
+    from mcad.jobs.bench.teacher_pass import TeacherPassBenchConfig, run_teacher_pass_bench
+
+    teachers = "" if Path(cfg.teachers) == DEMO_TEACHERS else f" --teachers {cfg.teachers}"
+    if cfg.quick:
+        return {
+            "student": (run_student_bench, StudentBenchConfig(preset=cfg.preset, steps=5, size="smoke"),
+                        f"mcad bench student --preset {cfg.preset} --steps 5 --size smoke"),
+            "teacher-pass": (run_teacher_pass_bench,
+                             TeacherPassBenchConfig(size="smoke", samples=128, shards=4, pool_size=16, topk=4),
+                             "mcad bench teacher-pass --size smoke --samples 128 --shards 4 --pool 16 --topk 4"),
+            "store": (run_store_bench, StoreBenchConfig(rows=2000, shards=2),
+                      "mcad bench store --rows 2000 --shards 2"),
+            "presets": (run_presets_bench, PresetsBenchConfig(teachers=cfg.teachers, batches=2, queries=10),
+                        f"mcad bench presets{teachers} --batches 2 --queries 10"),
+        }
+    return {
+        "student": (run_student_bench, StudentBenchConfig(preset=cfg.preset),
+                    f"mcad bench student --preset {cfg.preset}"),
+        "teacher-pass": (run_teacher_pass_bench, TeacherPassBenchConfig(), "mcad bench teacher-pass"),
+        "store": (run_store_bench, StoreBenchConfig(), "mcad bench store"),
+        "presets": (run_presets_bench, PresetsBenchConfig(teachers=cfg.teachers), f"mcad bench presets{teachers}"),
+    }
+
+
+def run_speed(cfg: ReportConfig, *, echo=print) -> dict:
+    """name -> that bench's JSON dict (plus "command"); a bench kept from an earlier run is reused."""
+    from mcad.storage.atomic import atomic_write_json
+
+    folder = Path(cfg.out) / "speed"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, (fn, bench_cfg, command) in speed_benches(cfg).items():
+        path = folder / f"bench-{name}.json"
+        if path.exists():
+            echo(f"[report] bench {name}: kept from an earlier run ({path})")
+            out[name] = json.loads(path.read_text())
+            continue
+        echo(f"[report] bench {name} ({command}) ...")
+        result = {**fn(bench_cfg), "command": command}
+        atomic_write_json(path, result)
+        out[name] = json.loads(json.dumps(result))  # as the file holds it
+    return out
+
+
+def cost(per_seed: dict[int, dict], online_over_stored: float | None) -> dict:
+    """Teacher-pass seconds, seconds per student run, and the runs that pay back one pass."""
+    seeds = sorted(per_seed)
+    passes = [per_seed[s]["seconds"]["teacher_pass"] for s in seeds]
+    # Each student's own wall time, while it shared the cores with the others.
+    by_method = {m: mean_std([per_seed[s]["student_seconds"][m] for s in seeds]) for m in STUDENTS}
+    T = statistics.fmean(passes)
+    S = statistics.fmean(per_seed[s]["seconds"]["students"] / len(per_seed[s]["student_seconds"]) for s in seeds)
+    out = {"teacher_pass_s": T, "teacher_pass_s_per_seed": passes, "student_s": S,
+           "student_s_by_method": by_method,
+           "student_s_all_methods": statistics.fmean(v["mean"] for v in by_method.values()),
+           "teacher_eval_s": statistics.fmean(per_seed[s]["seconds"]["eval_teachers"] for s in seeds),
+           "online_over_stored": online_over_stored, "formula": PAYBACK_FORMULA}
+    if online_over_stored is None:
+        out.update(online_student_s=None, break_even_runs=None, payback_runs=None,
+                   payback_note="speed benches skipped: no online_over_stored ratio")
+    elif online_over_stored <= 1:
+        out.update(online_student_s=online_over_stored * S, break_even_runs=None, payback_runs=None,
+                   payback_note="online teachers cost no more than the store here: never paid back")
+    else:
+        n = T / ((online_over_stored - 1) * S)
+        out.update(online_student_s=online_over_stored * S, break_even_runs=n, payback_runs=math.ceil(n))
+    return out
+
+
+# ------------------------------------------------------------------ the report
+
+def check_config(cfg: ReportConfig) -> None:
+    """Refuse an OUT folder whose finished seeds were made with other settings."""
+    from mcad.storage.errors import InputError
+
+    path = Path(cfg.out) / CONFIG_NAME
+    if not path.exists():
+        return
+    before = {k: json.loads(path.read_text()).get(k) for k in PINNED}
+    now = json.loads(json.dumps(cfg.pinned()))
+    if before != now:
+        diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in PINNED if before[k] != now[k])
+        raise InputError(f"{cfg.out} holds a report made with other settings ({diff}); "
+                         f"use another --out or delete it")
+
+
+def run_report(cfg: ReportConfig, *, echo=print) -> dict:
+    """Seeds, speed, cost, tables and plots into cfg.out; returns report.json's dict plus "skipped"."""
+    from mcad.jobs.bench.machine import machine_info
+    from mcad.jobs.demo import shipped_teachers
+    from mcad.storage.atomic import atomic_write_json
+    from mcad.student.models import get_preset
+
+    get_preset(cfg.preset)
+    shipped_teachers(cfg.demo_config(0))  # no teachers: fail before any work
+    check_config(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG_NAME, dataclasses.asdict(cfg))
+    t0 = time.perf_counter()
+    per_seed, skipped = run_seeds(cfg, echo=echo)
+    speed = None if cfg.skip_speed else run_speed(cfg, echo=echo)
+    evals = method_evals(per_seed)
+    online = speed["student"]["ratios"]["online_over_stored"] if speed else None
+    demo_cfg = json.loads((out / "seed_0" / "demo_config.json").read_text())
+    mcad_run = out / "seed_0" / "runs" / "mcad" / "train_config.json"  # the full-MCAD student's settings
+    report = {
+        "config": dataclasses.asdict(cfg),
+        "demo_config": demo_cfg,
+        "mcad_train": json.loads(mcad_run.read_text())["train"] if mcad_run.is_file() else {},
+        "seeds": sorted(per_seed),
+        "methods": list(METHODS),
+        "labels": LABELS,
+        "students": STUDENTS,
+        "per_seed": {str(s): {k: r[k] for k in ("teachers", "students", "seconds", "student_seconds")}
+                     for s, r in sorted(per_seed.items())},
+        "summary": summarize(evals),
+        "ablation_vs_baseline": ablation(evals),
+        "speed": ({name: {k: b[k] for k in ("bench", "ratios", "figures", "machine", "config", "command") if k in b}
+                   for name, b in speed.items()} if speed else None),
+        "cost": cost(per_seed, online),
+        "machine": machine_info(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "stage_seconds_total": round(sum(sum(r["seconds"].values()) for r in per_seed.values()), 2),
+        "skipped_seeds": skipped,
+    }
+    atomic_write_json(out / "report.json", report)
+    from mcad.jobs.bench.report_render import curves_plot, markdown, quality_text, recall_plot
+
+    (out / "report.md").write_text(markdown(report))
+    recall_plot(report, out / "recall.png")
+    for method in STUDENTS:
+        curves_plot(out, method, sorted(per_seed), out / f"curves_{method}.png")
+    echo(quality_text(report))
+    echo(f"[report] {out / 'report.json'}, {out / 'report.md'}, plots in {out} "
+         f"({report['seconds']:.0f} s; seeds kept from before: {skipped or 'none'})")
+    return {**report, "skipped": skipped}
+
+
+# ------------------------------------------------------------------ CLI
+
+EPILOG = """\b
+Examples:
+  mcad bench report --out report/                 3 seeds, demo sizes, speed benches (~40 min on 2 CPU cores)
+  mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed    the same flow, small (a few minutes)
+  mcad bench report --out report/ --seeds 5       adds seeds 3 and 4 to a finished 3-seed report
+"""
+
+
+@click.command("report", epilog=EPILOG)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder (seeds already finished in it are kept).")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 .. N-1, one teacher pass each.")
+@click.option("--quick", is_flag=True, help="The demo's quick sizes, and small speed benches.")
+@click.option("--epochs", type=int, default=None, help="Student epochs (default: the demo's).")
+@click.option("--preset", default="s", show_default=True, help="Student size preset.")
+@click.option("--teachers", type=click.Path(exists=True, file_okay=False), default=str(DEMO_TEACHERS),
+              show_default="the shipped demo teachers", help="A folder with dual/ and single/.")
+@click.option("--skip-speed", is_flag=True, help="Quality and cost only: no speed benches.")
+@click.option("--ray-address", default=None,
+              help="Run the teacher passes and the students on this cluster ('auto', 'ray://host:port'); "
+                   "default: a local one.")
+def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address):
+    """Quality over seeds (teachers and five students), speed ratios and cost, as JSON, markdown and plots."""
+    cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
+                       skip_speed=skip_speed, ray_address=ray_address)
+    run_report(cfg, echo=click.echo)

@@ -1,0 +1,194 @@
+"""The report's markdown tables and PNG plots, from the report dict `mcad bench report` builds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mcad.pipeline.shapes import DEMO_TEACHERS
+from mcad.jobs.bench.report import FIGURES
+
+
+# ------------------------------------------------------------------ tables
+
+def _pm(s: dict, digits: int = 1) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def _md_table(rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+
+
+def quality_rows(report: dict) -> list[list[str]]:
+    rows = [["method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"]]
+    for m in report["methods"]:
+        s = report["summary"][m]
+        rows.append([report["labels"][m], *(_pm(s[d][k]) for d, k in FIGURES), _pm(s["rsum"])])
+    return rows
+
+
+def per_seed_rows(report: dict) -> list[list[str]]:
+    rows = [["method", *(f"seed {s}" for s in report["seeds"])]]
+    for m in report["methods"]:
+        cells = []
+        for s in report["seeds"]:
+            block = report["per_seed"][str(s)]
+            r = block["teachers"][m.removeprefix("teacher_")] if m.startswith("teacher_") else block["students"][m]
+            cells.append(f"{r['i2t']['R@1']:.1f} / {r['t2i']['R@1']:.1f}")
+        rows.append([m, *cells])
+    return rows
+
+
+def quality_text(report: dict) -> str:
+    rows = quality_rows(report)
+    rows = [[m if i else r[0]] + r[1:] for i, (r, m) in enumerate(zip(rows, ["method", *report["methods"]]))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def markdown(report: dict) -> str:
+    from mcad.jobs.bench.presets import table_rows
+
+    c, d, m = report["config"], report["demo_config"], report["machine"]
+    n = len(report["seeds"])
+    lines = [
+        "# mcad report: shapes benchmark", "",
+        f"Seeds {', '.join(map(str, report['seeds']))} ({n}); per seed: {d['train']:,} train / {d['val']:,} val / "
+        f"{d['test']:,} test images, pools of {d['pool']}, {d['topk']} candidates; students: preset "
+        f"`{d['preset']}`, {d['epochs']} epochs, alpha = {d['alpha']}, beta = {d['beta']}"
+        + (f", distillation temperature {report['mcad_train']['kd_temperature']}"
+           if "kd_temperature" in report.get("mcad_train", {}) else "") + "; one teacher pass "
+        f"per seed, every student of a seed from that one store. Teachers: `{c['teachers']}`"
+        + (" (the shipped demo teachers, bootstrapped on the seed-0 benchmark: see its README; the other "
+           "seeds draw new data from the same generator)." if Path(c["teachers"]) == DEMO_TEACHERS else "."),
+        "",
+        f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']} "
+        f"({m['torch_threads']} threads), load average at the end {m['load_average'][0]:.2f}. "
+        f"Seed stages {report['stage_seconds_total']:.0f} s in all; this invocation {report['seconds']:.0f} s "
+        f"(seeds kept from an earlier run: {report['skipped_seeds'] or 'none'}).", "",
+        "## Quality (test split, recall %, mean ± sample std over seeds)", "",
+        *_md_table(quality_rows(report)), "",
+        "R@1 of each seed (image→text / text→image); `mcad eval --model seed_N/runs/METHOD/model "
+        "--data seed_N/data/test` prints a student's, `mcad eval --model TEACHERS/dual --single "
+        "TEACHERS/single --beta BETA --data seed_N/data/test` the teachers'.", "",
+        *_md_table(per_seed_rows(report)), "",
+        "## Ablations against the contrastive baseline",
+        "",
+        "Differences to the baseline student of the same seed (same data, same store), mean ± std over seeds.",
+        "",
+    ]
+    rows = [["student", "Δ i2t R@1", "Δ t2i R@1", "Δ rsum"]]
+    for method, a in report["ablation_vs_baseline"].items():
+        rows.append([report["labels"][method], _pm(a["i2t_R@1"]), _pm(a["t2i_R@1"]), _pm(a["rsum"])])
+    lines += [*_md_table(rows), ""]
+    lines += ["## Speed", ""]
+    speed = report["speed"]
+    if speed is None:
+        lines += ["Skipped (`--skip-speed`).", ""]
+    else:
+        rows = [["bench", "ratio", "value", "command"]]
+        for name in ("student", "teacher-pass", "store"):
+            for ratio, value in speed[name]["ratios"].items():
+                rows.append([name, f"`{ratio}`", f"{value:.3f}", f"`{speed[name]['command']}`"])
+        f = speed["student"]["figures"]
+        lines += [*_md_table(rows), "",
+                  f"Student step (ms): {f['plain_ms_per_step']:.1f} contrastive, {f['mcad_stored_ms_per_step']:.1f} "
+                  f"MCAD from the store, {f['mcad_online_ms_per_step']:.1f} MCAD with the teachers online "
+                  f"(batch {f['batch_size']}). Store: {speed['store']['figures']['bytes_per_sample']:.0f} bytes "
+                  f"per sample, reader {speed['store']['figures']['reader_rows_per_s']:,.0f} rows/s. "
+                  f"Full JSON of each bench: `speed/bench-<name>.json`.", ""]
+    co = report["cost"]
+    lines += ["## Cost", "",
+              *_md_table([["figure", "value"],
+                          ["teacher pass (s, mean over seeds)", f"{co['teacher_pass_s']:.1f}"],
+                          ["student run from the store (machine s: students stage / students)",
+                           f"{co['student_s']:.1f}"],
+                          ["one student's wall time, side by side with the others (s, mean)",
+                           f"{co['student_s_all_methods']:.1f}"],
+                          ["teacher evaluation (s, mean)", f"{co['teacher_eval_s']:.1f}"],
+                          ["online_over_stored (bench student)", _num(co["online_over_stored"], 2)],
+                          ["student run with teachers online (s, estimated)", _num(co["online_student_s"], 1)],
+                          ["break-even student runs", _num(co["break_even_runs"], 2)],
+                          ["student runs that pay back one teacher pass", _num(co["payback_runs"], 0)]]),
+              "", co["formula"], ""]
+    if co.get("payback_note"):
+        lines += [co["payback_note"], ""]
+    lines += ["## Student presets against the teachers", ""]
+    if speed is None:
+        lines += ["Skipped (`--skip-speed`).", ""]
+    else:
+        p = speed["presets"]
+        lines += [*_md_table(table_rows(p)), "",
+                  f"`{p['command']}`. Parameters: the exported CLIPModel (student heads dropped); FLOPs: torch's "
+                  f"count, 2 per multiply-add, one image / one caption of the maximum length; images/s and "
+                  f"captions/s: batches of {p['config']['batch']}, model forward only; latency: one text query "
+                  f"(tokenize, encode, score against precomputed normalised gallery embeddings, top-10), median "
+                  f"of {p['config']['queries']} queries. {p['figures']['single']['latency_note']}.", ""]
+    lines += ["## Plots", "", "![recall](recall.png)", ""]
+    lines += [f"![{s}](curves_{s}.png)" for s in report["students"]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+# ------------------------------------------------------------------ plots
+
+def recall_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, s = report["methods"], report["summary"]
+    xs = list(range(len(methods)))
+    fig, (ax, ax_sum) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.4
+    for off, d, label in ((-width / 2, "i2t", "image→text R@1"), (width / 2, "t2i", "text→image R@1")):
+        ax.bar([x + off for x in xs], [s[m][d]["R@1"]["mean"] for m in methods], width,
+               yerr=[s[m][d]["R@1"]["std"] for m in methods], capsize=3, label=label)
+    ax_sum.bar(xs, [s[m]["rsum"]["mean"] for m in methods], 0.6, yerr=[s[m]["rsum"]["std"] for m in methods],
+               capsize=3, color="tab:gray")
+    names = [m.replace("teacher_", "T:") for m in methods]
+    for a, title in ((ax, "R@1"), (ax_sum, "rsum")):
+        a.set_xticks(xs, names, rotation=30, ha="right")
+        a.set_title(f"{title}, mean ± std over {len(report['seeds'])} seed(s)")
+    ax.set_ylabel("recall (%)")
+    ax.legend(fontsize=8)
+    low = min(s[m]["rsum"]["mean"] - s[m]["rsum"]["std"] for m in methods)
+    ax_sum.set_ylim(max(0.0, low - 10), None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_plot(out: Path, method: str, seeds: list[int], path: Path) -> None:
+    """Training loss per step and validation rsum per epoch of one student, a line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mcad.student.curves import METRICS_FILE, read_metrics
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for seed in seeds:
+        metrics = out / f"seed_{seed}" / "runs" / method / METRICS_FILE
+        if not metrics.exists():
+            continue
+        records = read_metrics(metrics)
+        steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "step" and "loss" in r]
+        epochs = [(r["epoch"] + 1, r["val_rsum"]) for r in records if r.get("kind") == "epoch" and "val_rsum" in r]
+        if steps:
+            ax_loss.plot(*zip(*steps), lw=1, marker="." if len(steps) < 20 else None, label=f"seed {seed}")
+        if epochs:
+            ax_val.plot(*zip(*epochs), marker="o", label=f"seed {seed}")
+    ax_loss.set(xlabel="step", ylabel="loss", title=f"{method}: training loss")
+    ax_val.set(xlabel="epoch", ylabel="rsum (%)", title=f"{method}: validation recall sum")
+    for a in (ax_loss, ax_val):
+        if a.lines:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,156 @@
+"""`mcad pipeline ...`: the teacher pass (once) and student training (often)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def pipeline():
+    """Run the teachers once over sharded data; train students from the signals."""
+
+
+@pipeline.command("teacher-pass", epilog="""\b
+Examples:
+  mcad pipeline teacher-pass --data data/shapes/train --dual teachers/dual \\
+      --single teachers/single --out store/
+  mcad pipeline teacher-pass ... --out store/ --resume          continue after a crash
+  mcad pipeline teacher-pass ... --workers 4 --gpus-per-worker 1 --ray-address auto
+""")
+@click.option("--data", required=True,
+              help="Shards: a folder, glob, {a..b} pattern or a text file of paths; local or a URI.")
+@click.option("--dual", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dual-stream teacher: a Hugging Face CLIPModel directory.")
+@click.option("--single", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Single-stream teacher: a Hugging Face BlipForImageTextRetrieval directory.")
+@click.option("--out", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
+@click.option("--pool", "pool_size", default=256, show_default=True, help="Samples per pool (P).")
+@click.option("--topk", default=32, show_default=True, help="Candidates per sample and direction (K <= P).")
+@click.option("--batch-size", default=256, show_default=True, help="Image-text pairs per single-teacher forward.")
+@click.option("--calibration-rows", default=2048, show_default=True,
+              help="Rows the fusion projection W is fitted on (the first of the pass).")
+@click.option("--workers", default=1, show_default=True, help="Teacher actors (each loads both teachers).")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor (0: CPU).")
+@click.option("--threads-per-worker", default=0, show_default=True,
+              help="torch threads per actor (0: the node's CPUs divided by --workers).")
+@click.option("--ray-address", default=None, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
+@click.option("--stall-timeout", "stall_timeout_s", default=600.0, show_default=True,
+              help="Fail when no shard finishes for this many seconds.")
+@click.option("--resume", "mode", flag_value="resume", help="Continue a store: skip finished shards.")
+@click.option("--overwrite", "mode", flag_value="overwrite", help="Replace an existing store.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary here.")
+def teacher_pass(json_path, mode, **options):
+    """Run the dual and single teachers once over the shards and write the signal store.
+
+    Per input shard: signals/<shard>.parquet (embeddings, fused features, top-K
+    candidates and logits per pool), rejects/<shard>.parquet (every sample not
+    kept, with its reason), and manifest.json updated as each shard finishes.
+    """
+    from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+
+    summary = run_teacher_pass(TeacherPassJob(mode=mode or "fresh", **options))
+    click.echo(f"{summary['rows']} rows from {summary['shards_run']} shards "
+               f"({summary['shards_skipped']} already done, {summary['rejected']} samples rejected) "
+               f"in {summary['seconds']:.1f} s -> {summary['store']}")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(summary, fh, indent=2)
+
+
+@pipeline.command("train-student", epilog="""\b
+Examples:
+  mcad pipeline train-student --store store/ --data data/shapes/train --out runs/mcad \\
+      --val-data data/shapes/val
+  mcad pipeline train-student ... --alpha 0 --beta 0 --out runs/dual_kd      dual-only KD
+  mcad pipeline train-student ... --w-dist 0 --w-feat 0 --out runs/baseline  contrastive only
+  mcad pipeline train-student ... --out runs/mcad --resume                   continue a run
+  mcad pipeline train-student ... --workers 4 --ray-address auto             data parallel, Ray Train
+""")
+@click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
+@click.option("--data", required=True, help="The shards the store was made from.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--preset", default="s", show_default=True, help="Student size: smoke, s or m.")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP directory instead.")
+@click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False),
+              help="CLIP dir whose tokenizer/processor to use (default: the store's dual teacher).")
+@click.option("--mode", type=click.Choice(["replay", "remix"]), default="replay", show_default=True,
+              help="replay: batches are whole teacher pools; remix: rows mixed across pools.")
+@click.option("--alpha", default=0.5, show_default=True, help="Fused-feature weight in the feature targets.")
+@click.option("--beta", default=0.5, show_default=True, help="ITM-logit weight in the distribution targets.")
+@click.option("--k-prime", type=int, default=None, help="Use only the first K' <= K candidates.")
+@click.option("--kd-temperature", default=4.0, show_default=True,
+              help="Distillation temperature T of the distribution KL (logits / T, KL x T^2).")
+@click.option("--w-con", default=1.0, show_default=True, help="Weight of the contrastive loss.")
+@click.option("--w-dist", default=1.0, show_default=True, help="Weight of the distribution KL.")
+@click.option("--w-feat", default=1.0, show_default=True, help="Weight of the feature loss.")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--pools-per-batch", default=1, show_default=True, help="Replay: pools per student batch.")
+@click.option("--batch-size", default=256, show_default=True, help="Remix: rows per student batch.")
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--val-data", help="Shards to report validation recall on after every epoch.")
+@click.option("--online-teachers", nargs=2, type=click.Path(exists=True, file_okay=False),
+              metavar="DUAL SINGLE", help="Compute the targets with these teachers in the loop.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--workers", default=1, show_default=True,
+              help="Data-parallel ranks on Ray Train (each streams its own shards); 1: this process.")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per rank (nccl); 0: CPU (gloo).")
+@click.option("--threads-per-worker", default=0, show_default=True, help="torch threads per rank (0: 1).")
+@click.option("--ray-address", default=None,
+              help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
+def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume,
+                  workers, gpus_per_worker, threads_per_worker, ray_address, **train):
+    """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
+
+    Streams each shard's tar beside its signals file. Writes RUN/checkpoints/,
+    RUN/metrics.jsonl, RUN/loss_curve.png, RUN/train_config.json and the
+    student as a Hugging Face CLIPModel directory in RUN/model.
+    """
+    from mcad.jobs.train_student import StudentJob, run_train_student
+    from mcad.student.train import TrainConfig
+
+    job = StudentJob(store=store, data=data, out=out, train=TrainConfig(**train), preset=preset,
+                     init=init, tokenizer_from=tokenizer_from, val_data=val_data,
+                     online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume,
+                     workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
+                     ray_address=ray_address)
+    result = run_train_student(job)
+    rsum = result["record"].get("val_rsum")
+    click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))
+
+
+@pipeline.command("sweep", epilog="""\b
+Examples:
+  mcad pipeline sweep --store store/ --data data/train --val-data data/val --out sweeps/a \\
+      --grid alpha=0,0.5,1 --grid beta=0,1 --grid w_feat=0,1 --grid preset=smoke,s --parallel 2
+  mcad pipeline sweep ... --out sweeps/a --resume            continue; finished trials are skipped
+  mcad pipeline sweep ... --ray-address auto --parallel 16   on an existing cluster
+""")
+@click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
+@click.option("--data", required=True, help="The shards the store was made from.")
+@click.option("--val-data", required=True, help="Shards the trials are ranked on (validation rsum).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder.")
+@click.option("--grid", "grid_specs", multiple=True, required=True, metavar="NAME=V1,V2,...",
+              help="A setting and its values; repeat for a grid (any train-student loss/optimiser "
+                   "setting, or preset).")
+@click.option("--epochs", default=3, show_default=True, help="Epochs per trial (ASHA's horizon).")
+@click.option("--parallel", default=1, show_default=True, help="Trials at once (the CPUs are shared).")
+@click.option("--grace-epochs", default=1, show_default=True, help="Epochs before ASHA may stop a trial.")
+@click.option("--ray-address", default=None, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
+@click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished trials are skipped.")
+def sweep(store, data, val_data, out, grid_specs, epochs, parallel, grace_epochs, ray_address, resume):
+    """Train a grid of students from one signal store on Ray Tune; export the best.
+
+    Every trial reads the same store (no teacher runs again), reports its
+    validation rsum each epoch, and ASHA stops hopeless trials early. Writes
+    SWEEP/results.csv (sorted by rsum), SWEEP/best (a Hugging Face CLIPModel
+    directory), one run folder per trial in SWEEP/trials/, and sweep_config.json.
+    """
+    from mcad.jobs.sweep import SweepJob, format_table, parse_grid, run_sweep
+
+    result = run_sweep(SweepJob(store=store, data=data, val_data=val_data, out=out, grid=parse_grid(grid_specs),
+                                epochs=epochs, parallel=parallel, grace_epochs=grace_epochs,
+                                ray_address=ray_address, resume=resume))
+    click.echo(format_table(result["table"]))
+    click.echo(f"results -> {result['results']}; best student -> {result['best'] or '(no trial finished)'}")
