@@ -123,7 +123,7 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     from ray.tune.schedulers import ASHAScheduler
 
     from mcad.jobs.ray_cluster import ray_session
-    from mcad.jobs.train_student import check_data_matches
+    from mcad.pipeline.store_data import check_data_matches
     from mcad.storage.reader import open_store
 
     store = open_store(sweep.store)  # refuse a bad store or data before any trial starts

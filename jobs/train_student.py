@@ -1,9 +1,9 @@
 """`mcad pipeline train-student`: a student from the signal store (or teachers online).
 
 This module wires the pieces: the store's joined reader walks each shard's
-tar beside its Parquet file (pipeline.shards decodes the samples), evidence
-comes from the store or from the teachers in the loop (pipeline.online),
-student/data.py collates, student/train.py trains, student/models.py exports.
+tar beside its Parquet file (pipeline.store_data gives the kept samples), signals
+come from the store or from the teachers in the loop (pipeline.online),
+student/data.py batches and collates, student/train.py trains, student/models.py exports.
 
     mcad pipeline train-student --store store/ --data data/shapes/train --out runs/mcad
 """
@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
-
-import numpy as np
+from typing import Callable
 
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
@@ -57,6 +54,7 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     parallel on Ray Train (see `_train_on_ray`). The checks and the run folder
     are done here, in the driver, before any worker starts.
     """
+    from mcad.pipeline.store_data import check_data_matches
     from mcad.storage.reader import open_store
 
     store = open_store(job.store)
@@ -77,7 +75,10 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
 def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, device="cpu", progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None) -> dict:
     """The training itself, in this process (one rank of `world_size`); rank 0 exports the model."""
+    from mcad.pipeline.online import online_signals
+    from mcad.pipeline.store_data import kept_samples
     from mcad.storage.reader import fingerprint_digest, open_store
+    from mcad.student.data import steps_per_epoch, student_batches, teacher_logit_scale
     from mcad.student.models import build_student, export_hf
     from mcad.student.train import train
 
@@ -85,10 +86,11 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
     run = Path(job.out)
     student, processor = build_student(None if job.init else job.preset, tokenizer_from=job.tokenizer_from,
                                        teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
-    evidence = _online_evidence(job, store) if job.online_teachers else None
+    signals = online_signals(store, *job.online_teachers) if job.online_teachers else None
     record = train(job.train, student=student,
-                   batches=lambda epoch: student_batches(store, job.train, processor, epoch=epoch,
-                                                         evidence=evidence, rank=rank, world_size=world_size),
+                   batches=lambda epoch: student_batches(store, job.train, processor, samples=kept_samples,
+                                                         epoch=epoch, signals=signals, rank=rank,
+                                                         world_size=world_size),
                    steps_per_epoch=steps_per_epoch(store, job.train, world_size),
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
                    validate=_validator(job.val_data, processor), resume=job.resume, progress=progress,
@@ -152,65 +154,6 @@ def last_epoch_record(run: Path) -> dict:
     return epochs[-1] if epochs else {}
 
 
-def student_batches(store, cfg: TrainConfig, processor, *, epoch: int, evidence=None,
-                    rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-    """Collated batches of one epoch: whole pools (replay) or mixed rows (remix)."""
-    from mcad.storage.reader import rebatch
-    from mcad.student.data import READ_COLUMNS, collate, replay_batches
-
-    pools = store.iter_joined_pools(kept_samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                    world_size=world_size, columns=READ_COLUMNS)
-    if evidence is not None:
-        pools = map(evidence, pools)
-    if cfg.mode == "replay":
-        for group in replay_batches(pools, cfg.pools_per_batch):
-            yield collate(group, processor=processor)
-    else:
-        rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
-        for rows in rebatch(pools, batch_size=cfg.batch_size, buffer_size=4 * cfg.batch_size, rng=rng):
-            yield collate([rows], processor=processor, remix=True)
-
-
-def kept_samples(source: str):
-    """(key, Sample) of one tar in order; the store's reader skips what the pass rejected."""
-    from mcad.pipeline.shards import Sample, iter_shard
-
-    return ((s.key, s) for s in iter_shard(source) if isinstance(s, Sample))
-
-
-def steps_per_epoch(store, cfg: TrainConfig, world_size: int = 1) -> int:
-    if cfg.mode == "replay":
-        return math.ceil(store.num_pools / world_size / cfg.pools_per_batch)
-    return math.ceil(store.num_rows / world_size / cfg.batch_size)
-
-
-def teacher_logit_scale(store) -> float:
-    from mcad.storage.manifest import PARAM_LOGIT_SCALE
-
-    scale = store.manifest.params.get(PARAM_LOGIT_SCALE)
-    if scale is None:
-        raise InputError(f"{store.path}: the manifest has no teacher logit scale; rerun the teacher pass")
-    return float(scale)
-
-
-def check_data_matches(store, data: str) -> None:
-    """Refuse data shards that are not the ones the store was made from, naming the mismatch."""
-    from mcad.pipeline.shards import list_shards, shard_name
-    from mcad.storage.manifest import same_source, source_identity
-
-    given = {shard_name(p): p for p in list_shards(data)}
-    pinned = store.fingerprint()["shards"]
-    missing, extra = sorted(set(pinned) - set(given)), sorted(set(given) - set(pinned))
-    if missing or extra:
-        raise InputError(f"the data does not match the store: shards {missing[:3]} are in the store but "
-                         f"not in --data, {extra[:3]} in --data but not in the store")
-    for name, path in given.items():
-        now = source_identity(path)
-        if not same_source(pinned[name], now):
-            raise InputError(f"the data does not match the store: shard {name} ({path}) changed "
-                             f"since the teacher pass (size or mtime); rerun the teacher pass")
-
-
 def _prepare_run(job: StudentJob, run: Path, store) -> None:
     """Refuse to mix runs; pin the store's fingerprint; save the resolved config."""
     pinned_path = run / FINGERPRINT_NAME
@@ -231,24 +174,6 @@ def _prepare_run(job: StudentJob, run: Path, store) -> None:
 
 def _jsonable(job: StudentJob) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(job), default=str))
-
-
-def _online_evidence(job: StudentJob, store):
-    """Teachers in the loop, checked to be the ones the store was made with."""
-    from mcad.pipeline.online import OnlineEvidence
-    from mcad.pipeline.signals import load_projection
-    from mcad.pipeline.teachers import load_teachers
-    from mcad.storage.manifest import FUSION_PROJ_NAME, store_file
-
-    dual, single = load_teachers(*job.online_teachers)
-    for role, teacher in (("dual", dual), ("single", single)):
-        pinned = store.manifest.teachers.get(role, {})
-        now = teacher.identity()
-        if any(pinned.get(k) != now[k] for k in ("config_sha256", "weights_sha256")):
-            raise InputError(f"--online-teachers: the {role} teacher {now['path']} is not the one "
-                             f"the store was made with ({pinned.get('path')})")
-    projection = load_projection(store_file(store.path, FUSION_PROJ_NAME))
-    return OnlineEvidence(dual, single, projection, k=store.dims["k"])
 
 
 def _validator(val_data: str | None, processor):

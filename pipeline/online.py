@@ -1,6 +1,6 @@
-"""Online evidence: the teachers run in the student's loop (the paper's online setting).
+"""Online signals: the teachers run in the student's loop (the paper's online setting).
 
-Gives pools the same evidence columns the signal store holds, computed on the
+Gives pools the same signal columns the signal store holds, computed on the
 spot by `pipeline.signals.compute_pool`, so the student's trainer and its
 target maths (student/targets.py) cannot tell the two sources apart. mcad
 uses it for the parity test and the speed benchmark: it is what every student
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from mcad.pipeline.signals import compute_pool
+from mcad.pipeline.signals import compute_pool, load_projection
+from mcad.pipeline.teachers import load_teachers
 from mcad.storage import schema
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import FUSION_PROJ_NAME, store_file
 
 
-class OnlineEvidence:
-    """Replace a pool's stored evidence with the teachers' own, computed now."""
+class OnlineSignals:
+    """Replace a pool's stored signals with the teachers' own, computed now."""
 
     def __init__(self, dual, single, projection: torch.Tensor, *, k: int, pair_batch: int = 256):
         self.dual, self.single, self.projection = dual, single, projection
@@ -28,3 +31,16 @@ class OnlineEvidence:
         out = dict(pool)
         out.update({name: value for name, value in fresh.items() if name not in (schema.KEY, schema.ROW)})
         return out
+
+
+def online_signals(store, dual_dir: str, single_dir: str) -> OnlineSignals:
+    """The teachers in `dual_dir` and `single_dir` in the loop, checked to be the ones `store` was made with."""
+    dual, single = load_teachers(dual_dir, single_dir)
+    for role, teacher in (("dual", dual), ("single", single)):
+        pinned = store.manifest.teachers.get(role, {})
+        now = teacher.identity()
+        if any(pinned.get(k) != now[k] for k in ("config_sha256", "weights_sha256")):
+            raise InputError(f"online teachers: the {role} teacher {now['path']} is not the one "
+                             f"the store was made with ({pinned.get('path')})")
+    projection = load_projection(store_file(store.path, FUSION_PROJ_NAME))
+    return OnlineSignals(dual, single, projection, k=store.dims["k"])

@@ -1,7 +1,7 @@
-"""MCAD teacher evidence: the maths of DESIGN.md ("The maths", "Signal store, schema v1").
+"""MCAD teacher signals: the maths of DESIGN.md ("The maths", "Signal store, schema v1").
 
 Plain functions of tensors and teacher adapters, no Ray: the teacher pass
-(jobs/) and the online evidence source both call them. A pass has two steps,
+(jobs/) and the online signal source both call them. A pass has two steps,
 both deterministic (same inputs, same outputs):
 
     cfg = PassConfig(pool_size=256, topk=32)
@@ -41,7 +41,7 @@ PROJECTION_TENSOR = "fusion_proj"  # tensor name inside fusion_proj.safetensors;
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Parameters of a teacher pass that shape the evidence (written to the manifest)."""
+    """Parameters of a teacher pass that shape the signals (written to the manifest)."""
 
     pool_size: int = 256          # P: samples per pool (the paper's batch)
     topk: int = 32                # K: candidates per sample and direction
@@ -309,7 +309,7 @@ def load_projection(path: str | Path) -> torch.Tensor:
 def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConfig,
                   projection: torch.Tensor,
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list, dict]:
-    """Evidence of one shard: (columns, rejects, stats).
+    """Signals of one shard: (columns, rejects, stats).
 
     `items` are the shard's Samples and Rejects in order. Samples are kept in
     order (row = index among kept samples) and grouped into pools of

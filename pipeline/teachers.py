@@ -9,7 +9,7 @@ calls the MCAD maths in `pipeline/signals.py` needs:
                                         f, m = single.match(h[idx], texts)    # any pairs
 
 Both run on CUDA in float16 when a GPU is present, else on the CPU in float32
-(shipped float16 weights are upcast there). Outputs used as evidence are
+(shipped float16 weights are upcast there). Outputs used as signals are
 float32 on the model's device; gradients are never tracked.
 """
 from __future__ import annotations

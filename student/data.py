@@ -2,11 +2,11 @@
 
 The storage reader yields pools (dicts of arrays keyed by schema names, with
 the decoded samples under `schema.DATA`); the online path yields the same
-dicts with evidence computed by the teachers in the loop. `collate` turns one
+dicts with signals computed by the teachers in the loop. `collate` turns one
 or several of them into one batch:
 
 - `pixel_values`, `input_ids`, `attention_mask` for the student;
-- the evidence (`img_emb`, `txt_emb`, `fused_proj`, per direction `idx` and
+- the signals (`img_emb`, `txt_emb`, `fused_proj`, per direction `idx` and
   `itm`) as float32 / int64 tensors, candidate indices rewritten from shard
   rows to positions in the batch (-1 where a candidate is padding or, in
   remix mode, not in the batch);
@@ -15,20 +15,60 @@ or several of them into one batch:
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+import math
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from mcad.storage import schema
+from mcad.storage.errors import InputError
+from mcad.storage.manifest import PARAM_LOGIT_SCALE
+from mcad.storage.reader import rebatch
 
 PIXELS, INPUT_IDS, ATTENTION = "pixel_values", "input_ids", "attention_mask"
 BLOCK = "block"
 EMBEDDINGS = (schema.IMG_EMB, schema.TXT_EMB, schema.FUSED_PROJ)
 CANDIDATES = tuple(schema.col(d, f) for d in schema.DIRECTIONS for f in (schema.IDX, schema.ITM))
-EVIDENCE = EMBEDDINGS + CANDIDATES
-# What the reader must hand over: the evidence plus the row identities it is keyed by.
-READ_COLUMNS = (schema.KEY, schema.SHARD, schema.ROW, schema.POOL) + EVIDENCE
+SIGNALS = EMBEDDINGS + CANDIDATES
+# What the reader must hand over: the signals plus the row identities it is keyed by.
+READ_COLUMNS = (schema.KEY, schema.SHARD, schema.ROW, schema.POOL) + SIGNALS
+
+
+def student_batches(store, cfg, processor, *, samples: Callable, epoch: int, signals: Callable | None = None,
+                    rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Collated batches of one epoch: whole pools (replay) or mixed rows (remix).
+
+    cfg: the student's TrainConfig; samples(source) -> (key, sample) of one
+    data shard in order (pipeline.store_data.kept_samples); signals, if given,
+    maps each pool before collation (the online teachers replace its signals).
+    """
+    pools = store.iter_joined_pools(samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
+                                    world_size=world_size, columns=READ_COLUMNS)
+    if signals is not None:
+        pools = map(signals, pools)
+    if cfg.mode == "replay":
+        for group in replay_batches(pools, cfg.pools_per_batch):
+            yield collate(group, processor=processor)
+    else:
+        rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
+        for rows in rebatch(pools, batch_size=cfg.batch_size, buffer_size=4 * cfg.batch_size, rng=rng):
+            yield collate([rows], processor=processor, remix=True)
+
+
+def steps_per_epoch(store, cfg, world_size: int = 1) -> int:
+    """Batches per epoch on each of `world_size` ranks (the learning-rate schedule's unit)."""
+    if cfg.mode == "replay":
+        return math.ceil(store.num_pools / world_size / cfg.pools_per_batch)
+    return math.ceil(store.num_rows / world_size / cfg.batch_size)
+
+
+def teacher_logit_scale(store) -> float:
+    """The dual teacher's logit scale s, as the pass recorded it (the targets' temperature)."""
+    scale = store.manifest.params.get(PARAM_LOGIT_SCALE)
+    if scale is None:
+        raise InputError(f"{store.path}: the manifest has no teacher logit scale; rerun the teacher pass")
+    return float(scale)
 
 
 def replay_batches(pools: Iterable[dict], pools_per_batch: int) -> Iterator[list[dict]]:
@@ -48,7 +88,7 @@ def collate(parts: Sequence[dict], *, processor, max_length: int | None = None,
     """One student batch from pools (replay) or from row batches (remix), see the module doc."""
     samples = [s for part in parts for s in part[schema.DATA]]
     batch = encode_samples(samples, processor=processor, max_length=max_length)
-    batch.update(evidence(parts, remix=remix))
+    batch.update(signal_tensors(parts, remix=remix))
     return batch
 
 
@@ -61,8 +101,8 @@ def encode_samples(samples: Sequence, *, processor, max_length: int | None = Non
     return {PIXELS: pixels, INPUT_IDS: tokens[INPUT_IDS], ATTENTION: tokens[ATTENTION]}
 
 
-def evidence(parts: Sequence[dict], *, remix: bool = False) -> dict[str, torch.Tensor]:
-    """Evidence tensors of the concatenated parts, candidates indexed by batch position."""
+def signal_tensors(parts: Sequence[dict], *, remix: bool = False) -> dict[str, torch.Tensor]:
+    """Signal tensors of the concatenated parts, candidates indexed by batch position."""
     out = {name: torch.from_numpy(np.concatenate([np.asarray(p[name], dtype=np.float32) for p in parts]))
            for name in EMBEDDINGS + tuple(schema.col(d, schema.ITM) for d in schema.DIRECTIONS)}
     if remix:

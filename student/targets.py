@@ -1,10 +1,10 @@
-"""MCAD targets from teacher evidence (DESIGN.md, "The maths").
+"""MCAD targets from teacher signals (DESIGN.md, "The maths").
 
-One pure function, `mcad_targets`, turns the teachers' evidence for a student
+One pure function, `mcad_targets`, turns the teachers' signals for a student
 batch into what the student distils: the modified teacher features v'_i, t'_i
 (feature targets) and the modified teacher logits z (distribution targets),
 both directions. The stored path (rows of the signal store) and the online
-path (teachers run in the loop) hand in the same evidence, so both call this;
+path (teachers run in the loop) hand in the same signals, so both call this;
 α, β and K' are chosen here, at student time, never baked into the store.
 
     targets = mcad_targets(img_emb=v, txt_emb=t, fused_proj=g, i2t_idx=..., i2t_itm=...,
@@ -59,7 +59,7 @@ def _itm_dense(idx: torch.Tensor, itm: torch.Tensor, *, block: torch.Tensor, k_p
     if not bool(is_pos.any(dim=1).all()):
         bad = int((~is_pos.any(dim=1)).nonzero()[0])
         raise InputError(f"{name}: row {bad} lacks its positive among its candidates "
-                         "(the store or evidence source breaks schema v1)")
+                         "(the store or signal source breaks schema v1)")
     # The first occurrence of the positive gives its m, known wherever it sits in the list.
     pos_m = itm.gather(1, is_pos.int().argmax(dim=1, keepdim=True)).squeeze(1)
     head_idx, head_m = idx[:, :k_prime].clone(), itm[:, :k_prime].clone()
@@ -73,7 +73,7 @@ def _itm_dense(idx: torch.Tensor, itm: torch.Tensor, *, block: torch.Tensor, k_p
     q_rows = rows[:, None].expand_as(head_idx)[cand]
     q_cols = head_idx[cand]
     if not bool(torch.isfinite(head_m[cand]).all()):
-        raise InputError(f"{name}: a candidate's ITM logit is not finite (corrupt evidence)")
+        raise InputError(f"{name}: a candidate's ITM logit is not finite (corrupt signals)")
     if not bool((block[q_rows] == block[q_cols]).all()):
         raise ValueError(f"{name}: a candidate lies outside its row's pool block")
 
@@ -122,15 +122,15 @@ def mcad_targets(
     v, t, g = (torch.as_tensor(x, device=device).float() for x in (img_emb, txt_emb, fused_proj))
     block = torch.as_tensor(block, device=device)
     b = v.shape[0]
-    evidence = {"i2t": (torch.as_tensor(i2t_idx, device=device).long(),
+    signals = {"i2t": (torch.as_tensor(i2t_idx, device=device).long(),
                         torch.as_tensor(i2t_itm, device=device).float()),
                 "t2i": (torch.as_tensor(t2i_idx, device=device).long(),
                         torch.as_tensor(t2i_itm, device=device).float())}
     if v.ndim != 2 or t.shape != v.shape or g.shape != v.shape or block.shape != (b,):
         raise ValueError(f"need img_emb, txt_emb, fused_proj (B, D) and block (B,), got "
                          f"{tuple(v.shape)}, {tuple(t.shape)}, {tuple(g.shape)}, {tuple(block.shape)}")
-    k = evidence["i2t"][0].shape[-1]
-    for name, (idx, itm) in evidence.items():
+    k = signals["i2t"][0].shape[-1]
+    for name, (idx, itm) in signals.items():
         if idx.ndim != 2 or idx.shape != (b, k) or itm.shape != idx.shape:
             raise ValueError(f"{name}: need idx and itm of shape ({b}, {k}), "
                              f"got {tuple(idx.shape)} and {tuple(itm.shape)}")
@@ -141,7 +141,7 @@ def mcad_targets(
     dual = logit_scale * (v_mod @ t_mod.T)  # rows images, columns texts
     logits = {"i2t": dual, "t2i": dual.T.clone()}
     if beta > 0:
-        for name, (idx, itm) in evidence.items():
+        for name, (idx, itm) in signals.items():
             logits[name] = logits[name] + beta * _itm_dense(
                 idx, itm, block=block, k_prime=k_prime or k, name=name)
     outside = block[:, None] != block[None, :]

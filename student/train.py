@@ -1,8 +1,8 @@
-"""The student training loop: MCAD (or plain contrastive) from evidence batches.
+"""The student training loop: MCAD (or plain contrastive) from batches of teacher signals.
 
 Where the batches come from is not this module's business: `jobs/` hands in a
 function `batches(epoch)` that yields collated batches (student/data.py) with
-stored evidence (the signal store) or online evidence (teachers in the loop),
+stored signals (the signal store) or online signals (teachers in the loop),
 and an optional `validate(student) -> EVAL dict`. The loop itself reads as a
 story: build targets, compute the loss, step, log, checkpoint each epoch.
 
@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from mcad.storage.errors import InputError
-from mcad.student.data import ATTENTION, BLOCK, EVIDENCE, INPUT_IDS, PIXELS
+from mcad.student.data import ATTENTION, BLOCK, INPUT_IDS, PIXELS, SIGNALS
 from mcad.student.checkpoint import load_checkpoint, save_checkpoint
 from mcad.student.curves import MetricsLog, plot_curves
 from mcad.student.losses import LossWeights, mcad_loss
@@ -33,7 +33,7 @@ MODES = ("replay", "remix")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a student learns from the evidence; written to RUN/train_config.json."""
+    """How a student learns from the signals; written to RUN/train_config.json."""
 
     mode: str = "replay"          # replay: batches are whole pools; remix: any rows
     # 0.5 each: on the shapes demo store, alpha = beta = 1 cost 4 R@1 against 0.5 / 0.5 (README).
@@ -149,11 +149,11 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
 
 
 def batch_loss(cfg: TrainConfig, student, batch: dict, teacher_logit_scale: float):
-    """The MCAD loss of one collated batch: student forward, targets from evidence, weighted terms."""
+    """The MCAD loss of one collated batch: student forward, targets from signals, weighted terms."""
     out = student(batch[PIXELS], batch[INPUT_IDS], batch[ATTENTION])
     targets = None
     if cfg.needs_targets:
-        targets = mcad_targets(**{k: batch[k] for k in EVIDENCE}, block=batch[BLOCK],
+        targets = mcad_targets(**{k: batch[k] for k in SIGNALS}, block=batch[BLOCK],
                                logit_scale=teacher_logit_scale, alpha=cfg.alpha, beta=cfg.beta,
                                k_prime=cfg.k_prime)
     return mcad_loss(weights=cfg.weights(), image=out["image"], text=out["text"],

@@ -5,8 +5,8 @@ student initialisation (same seed, rebuilt per variant) and the same batches
 (replay: one whole pool per batch, the same pools in the same order):
 
   plain        contrastive only (w_dist = w_feat = 0)
-  mcad_stored  MCAD from the signal store's evidence (alpha = beta = 1, all weights 1)
-  mcad_online  MCAD with the teachers in the loop computing that evidence per step
+  mcad_stored  MCAD from the signal store (alpha = beta = 1, all weights 1)
+  mcad_online  MCAD with the teachers in the loop computing those signals per step
 
 Without --store, a store is built in a temporary folder first: shapes data,
 random teachers of --size, a teacher pass (P=64, K=16) on a local Ray cluster
@@ -39,9 +39,9 @@ FIGURE = {v: f"{v}_ms_per_step" for v in VARIANTS}
 
 WHAT_IS_TIMED = (
     "Per step, wall time (time.perf_counter) of: [mcad_online only] the teachers computing the "
-    "pool's evidence (pipeline.online.OnlineEvidence: both teachers' preprocessing and forward "
-    "passes, candidates, fusion projection); then, for all three, student.data.evidence([pool]) "
-    "(the evidence half of collate: arrays to tensors, candidates as batch positions, as the "
+    "pool's signals (pipeline.online.OnlineSignals: both teachers' preprocessing and forward "
+    "passes, candidates, fusion projection); then, for all three, student.data.signal_tensors([pool]) "
+    "(the signals half of collate: arrays to tensors, candidates as batch positions, as the "
     "training loop's collate does even for plain) and the training step: student.train.batch_loss "
     "(student forward, mcad_targets when w_dist or w_feat > 0, loss), zero_grad, backward, "
     "clip_grad_norm_(1.0), AdamW step. Not timed, for all three alike: reading the store and the "
@@ -110,7 +110,7 @@ def build_store(root: Path, cfg: StudentBenchConfig, *, ray_address: str | None 
 def load_pools(store) -> list[dict]:
     """The store's pools joined with their samples, in store order; only the largest (full) ones,
     so every timed batch has the same size."""
-    from mcad.jobs.train_student import kept_samples
+    from mcad.pipeline.store_data import kept_samples
     from mcad.storage import schema
     from mcad.student.data import READ_COLUMNS
 
@@ -128,7 +128,7 @@ def encode_pools(pools: list[dict], processor) -> list[dict]:
 
 
 class _Variant:
-    """One variant's student, optimizer and evidence source; `step` is the timed unit."""
+    """One variant's student, optimizer and signal source; `step` is the timed unit."""
 
     def __init__(self, name: str, train_cfg, *, preset: str, tokenizer_from: str, teacher_dim: int,
                  scale: float, online=None):
@@ -147,13 +147,13 @@ class _Variant:
         """(seconds, loss) of one step on one pool: the training loop's body, minus its logging."""
         import torch
 
-        from mcad.student.data import evidence
+        from mcad.student.data import signal_tensors
         from mcad.student.train import batch_loss
 
         t0 = time.perf_counter()
         if self.online is not None:
             pool = self.online(pool)
-        batch = {**inputs, **evidence([pool])}
+        batch = {**inputs, **signal_tensors([pool])}
         loss, _ = batch_loss(self.cfg, self.student, batch, self.scale)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,12 +167,12 @@ def time_variants(cfg: StudentBenchConfig, store, teachers: tuple[str, str], *,
     """Median seconds per step of each variant, and each variant's first loss (a sanity check)."""
     import torch
 
-    from mcad.jobs.train_student import StudentJob, _online_evidence, teacher_logit_scale
+    from mcad.pipeline.online import online_signals
+    from mcad.student.data import teacher_logit_scale
 
     pools = load_pools(store)
-    # Refuses teachers other than the store's: the online variant must compute the same evidence.
-    online = _online_evidence(StudentJob(store=str(store.path), data="", out="",
-                                         online_teachers=teachers), store)
+    # Refuses teachers other than the store's: the online variant must compute the same signals.
+    online = online_signals(store, *teachers)
     configs = variant_configs(cfg.seed)
     variants = [_Variant(name, configs[name], preset=cfg.preset, tokenizer_from=teachers[0],
                          teacher_dim=store.dims["d"], scale=teacher_logit_scale(store),
@@ -211,7 +211,7 @@ def run_student_bench(cfg: StudentBenchConfig, *, store: str | None = None, data
                       teachers: tuple[str, str] | None = None, workdir: str | None = None,
                       ray_address: str | None = None, progress: bool = True) -> dict:
     """Time the three variants on a given store (or one built and deleted here); the bench JSON dict."""
-    from mcad.jobs.train_student import check_data_matches
+    from mcad.pipeline.store_data import check_data_matches
     from mcad.storage.errors import InputError
     from mcad.storage.reader import open_store
 
@@ -239,7 +239,7 @@ def run_student_bench(cfg: StudentBenchConfig, *, store: str | None = None, data
               "online_over_stored": ms["mcad_online"] / ms["mcad_stored"]}
     machine = {**machine_info(), "torch_threads": timed["threads"], "load_average_at_start": list(load_at_start),
                "load_average_at_end": list(os.getloadavg())}
-    # Same student, same batch, same evidence (float16 stored, float32 online): the two MCAD
+    # Same student, same batch, same signals (float16 stored, float32 online): the two MCAD
     # variants' first losses agree closely; plain's differs (it has no teacher terms).
     # step_ms: every timed step of each variant, in order, to judge the noise behind the medians.
     checks = {"first_loss": timed["first_loss"], "step_ms": timed["step_ms"]}
@@ -255,7 +255,7 @@ def format_table(result: dict) -> str:
              f"K={f['topk']}), median of {f['steps']} steps, {m['cpus']} CPUs, "
              f"{m['torch_threads']} torch threads, load {m['load_average_at_start'][0]:.2f}",
              f"{'':<30}{'ms/step':>10}"]
-    for name, label in (("plain", "plain (contrastive only)"), ("mcad_stored", "MCAD, stored evidence"),
+    for name, label in (("plain", "plain (contrastive only)"), ("mcad_stored", "MCAD, stored signals"),
                         ("mcad_online", "MCAD, teachers online")):
         lines.append(f"{label:<30}{f[FIGURE[name]]:>10.1f}")
     lines += [f"mcad_over_plain      {r['mcad_over_plain']:.3f}   (target <= 1.10)",

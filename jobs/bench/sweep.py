@@ -5,7 +5,7 @@ students as fast as plain fine-tunes, while the paper's online setting pays
 for both teachers in every trial. Both sweeps run here, one after the other,
 on the same store, the same grid and the same local (or given) Ray cluster:
 
-  stored   `mcad pipeline sweep` as users run it (evidence from the store)
+  stored   `mcad pipeline sweep` as users run it (signals from the store)
   online   the same sweep with `--online-teachers` (teachers in every step)
 
 Without --store, a store is built first (shapes data, random teachers of

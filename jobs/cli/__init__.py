@@ -53,7 +53,7 @@ def main():
     """mcad: distil big image-text teachers into a mobile-sized dual encoder (MCAD).
 
     The teachers run once (`mcad pipeline teacher-pass`) and write their
-    evidence to a Parquet signal store; students then train from that store
+    signals to a Parquet signal store; students then train from that store
     as cheaply as a plain CLIP fine-tune, as often as you like.
     """
 

@@ -237,7 +237,7 @@ def itm_pairs(blip, data: Encoded, vis: torch.Tensor, img_idx: torch.Tensor, txt
 
 
 @torch.no_grad()
-def itm_evidence(blip, data: Encoded, dual: torch.Tensor, top_k: int, batch: int = 256) -> dict:
+def itm_signals(blip, data: Encoded, dual: torch.Tensor, top_k: int, batch: int = 256) -> dict:
     """The dual's top-k candidates in both directions and their ITM logits."""
     blip.eval()
     vis = torch.cat([blip.vision_model(pixel_values=data.norm(data.pixels[i:i + batch])).last_hidden_state
@@ -266,9 +266,9 @@ def choose_beta(ev: dict, betas: Sequence[float] = BETAS) -> float:
     return max(betas, key=lambda b: (score(b), -b))
 
 
-def evidence(clip, clip_proc, blip, blip_proc, split: Split, top_k: int) -> dict:
+def teacher_signals(clip, clip_proc, blip, blip_proc, split: Split, top_k: int) -> dict:
     dual = dual_logits(clip, Encoded.make(split, clip_proc))
-    return itm_evidence(blip, Encoded.make(split, blip_proc), dual, top_k)
+    return itm_signals(blip, Encoded.make(split, blip_proc), dual, top_k)
 
 
 # ---------------------------------------------------------------- the command
@@ -289,7 +289,7 @@ def _monitors(clip, clip_proc, blip, blip_proc, val: Split | None, cfg: Bootstra
         return {"val_dual_R@1": _r1(recall_at_k(d, clip_data.owner))}
 
     def on_blip():
-        ev = itm_evidence(blip, blip_data, dual_logits(clip, clip_data), cfg.top_k)
+        ev = itm_signals(blip, blip_data, dual_logits(clip, clip_data), cfg.top_k)
         r = teacher_recall(ev, beta=1.0)
         return {"val_single_R@1": _r1(r["single"]), "val_combined_R@1(beta=1)": _r1(r["combined"])}
 
@@ -305,7 +305,7 @@ def _final_recall(dual_dir: Path, single_dir: Path, splits: dict[str, Split], to
                                                      local_files_only=True)
     procs = (AutoProcessor.from_pretrained(dual_dir, local_files_only=True),
              AutoProcessor.from_pretrained(single_dir, local_files_only=True))
-    evs = {name: evidence(clip, procs[0], blip, procs[1], split, top_k) for name, split in splits.items()}
+    evs = {name: teacher_signals(clip, procs[0], blip, procs[1], split, top_k) for name, split in splits.items()}
     beta, beta_from = (choose_beta(evs["val"]), "val") if "val" in evs else (1.0, "default")
     out = {"beta": beta, "beta_from": beta_from, "top_k": top_k}
     for name, ev in evs.items():

@@ -7,9 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 from mcad.jobs.cli import main
-from mcad.jobs.train_student import student_batches
+from mcad.pipeline.store_data import kept_samples
 from mcad.storage import schema
 from mcad.storage.reader import open_store
+from mcad.student.data import student_batches
 from mcad.student.train import TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -18,11 +19,11 @@ pytestmark = pytest.mark.ray
 def _pools_read(store, processor, *, epoch: int, rank: int, world_size: int) -> list[tuple[str, int]]:
     seen = []
 
-    def record(pool):  # the evidence hook sees every pool a rank reads, before collation
+    def record(pool):  # the signals hook sees every pool a rank reads, before collation
         seen.append((pool[schema.SHARD][0], int(pool[schema.POOL][0])))
         return pool
 
-    for _ in student_batches(store, TrainConfig(), processor, epoch=epoch, evidence=record,
+    for _ in student_batches(store, TrainConfig(), processor, samples=kept_samples, epoch=epoch, signals=record,
                              rank=rank, world_size=world_size):
         pass
     return seen

@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from mcad.jobs.cli import main
-from mcad.jobs.train_student import StudentJob, student_batches
+from mcad.pipeline.store_data import kept_samples
+from mcad.student.data import student_batches
 from mcad.storage.reader import open_store
 from mcad.student.train import TrainConfig, batch_loss
 
@@ -45,7 +46,7 @@ def test_replay_batches_are_whole_pools_once_each(tiny_store, shapes_data):
     store = open_store(tiny_store)
     processor = load_processor(store.manifest.teachers["dual"]["path"])
     cfg = TrainConfig(pools_per_batch=2)
-    batches = list(student_batches(store, cfg, processor, epoch=0))
+    batches = list(student_batches(store, cfg, processor, samples=kept_samples, epoch=0))
     assert sum(len(b[BLOCK]) for b in batches) == store.num_rows
     assert len(batches) == 5  # 9 pools (3 shards x [8, 8, 4]) two at a time
     for b in batches:  # every candidate index stays inside its own pool block
@@ -55,23 +56,21 @@ def test_replay_batches_are_whole_pools_once_each(tiny_store, shapes_data):
             assert (b[BLOCK][idx.clamp(min=0)][real] == b[BLOCK].unsqueeze(1).expand_as(idx)[real]).all()
 
 
-def test_stored_and_online_evidence_give_the_same_losses(tiny_store, shapes_data, tiny_teachers):
-    from mcad.jobs.train_student import _online_evidence
+def test_stored_and_online_signals_give_the_same_losses(tiny_store, shapes_data, tiny_teachers):
+    from mcad.pipeline.online import online_signals
     from mcad.student.models import build_student
 
     store = open_store(tiny_store)
     dual_dir = store.manifest.teachers["dual"]["path"]
-    job = StudentJob(store=str(tiny_store), data=str(shapes_data / "train"), out="unused",
-                     online_teachers=tiny_teachers)
-    online = _online_evidence(job, store)
+    online = online_signals(store, *tiny_teachers)
     scale = store.manifest.params["logit_scale"]
     losses = {}
-    for name, evidence in (("stored", None), ("online", online)):
+    for name, signals in (("stored", None), ("online", online)):
         student, processor = build_student("smoke", tokenizer_from=dual_dir, teacher_dim=store.dims["d"], seed=3)
         cfg = TrainConfig(alpha=0.7, beta=0.5)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         losses[name] = []
-        for batch in list(student_batches(store, cfg, processor, epoch=0, evidence=evidence))[:3]:
+        for batch in list(student_batches(store, cfg, processor, samples=kept_samples, epoch=0, signals=signals))[:3]:
             loss, _ = batch_loss(cfg, student, batch, scale)
             optimizer.zero_grad()
             loss.backward()

@@ -1,4 +1,4 @@
-"""MCAD signal maths. THE KEY TEST recomputes the stored evidence with plain transformers.
+"""MCAD signal maths. THE KEY TEST recomputes the stored signals with plain transformers.
 
 The reference side uses only transformers and torch (CLIPModel.forward,
 BlipForImageTextRetrieval.forward with use_itm_head=True), none of mcad's

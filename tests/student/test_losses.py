@@ -217,7 +217,7 @@ def test_loss_weights_are_frozen():
 
 
 def test_targets_to_loss_end_to_end_gradients_are_finite():
-    # Stored-evidence shape of a replay batch of two pools, through both functions.
+    # Stored-signal shape of a replay batch of two pools, through both functions.
     gen = torch.Generator().manual_seed(13)
     block = torch.tensor([0, 0, 0, 1, 1])
     v, t, g = (_unit(gen, 5, 4) for _ in range(3))

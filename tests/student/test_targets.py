@@ -18,8 +18,8 @@ def _unit(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
 
 
-def make_evidence(block_sizes, *, d=4, k=4, seed=0, drop=0.0):
-    """Evidence as the data layer hands it: batch-local candidate lists per block, PAD-padded.
+def make_signals(block_sizes, *, d=4, k=4, seed=0, drop=0.0):
+    """Signals as the data layer hands them: batch-local candidate lists per block, PAD-padded.
 
     Rows of different blocks are interleaved (a permutation), so nothing may rely on
     blocks being contiguous. `drop` turns that share of non-positive candidates into
@@ -95,7 +95,7 @@ def run(ev, **kw):
     (0.5, 0.3, None), (0.5, 0.3, 2), (1.0, 2.0, 1), (0.0, 0.7, 3), (0.4, 0.0, None)])
 def test_several_blocks_match_naive(alpha, beta, k_prime):
     # Block of 3 rows < K=4: those lists end in padding with -inf m.
-    ev = make_evidence((5, 4, 3), k=4, seed=1)
+    ev = make_signals((5, 4, 3), k=4, seed=1)
     got = run(ev, alpha=alpha, beta=beta, k_prime=k_prime)
     assert_targets_equal(got, naive_targets(ev, alpha=alpha, beta=beta, k_prime=k_prime))
     same = ev["block"][:, None] == ev["block"][None, :]
@@ -105,7 +105,7 @@ def test_several_blocks_match_naive(alpha, beta, k_prime):
 
 
 def test_small_k_prime_forces_positives_in():
-    ev = make_evidence((6, 6), k=5, seed=2)
+    ev = make_signals((6, 6), k=5, seed=2)
     forced = sum(i not in ev["i2t_idx"][i, :2].tolist() for i in range(12))
     assert forced > 0, "fixture should have rows whose positive lies beyond K'"
     got = run(ev, alpha=0.3, beta=1.5, k_prime=2)
@@ -113,7 +113,7 @@ def test_small_k_prime_forces_positives_in():
 
 
 def test_remix_one_block_ignores_candidates_missing_from_batch():
-    ev = make_evidence((10,), k=6, seed=3, drop=0.5)
+    ev = make_signals((10,), k=6, seed=3, drop=0.5)
     assert (ev["i2t_idx"] == PAD_IDX).any() and torch.isfinite(ev["i2t_itm"]).all()
     for k_prime in (None, 3):
         got = run(ev, alpha=0.2, beta=0.8, k_prime=k_prime)
@@ -136,7 +136,7 @@ def test_hand_worked_row():
 
 
 def test_alpha_beta_zero_is_plain_dual_distillation():
-    ev = make_evidence((4, 5), seed=4)
+    ev = make_signals((4, 5), seed=4)
     got = run(ev, alpha=0.0, beta=0.0)
     dual = SCALE * ev["img_emb"] @ ev["txt_emb"].T
     same = ev["block"][:, None] == ev["block"][None, :]
@@ -147,7 +147,7 @@ def test_alpha_beta_zero_is_plain_dual_distillation():
 
 
 def test_half_inputs_give_float32_targets_without_grad():
-    ev = make_evidence((4, 4), seed=5)
+    ev = make_signals((4, 4), seed=5)
     ev = {**ev, **{key: ev[key].half().requires_grad_() for key in ("img_emb", "txt_emb", "fused_proj")}}
     got = run(ev, alpha=0.5, beta=0.5)
     for value in got.values():
@@ -158,13 +158,13 @@ def test_half_inputs_give_float32_targets_without_grad():
     {"alpha": -0.1, "beta": 0.0}, {"alpha": 0.0, "beta": -1.0}, {"alpha": math.nan, "beta": 0.0},
     {"alpha": 0.0, "beta": 0.0, "k_prime": 0}, {"alpha": 0.0, "beta": 0.0, "k_prime": 5}])
 def test_bad_parameters_raise_input_error(kw):
-    ev = make_evidence((4,), k=4, seed=6)
+    ev = make_signals((4,), k=4, seed=6)
     with pytest.raises(InputError):
         run(ev, **kw)
 
 
 def test_missing_positive_is_refused():
-    ev = make_evidence((4,), k=2, seed=7)
+    ev = make_signals((4,), k=2, seed=7)
     ev["t2i_idx"][2] = torch.tensor([PAD_IDX, PAD_IDX])
     with pytest.raises(InputError, match="t2i: row 2 lacks its positive"):
         run(ev, alpha=0.0, beta=1.0)

@@ -44,7 +44,7 @@ def test_bench_student_on_a_store(tiny_store, shapes_data, tiny_teachers, tiny_p
     # Toy store: 3 shards of 20 rows in pools of 8 -> six full pools of 8 (the pools of 4 are left out).
     assert fig["batch_size"] == tiny_pass["pool_size"] and fig["pools"] == 6
     assert fig["steps"] == 2 and fig["what_is_timed"] == WHAT_IS_TIMED
-    # Same initialisation, same batch: stored and online evidence give the same first loss.
+    # Same initialisation, same batch: stored and online signals give the same first loss.
     first = got["checks"]["first_loss"]
     assert first["mcad_online"] == pytest.approx(first["mcad_stored"], rel=2e-3)
     assert first["plain"] != pytest.approx(first["mcad_stored"], rel=1e-3)
@@ -57,19 +57,19 @@ def test_bench_student_on_a_store(tiny_store, shapes_data, tiny_teachers, tiny_p
 
 
 def test_bench_uses_the_loops_batches(tiny_store, shapes_data):
-    """The timed batch (prebuilt inputs + evidence) is exactly what the training loop collates."""
+    """The timed batch (prebuilt inputs + signals) is exactly what the training loop collates."""
     import torch
 
     from mcad.jobs.bench.student import encode_pools, load_pools
     from mcad.storage.reader import open_store
-    from mcad.student.data import collate, evidence
+    from mcad.student.data import collate, signal_tensors
     from mcad.student.models import load_processor
 
     store = open_store(tiny_store)
     processor = load_processor(store.manifest.teachers["dual"]["path"])
     pools = load_pools(store)[:2]
     for pool, inputs in zip(pools, encode_pools(pools, processor)):
-        ours, loops = {**inputs, **evidence([pool])}, collate([pool], processor=processor)
+        ours, loops = {**inputs, **signal_tensors([pool])}, collate([pool], processor=processor)
         assert ours.keys() == loops.keys()
         assert all(torch.equal(ours[k], loops[k]) for k in loops)
 

@@ -74,7 +74,7 @@ def test_constant_scores_get_no_hits():
     assert r["i2t"]["R@1"] == 0 and r["t2i"]["R@1"] == 0
 
 
-def _evidence(n=8, k=3, itm_right=True):
+def _signals(n=8, k=3, itm_right=True):
     """Dual puts the true pair 2nd behind a distractor; ITM favours the truth (or the distractor)."""
     dual = torch.zeros(n, n)
     for i in range(n):
@@ -92,7 +92,7 @@ def _evidence(n=8, k=3, itm_right=True):
 
 
 def test_rerank_keeps_top_k_first_and_single_beats_dual():
-    ev = _evidence()
+    ev = _signals()
     r = teacher_recall(ev, beta=1.0)
     assert r["dual"]["i2t"]["R@1"] == 0 and r["dual"]["i2t"]["R@5"] == 100
     assert r["single"]["i2t"]["R@1"] == 100 and r["single"]["t2i"]["R@1"] == 100
@@ -101,9 +101,9 @@ def test_rerank_keeps_top_k_first_and_single_beats_dual():
 
 
 def test_choose_beta_follows_how_useful_itm_is():
-    assert choose_beta(_evidence(itm_right=True)) > 0
+    assert choose_beta(_signals(itm_right=True)) > 0
     # here the dual is right and ITM prefers the distractor: keep the dual order
-    assert choose_beta(_evidence(itm_right=False)) == 0.0
+    assert choose_beta(_signals(itm_right=False)) == 0.0
 
 
 # ------------------------------------------------------------------ data and batches
