@@ -155,7 +155,7 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
     cpus = float(cluster["resources"].get("CPU", os.cpu_count() or 1))
     threads = job.threads_per_worker or max(1, int(cpus // job.workers))
     # Leave room for Ray Data's read task: an actor pool holding every CPU
-    # deadlocks it on a small machine (STACK_NOTES).
+    # deadlocks it on a small machine (seen with 2 actors of 1 CPU on 2 CPUs).
     actor_cpus = min(1.0, max(cpus - 0.5, 0.1) / job.workers)
     ds = ray.data.from_items([{"source": s, "shard": n} for s, n in pending])
     ds = ds.map_batches(

@@ -8,7 +8,7 @@
 
 Every image is scored against every caption of the split (all captions of
 each image: the 5-caption protocol on the shapes test split). EVAL is the
-dict of DESIGN.md, `student.metrics.recall_at_k`'s, plus `n_rejected` and
+dict of docs/design.md (section 6), `student.metrics.recall_at_k`'s, plus `n_rejected` and
 `rejected` ({reason: count}): samples the shards could not give are counted,
 never dropped silently.
 

@@ -1,4 +1,4 @@
-"""MCAD teacher signals: the maths of DESIGN.md ("The maths", "Signal store, schema v1").
+"""MCAD teacher signals: the maths of docs/design.md (sections 3 and 4).
 
 Plain functions of tensors and teacher adapters, no Ray: the teacher pass
 (jobs/) and the online signal source both call them. A pass has two steps,
@@ -125,7 +125,7 @@ def fit_projection(fused: torch.Tensor, target: torch.Tensor, *, ridge: float = 
     """W (F, D) = argmin ||fused W - target||² + ridge ||W||², in float64, returned float32.
 
     Closed form (XᵀX + ridge·I)⁻¹ XᵀY; ridge 0 gives the minimum-norm least squares.
-    No intercept: g_i = normalise(f_ii W) as DESIGN.md defines it.
+    No intercept: g_i = normalise(f_ii W) as docs/design.md defines it (section 3, "Fusion projection").
     """
     if fused.ndim != 2 or target.ndim != 2 or fused.shape[0] != target.shape[0]:
         raise ValueError(f"need fused (n, F) and target (n, D), got {tuple(fused.shape)} and {tuple(target.shape)}")

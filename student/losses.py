@@ -1,4 +1,4 @@
-"""Student losses of MCAD (DESIGN.md, "The maths"): pure functions returning (loss, metrics).
+"""Student losses of MCAD (docs/design.md, section 3): pure functions returning (loss, metrics).
 
     L = w_con·L_con + w_dist·L_dist + w_feat·L_feat
 

@@ -3,7 +3,7 @@
 The 5-caption protocol (COCO/Flickr): every image has several captions; an
 image->text query hits at K when ANY of its captions is among the K best
 texts, a text->image query when its own image is among the K best images.
-Recall values are percentages (the eval JSON of DESIGN.md):
+Recall values are percentages (the eval JSON of docs/design.md, section 6):
 
     r = recall_at_k(sim, text_to_image)      # sim (n_images, n_texts), owner of each text
     r["i2t"]["R@1"], r["t2i"]["R@5"], r["rsum"], r["n_images"], r["n_texts"]

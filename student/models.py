@@ -129,7 +129,7 @@ def _special_ids(tokenizer) -> dict[str, int]:
     if missing:
         raise InputError(f"tokenizer has no {', '.join(missing)}: a CLIP tokenizer needs bos, eos and pad")
     # With eos == 2, transformers pools CLIP text at argmax(input_ids), which is
-    # the eos only for the original OpenAI vocabulary (PREMISE_NOTES traps).
+    # the eos only for the original OpenAI vocabulary; tiny vocabularies keep eos off id 2.
     if ids["eos_token_id"] == 2:
         raise InputError("tokenizer eos id is 2; CLIP would pool at argmax(input_ids) instead of the eos")
     return ids

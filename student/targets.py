@@ -1,4 +1,4 @@
-"""MCAD targets from teacher signals (DESIGN.md, "The maths").
+"""MCAD targets from teacher signals (docs/design.md, section 3).
 
 One pure function, `mcad_targets`, turns the teachers' signals for a student
 batch into what the student distils: the modified teacher features v'_i, t'_i

@@ -15,7 +15,7 @@ BLIP's own ITC), as in BLIP/ALBEF. AdamW, 5 % warmup then cosine.
 Recall follows the 5-caption protocol (an image->text hit when any of the
 image's captions is in the top K): dual = CLIP logits; single = ITM re-ranking
 of the dual's top-k; combined = dual logit + beta * ITM logit over the dual's
-top-k, beta chosen on val (the MCAD teacher distribution of DESIGN.md).
+top-k, beta chosen on val (the MCAD teacher distribution of docs/design.md, section 3).
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ SIZES: dict[str, TeacherSize] = {
     # Random weights build in well under a second: for tests everywhere.
     "smoke": TeacherSize(image_size=32, patch_size=8, hidden=32, intermediate=64,
                          vision_layers=1, text_layers=1, heads=2, proj_dim=32),
-    # PREMISE_NOTES: ~1.3 M parameters each; trains on shapes 48x48 on a CPU.
+    # About 1.3 M parameters each: small enough to train on the 48x48 shapes on a CPU.
     "demo": TeacherSize(image_size=48, patch_size=8, hidden=128, intermediate=512,
                         vision_layers=3, text_layers=3, heads=4, proj_dim=128),
 }

@@ -1,4 +1,4 @@
-"""mcad_targets against a naive, loop-by-loop reading of DESIGN.md "The maths"."""
+"""mcad_targets against a naive, loop-by-loop reading of docs/design.md, section 3 (the MCAD maths)."""
 from __future__ import annotations
 
 import math
