@@ -1,0 +1,1 @@
+"""Benchmarks: one module per `mcad bench` command, each printing ratios measured in one run."""
