@@ -25,7 +25,9 @@ masked to -inf wherever the teacher's are):
 L_con always uses the whole batch: ground truth needs no teacher.
 
 Scores are computed in at least float32 (float64 stays float64, for gradcheck).
-Metrics are python floats, keyed by term name.
+Metrics are detached scalar tensors keyed by term name, left on the loss's
+device: reading one is a device synchronisation, so the training loop turns
+them into python floats only at its logging steps (`metrics_to_floats`).
 """
 from __future__ import annotations
 
@@ -64,8 +66,20 @@ def _scores(a: torch.Tensor, b: torch.Tensor, logit_scale) -> torch.Tensor:
     return logit_scale * (a.to(dtype) @ b.to(dtype).T)
 
 
+def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean of the row-wise and column-wise cross-entropies of (B, B) logits, row i matching column i.
+
+    The symmetric InfoNCE of docs/design.md (section 3, L_con); the teacher
+    bootstrap (pipeline/shapes/bootstrap.py) trains its CLIP and BLIP ITC with it too.
+    """
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    loss_i2t = F.cross_entropy(logits, labels)
+    loss_t2i = F.cross_entropy(logits.T, labels)
+    return (loss_i2t + loss_t2i) / 2
+
+
 def info_nce(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric InfoNCE over the batch, ground truth on the diagonal.
 
     image, text: (B, D) normalised student embeddings u_i, w_i.
@@ -73,16 +87,15 @@ def info_nce(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     Returns the mean of the image→text and text→image cross-entropies (scalar).
     """
     logits = _scores(image, text, logit_scale)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    loss_i2t = F.cross_entropy(logits, labels)
-    loss_t2i = F.cross_entropy(logits.T, labels)
-    loss = (loss_i2t + loss_t2i) / 2
+    loss = symmetric_cross_entropy(logits)
     with torch.no_grad():
+        labels = torch.arange(logits.shape[0], device=logits.device)
         metrics = {
-            "con": float(loss),
-            "con_acc_i2t": float((logits.argmax(dim=1) == labels).float().mean()),
-            "con_acc_t2i": float((logits.argmax(dim=0) == labels).float().mean()),
-            "logit_scale": float(logit_scale),
+            "con": loss.detach(),
+            "con_acc_i2t": (logits.argmax(dim=1) == labels).float().mean(),
+            "con_acc_t2i": (logits.argmax(dim=0) == labels).float().mean(),
+            # a copy: the caller's scale may be a parameter the optimiser changes in place
+            "logit_scale": torch.as_tensor(logit_scale).detach().clone(),
         }
     return loss, metrics
 
@@ -104,7 +117,7 @@ def _kl_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 def distribution_kl(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                     i2t_logits: torch.Tensor, t2i_logits: torch.Tensor, temperature: float = 1.0
-                    ) -> tuple[torch.Tensor, dict[str, float]]:
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL(p_i ‖ q_i) both directions, mean over rows, directions averaged.
 
     image, text: (B, D) normalised student embeddings u_i, w_i.
@@ -126,13 +139,12 @@ def distribution_kl(*, image: torch.Tensor, text: torch.Tensor, logit_scale: tor
     kl_t2i = _kl_rows(t2i_logits.detach() / temperature, scores.T).mean()
     kl_i2t, kl_t2i = kl_i2t * temperature ** 2, kl_t2i * temperature ** 2
     loss = (kl_i2t + kl_t2i) / 2
-    metrics = {"dist": float(loss.detach()), "dist_i2t": float(kl_i2t.detach()),
-               "dist_t2i": float(kl_t2i.detach())}
+    metrics = {"dist": loss.detach(), "dist_i2t": kl_i2t.detach(), "dist_t2i": kl_t2i.detach()}
     return loss, metrics
 
 
 def feature_loss(*, image_proj: torch.Tensor, text_proj: torch.Tensor, img_feat: torch.Tensor,
-                 txt_feat: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                 txt_feat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean of 1 − cos(h_v(u_i), v'_i) and 1 − cos(h_t(w_i), t'_i) over rows and both sides.
 
     image_proj, text_proj: (B, D) the student heads' outputs h_v(u_i), h_t(w_i)
@@ -143,15 +155,14 @@ def feature_loss(*, image_proj: torch.Tensor, text_proj: torch.Tensor, img_feat:
     feat_v = (1 - F.cosine_similarity(image_proj.to(dtype), img_feat.detach().to(dtype), dim=-1)).mean()
     feat_t = (1 - F.cosine_similarity(text_proj.to(dtype), txt_feat.detach().to(dtype), dim=-1)).mean()
     loss = (feat_v + feat_t) / 2
-    metrics = {"feat": float(loss.detach()), "feat_img": float(feat_v.detach()),
-               "feat_txt": float(feat_t.detach())}
+    metrics = {"feat": loss.detach(), "feat_img": feat_v.detach(), "feat_txt": feat_t.detach()}
     return loss, metrics
 
 
 def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
               logit_scale: torch.Tensor, targets: Mapping[str, torch.Tensor] | None = None,
               image_proj: torch.Tensor | None = None, text_proj: torch.Tensor | None = None,
-              temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+              temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L = w_con·L_con + w_dist·L_dist + w_feat·L_feat; terms of weight 0 are not computed.
 
     image, text: (B, D) normalised student embeddings; logit_scale: scalar (exp'd).
@@ -175,8 +186,13 @@ def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
             image_proj=image_proj, text_proj=text_proj,
             img_feat=targets[IMG_FEAT], txt_feat=targets[TXT_FEAT])))
     total = sum(w * loss for w, (loss, _) in terms)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     for _, (_, term_metrics) in terms:
         metrics.update(term_metrics)
-    metrics["loss"] = float(total.detach())
+    metrics["loss"] = total.detach()
     return total, metrics
+
+
+def metrics_to_floats(metrics: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The loss metrics as python floats, for a log line: one device synchronisation per value."""
+    return {name: float(value) for name, value in metrics.items()}

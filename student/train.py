@@ -25,7 +25,7 @@ from mcad.storage.errors import InputError
 from mcad.student.data import ATTENTION, BLOCK, INPUT_IDS, PIXELS, SIGNALS
 from mcad.student.checkpoint import load_checkpoint, save_checkpoint
 from mcad.student.curves import MetricsLog, plot_curves
-from mcad.student.losses import LossWeights, mcad_loss
+from mcad.student.losses import LossWeights, mcad_loss, metrics_to_floats
 from mcad.student.targets import mcad_targets
 
 MODES = ("replay", "remix")
@@ -124,9 +124,10 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
                 scheduler.step()
                 step, seen = step + 1, seen + len(batch[INPUT_IDS])
                 if log and (step % cfg.log_every == 0 or step == 1):
+                    values = metrics_to_floats(metrics)  # floats only here: each one waits for the device
                     log.write({"kind": "step", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                               **metrics})
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                               **values})
+                    bar.set_postfix(loss=f"{values['loss']:.3f}")
         seconds = time.perf_counter() - started
         seen, step = world.total(seen), world.maximum(step)
         record = {"kind": "epoch", "epoch": epoch, "step": step, "seconds": seconds, "samples": seen,

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from mcad.storage.errors import InputError
-from mcad.student.losses import LossWeights, distribution_kl, feature_loss, info_nce, mcad_loss
+from mcad.student.losses import (
+    LossWeights, distribution_kl, feature_loss, info_nce, mcad_loss, metrics_to_floats,
+)
 from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
 
 
@@ -82,8 +84,8 @@ def test_info_nce_matches_naive():
     u, w, s = _student(0)
     loss, metrics = info_nce(image=u, text=w, logit_scale=s)
     assert loss.item() == pytest.approx(naive_info_nce(u, w, s), rel=1e-5)
-    assert metrics["con"] == pytest.approx(loss.item())
-    assert 0 <= metrics["con_acc_i2t"] <= 1 and metrics["logit_scale"] == 5.0
+    assert metrics["con"].item() == pytest.approx(loss.item())
+    assert 0 <= metrics["con_acc_i2t"].item() <= 1 and metrics["logit_scale"].item() == 5.0
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 0.5])
@@ -93,7 +95,7 @@ def test_distribution_kl_matches_naive_per_block(temperature):
     loss, metrics = distribution_kl(image=u, text=w, logit_scale=s, i2t_logits=i2t, t2i_logits=t2i,
                                     temperature=temperature)
     assert loss.item() == pytest.approx(naive_kl(u, w, s, i2t, t2i, temperature), rel=1e-5)
-    assert metrics["dist"] == pytest.approx((metrics["dist_i2t"] + metrics["dist_t2i"]) / 2)
+    assert metrics["dist"].item() == pytest.approx(((metrics["dist_i2t"] + metrics["dist_t2i"]) / 2).item())
 
 
 def test_distribution_kl_is_finite_when_teacher_mass_underflows():
@@ -185,8 +187,21 @@ def test_mcad_loss_is_the_weighted_sum():
     feat = naive_feature(batch["image_proj"], batch["text_proj"],
                          batch["targets"][IMG_FEAT], batch["targets"][TXT_FEAT])
     assert loss.item() == pytest.approx(0.5 * con + 2.0 * dist + 0.25 * feat, rel=1e-5)
-    assert metrics["loss"] == pytest.approx(loss.item())
+    assert metrics["loss"].item() == pytest.approx(loss.item())
     assert {"con", "dist", "feat"} <= metrics.keys()
+
+
+def test_metrics_are_detached_tensors_until_logged():
+    # Reading a metric waits for the device: the loss leaves that to the loop's logging steps.
+    batch = _batch(11)
+    scale = batch["logit_scale"].clone().requires_grad_()
+    loss, metrics = mcad_loss(weights=LossWeights(), **{**batch, "logit_scale": scale})
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in metrics.values())
+    with torch.no_grad():
+        scale += 1.0  # an optimiser step on the scale must not change what was measured
+    values = metrics_to_floats(metrics)
+    assert values["logit_scale"] == 5.0 and values["loss"] == loss.item()
+    assert all(type(v) is float for v in values.values())
 
 
 def test_mcad_loss_skips_zero_weight_terms():
@@ -195,7 +210,7 @@ def test_mcad_loss_skips_zero_weight_terms():
     loss, metrics = mcad_loss(weights=LossWeights(con=1.0, dist=0.0, feat=0.0),
                               image=batch["image"], text=batch["text"], logit_scale=batch["logit_scale"])
     assert "dist" not in metrics and "feat" not in metrics
-    assert loss.item() == pytest.approx(metrics["con"])
+    assert loss.item() == pytest.approx(metrics["con"].item())
     loss, metrics = mcad_loss(weights=LossWeights(con=0.0, dist=1.0, feat=0.0),
                               **{**batch, "image_proj": None, "text_proj": None})
     assert set(metrics) == {"dist", "dist_i2t", "dist_t2i", "loss"}
@@ -231,5 +246,5 @@ def test_targets_to_loss_end_to_end_gradients_are_finite():
     loss, metrics = mcad_loss(weights=LossWeights(), image=u, text=w, logit_scale=scale,
                               targets=targets, image_proj=u * 2, text_proj=w * 2)
     loss.backward()
-    assert all(math.isfinite(x) for x in metrics.values())
+    assert all(math.isfinite(x) for x in metrics_to_floats(metrics).values())
     assert all(torch.isfinite(x.grad).all() for x in (u, w, scale))
