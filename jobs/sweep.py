@@ -25,8 +25,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcad.storage.atomic import atomic_write_json
-from mcad.storage.errors import InputError
+from mcad.storage.atomic import atomic_write, atomic_write_dir, atomic_write_json
+from mcad.storage.errors import InputError, error_line
 
 CONFIG_NAME, RESULTS_NAME, BEST_DIR, TRIALS_DIR, TUNE_DIR = (
     "sweep_config.json", "results.csv", "best", "trials", "tune")
@@ -201,7 +201,7 @@ def _record(sweep: SweepJob, result) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / STATUS_NAME, {
         "status": status, "epochs": epochs, METRIC: metrics.get(METRIC),
-        "error": str(result.error).splitlines()[0] if result.error else None})
+        "error": error_line(result.error, first=True) if result.error else None})
 
 
 def results_table(sweep: SweepJob, points: list[dict]) -> list[dict]:
@@ -225,12 +225,13 @@ def _runs(out: Path) -> int:
 def write_csv(table: list[dict], path: Path) -> None:
     if not table:
         return
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    tmp.replace(path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+
+    atomic_write(path, write)
 
 
 def format_table(table: list[dict]) -> str:
@@ -248,17 +249,17 @@ def _export_best(table: list[dict], dest: Path) -> str | None:
     best = next((r for r in table if r["model"]), None)
     if best is None:
         return None
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best["model"], tmp)
-    (tmp / "mcad_sweep.json").write_text(json.dumps({"trial": best["trial"], METRIC: best[METRIC]}, indent=2))
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
-    return str(dest)
+    def fill(tmp: Path) -> None:
+        shutil.copytree(best["model"], tmp, dirs_exist_ok=True)
+        (tmp / "mcad_sweep.json").write_text(json.dumps({"trial": best["trial"], METRIC: best[METRIC]}, indent=2))
+
+    return str(atomic_write_dir(dest, fill))
 
 
 def _prepare(sweep: SweepJob, out: Path) -> None:
     """Fresh sweeps need an empty --out; --resume needs the same sweep there."""
+    from mcad.storage import fs
+
     saved = out / CONFIG_NAME
     config = json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
     if sweep.resume:
@@ -269,7 +270,6 @@ def _prepare(sweep: SweepJob, out: Path) -> None:
         if changed:
             raise InputError(f"cannot resume {out}: {', '.join(changed)} differ from the sweep there")
         return
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} is not empty; pass --resume to continue that sweep or choose a new --out")
+    fs.require_empty(out, "pass --resume to continue that sweep or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved, config)

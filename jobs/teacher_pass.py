@@ -253,8 +253,8 @@ def _prepare_store(job: TeacherPassJob, out: str) -> Manifest:
         for sub in (SIGNALS_DIR, REJECTS_DIR):
             fs.remove_tree(store_file(out, sub))
         has_store = False
-    elif not has_store and fs.listdir(out):
-        raise InputError(f"{out} exists and is not a signal store; choose an empty or new folder")
+    elif not has_store:
+        fs.require_empty(out, "it holds no signal store to continue; choose an empty or new folder")
     fs.makedirs(out)
     manifest = Manifest.load(out) if fs.exists(manifest_path(out)) else Manifest()
     if has_store:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mcad.storage import fs
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
 from mcad.student.train import TrainConfig
@@ -165,8 +166,8 @@ def _prepare_run(job: StudentJob, run: Path, store) -> None:
         if pinned != json.loads(json.dumps(fingerprint)):
             changed = sorted(k for k in fingerprint if pinned.get(k) != json.loads(json.dumps(fingerprint[k])))
             raise InputError(f"cannot resume {run}: the store changed since ({', '.join(changed)} differ)")
-    elif run.exists() and any(run.iterdir()):
-        raise InputError(f"{run} is not empty; pass --resume to continue that run or choose a new --out")
+    else:
+        fs.require_empty(run, "pass --resume to continue that run or choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(pinned_path, fingerprint)
     atomic_write_json(run / CONFIG_NAME, _jsonable(job))

@@ -49,6 +49,32 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Call fill(tmp) for a fresh temporary folder beside `path`, then put it in `path`'s place.
+
+    A folder already at `path` is moved aside first and removed last, so a
+    crash leaves either the old folder or the new one under `path` (or, at
+    worst, the old one under `.old-<name>`), never a half-written one.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.with_name(TMP_PREFIX + path.name), path.with_name(".old-" + path.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove temporary files a crashed writer left in `folder`; return what was removed."""
     folder = Path(folder)

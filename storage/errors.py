@@ -10,10 +10,16 @@ class InputError(Exception):
     """Bad input from the user: the message is shown as is, on one line."""
 
 
-def error_line(exc: BaseException) -> str:
-    """An InputError or OSError as one line: its message, or strerror and the file it concerns."""
+def error_line(exc: BaseException, *, first: bool = False) -> str:
+    """An exception as one line: its message, or strerror and the file it concerns.
+
+    first: keep only the message's first non-blank line, for messages whose
+    later lines are context (DuckDB's query and caret, a Ray traceback).
+    """
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
     else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+        text = str(exc)
+    if first:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    return " ".join(text.split()) or type(exc).__name__

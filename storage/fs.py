@@ -25,7 +25,7 @@ from typing import IO, Callable
 
 import pyarrow.fs as pafs
 
-from mcad.storage.errors import InputError
+from mcad.storage.errors import InputError, error_line
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
@@ -40,7 +40,7 @@ def _filesystem(prefix: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(prefix + "/")
     except (ValueError, OSError) as exc:  # unknown scheme, or a backend this pyarrow lacks
-        raise InputError(f"cannot open {prefix}: {' '.join(str(exc).split())}") from None
+        raise InputError(f"cannot open {prefix}: {error_line(exc)}") from None
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -103,6 +103,16 @@ def listdir(location: str | os.PathLike) -> list[str]:
     fs, path = resolve(location)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return [join(location, i.base_name) for i in infos]
+
+
+def require_empty(location: str | os.PathLike, advice: str) -> None:
+    """Refuse to start a new output in a folder (or URI prefix) that holds anything.
+
+    The one guard of every job that writes a folder: a job calls it unless it
+    continues what is there (resume). InputError "<location> is not empty; <advice>".
+    """
+    if listdir(location):
+        raise InputError(f"{location} is not empty; {advice}")
 
 
 def glob(pattern: str) -> list[str]:

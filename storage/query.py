@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from mcad.storage import fs
 from mcad.storage import schema
-from mcad.storage.errors import InputError
+from mcad.storage.errors import InputError, error_line
 from mcad.storage.manifest import (
     MTIME, POOLS, REJECTED, ROWS, SECONDS, SHARD_FIELDS, SIZE, SOURCE, STATUS, STATUS_DONE, rejects_path,
     signals_path,
@@ -83,8 +83,7 @@ def sql(con: duckdb.DuckDBPyConnection, query: str, *, limit: int | None = None)
 
 def sql_error(exc: duckdb.Error) -> InputError:
     """One line out of DuckDB's message (it adds the query and a caret below)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return InputError(f"SQL error: {first}")
+    return InputError(f"SQL error: {error_line(exc, first=True)}")
 
 
 # --- stats ------------------------------------------------------------------

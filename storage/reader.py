@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from mcad.storage import fs
 from mcad.storage import schema
 from mcad.storage.atomic import TMP_PREFIX
-from mcad.storage.errors import InputError
+from mcad.storage.errors import InputError, error_line
 from mcad.storage.manifest import (
     MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS,
     REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, rejects_path, signals_path,
@@ -89,7 +89,7 @@ def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray
         with parquet_file(rpath) as pf:
             rejected = pf.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{where}: unreadable Parquet file ({' '.join(str(exc).split())})") from None
+        raise InputError(f"{where}: unreadable Parquet file ({error_line(exc)})") from None
     schema.check_version(schema.version_of(arrow_schema), f"{where} (signals file)")
     dims = schema.validate(arrow_schema.empty_table(), where=f"{where} (signals file)")
     want = {"d": params[PARAM_D], "f": params[PARAM_F], "k": params[PARAM_K]}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mcad.storage.atomic import atomic_write_dir
 
 WEIGHTS, OPTIMIZER, STATE = "student.safetensors", "optimizer.pt", "state.json"
 LAST = "last"
@@ -22,21 +23,12 @@ LAST = "last"
 def save_checkpoint(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer, scheduler,
                     state: dict) -> Path:
     """Write folder/last atomically: the model, optimiser and scheduler states and `state` (JSON)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{LAST}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
-    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
-    final = folder / LAST
-    old = folder / f".old-{LAST}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    def fill(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    return atomic_write_dir(Path(folder) / LAST, fill)
 
 
 def load_checkpoint(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer=None,

@@ -23,6 +23,7 @@ import torch
 
 from mcad.storage import schema
 from mcad.storage.errors import InputError
+from mcad.storage.iters import batched
 from mcad.storage.manifest import PARAM_LOGIT_SCALE
 from mcad.storage.reader import rebatch
 
@@ -73,14 +74,7 @@ def teacher_logit_scale(store) -> float:
 
 def replay_batches(pools: Iterable[dict], pools_per_batch: int) -> Iterator[list[dict]]:
     """Group whole pools into batches of `pools_per_batch` (the last may hold fewer)."""
-    group: list[dict] = []
-    for pool in pools:
-        group.append(pool)
-        if len(group) == pools_per_batch:
-            yield group
-            group = []
-    if group:
-        yield group
+    return batched(pools, pools_per_batch)
 
 
 def collate(parts: Sequence[dict], *, processor, max_length: int | None = None,

@@ -5,14 +5,13 @@ gs://) inside one process; `file://` URIs take the URI code path on real files.
 """
 from __future__ import annotations
 
-import io
-import tarfile
 import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import image_bytes, tar_bytes
 from mcad.pipeline.shards import Sample, iter_shard, list_shards
 from mcad.storage import fs
 from mcad.storage.errors import InputError
@@ -67,18 +66,9 @@ def test_a_uri_store_missing_a_file_is_refused_like_a_local_one(make_store):
 
 
 def _tar(samples: dict[str, str]) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for key, caption in samples.items():
-            img = io.BytesIO()
-            Image.new("RGB", (8, 8), (200, 10, 10)).save(img, format="PNG")
-            for suffix, data in ((".png", img.getvalue()), (".txt", caption.encode())):
-                info = tarfile.TarInfo(key + suffix)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    png = image_bytes("PNG", color=(200, 10, 10))
+    return tar_bytes([member for key, caption in samples.items()
+                      for member in ((key + ".png", png), (key + ".txt", caption.encode()))])
 
 
 def test_shards_at_a_uri_are_listed_and_streamed(tmp_path):
@@ -106,3 +96,13 @@ def test_signals_queries_refuse_a_store_at_a_uri_in_one_line(make_store):
 
     with pytest.raises(InputError, match="local or mounted disk"):
         connect(make_store(_mock("/store")))
+
+
+def test_require_empty_refuses_a_folder_that_holds_anything(tmp_path):
+    from mcad.storage.fs import require_empty
+
+    require_empty(tmp_path / "new", "choose another")  # a folder that does not exist yet
+    require_empty(tmp_path, "choose another")           # an empty one
+    (tmp_path / ".hidden").write_text("x")
+    with pytest.raises(InputError, match=r"is not empty; choose another$"):
+        require_empty(tmp_path, "choose another")
