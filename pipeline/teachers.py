@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import file_digest
+from mcad.student.models import clip_image_embeddings, clip_text_embeddings
 
 CONFIG_FILE = "config.json"
 WEIGHTS_GLOB = "*.safetensors"
@@ -189,15 +189,13 @@ class DualTeacher(_Teacher):
     @torch.no_grad()
     def encode_images(self, images: Sequence) -> torch.Tensor:
         """(n, D) float32, L2-normalised."""
-        out = self.model.get_image_features(pixel_values=self._pixels(images))
-        return F.normalize(out.pooler_output.float(), dim=-1)
+        return clip_image_embeddings(self.model, self._pixels(images))
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(n, D) float32, L2-normalised."""
         tok = self._tokens(texts, self.model.config.text_config.max_position_embeddings)
-        out = self.model.get_text_features(**tok)
-        return F.normalize(out.pooler_output.float(), dim=-1)
+        return clip_text_embeddings(self.model, tok["input_ids"], tok["attention_mask"])
 
 
 # ----------------------------------------------------------- single teacher
@@ -240,14 +238,10 @@ class SingleTeacher(_Teacher):
         fused, itm = [], []
         for sl in _batched(m, batch_size):
             states = image_states[sl].to(self.device, self.dtype)
-            mask = torch.ones(states.shape[:-1], dtype=torch.long, device=self.device)
-            out = self.model.text_encoder(
-                input_ids=tokens["input_ids"][sl], attention_mask=tokens["attention_mask"][sl],
-                encoder_hidden_states=states, encoder_attention_mask=mask)
-            cls_state = out.last_hidden_state[:, 0, :]
-            logits = self.model.itm_head(cls_state).float()
+            cls_state, logits = itm_forward(self.model, tokens["input_ids"][sl], tokens["attention_mask"][sl],
+                                            states)
             fused.append(cls_state.float())
-            itm.append(logits[:, 1] - logits[:, 0])
+            itm.append(itm_logit(logits))
             if progress is not None:
                 progress(sl.stop - sl.start)
         return torch.cat(fused), torch.cat(itm)
@@ -256,6 +250,27 @@ class SingleTeacher(_Teacher):
               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """fused (m, F) and itm (m,) for the pairs (image_states[r], texts[r])."""
         return self.match_tokens(image_states, self.tokenize(texts), batch_size=batch_size)
+
+
+def itm_forward(blip, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's ITM branch on pairs r = (image_states[r], text r): (fused [CLS] state (m, F), ITM logits (m, 2)).
+
+    What BlipForImageTextRetrieval computes with `use_itm_head=True`, from
+    vision states the caller computed once per image; in the model's dtype,
+    with gradient when the caller allows it (the teacher bootstrap trains through it).
+    """
+    mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=image_states.device)
+    out = blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                            encoder_hidden_states=image_states, encoder_attention_mask=mask)
+    cls_state = out.last_hidden_state[:, 0, :]
+    return cls_state, blip.itm_head(cls_state)
+
+
+def itm_logit(logits: torch.Tensor) -> torch.Tensor:
+    """m = logit(match) - logit(no match) in float32, from (m, 2) ITM logits (docs/design.md, section 3)."""
+    logits = logits.float()
+    return logits[:, 1] - logits[:, 0]
 
 
 TEACHERS: dict[str, type[_Teacher]] = {"clip": DualTeacher, "blip": SingleTeacher}

@@ -16,10 +16,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mcad.storage.errors import InputError
+from mcad.student.models import clip_image_embeddings, clip_text_embeddings
 
 FORMATS = ("hf", "onnx", "torchscript")
 
@@ -30,7 +30,7 @@ class ImageEncoder(nn.Module):
         self.clip = clip
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        return clip_image_embeddings(self.clip, pixel_values)
 
 
 class TextEncoder(nn.Module):
@@ -39,8 +39,7 @@ class TextEncoder(nn.Module):
         self.clip = clip
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        return F.normalize(out.pooler_output, dim=-1)
+        return clip_text_embeddings(self.clip, input_ids, attention_mask)
 
 
 def example_inputs(clip, processor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

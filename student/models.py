@@ -152,6 +152,25 @@ def clip_config(size: str | StudentSize, processor):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=s.proj_dim)
 
 
+# ------------------------------------------------------------- embeddings
+
+def clip_image_embeddings(clip, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, d) float32 L2-normalised image embeddings of any CLIPModel (student or dual teacher).
+
+    Cast to float32 before normalising, so a float16 teacher's embeddings are
+    normalised in float32 (a float32 model's are unchanged by the cast). Every
+    CLIP encode in mcad goes through here or `clip_text_embeddings`.
+    """
+    return F.normalize(clip.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
+
+
+def clip_text_embeddings(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """(B, d) float32 L2-normalised text embeddings (pooled at each text's first eos)."""
+    out = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    return F.normalize(out.pooler_output.float(), dim=-1)
+
+
 # ------------------------------------------------------------------ model
 
 class Student(nn.Module):
@@ -179,12 +198,11 @@ class Student(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, d) L2-normalised image embeddings."""
-        return F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        return clip_image_embeddings(self.clip, pixel_values)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, d) L2-normalised text embeddings (pooled at each text's first eos)."""
-        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        return F.normalize(out.pooler_output, dim=-1)
+        return clip_text_embeddings(self.clip, input_ids, attention_mask)
 
     def to_teacher(self, image: torch.Tensor | None = None,
                    text: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -125,9 +125,8 @@ def _queries(cfg: PresetsBenchConfig) -> list[str]:
 def clip_row(clip, processor, cfg: PresetsBenchConfig, *, kind: str, images: list, texts: list[str]) -> dict:
     """Parameters, FLOPs, throughput and 10k-gallery latency of one CLIPModel (student or dual teacher)."""
     import torch
-    import torch.nn.functional as F
 
-    from mcad.student.models import model_cost
+    from mcad.student.models import clip_image_embeddings, clip_text_embeddings, model_cost
 
     clip = clip.float().eval()
     cost = model_cost(clip, processor)
@@ -139,15 +138,13 @@ def clip_row(clip, processor, cfg: PresetsBenchConfig, *, kind: str, images: lis
 
     def query(text: str, k: int = TOP):
         t = processor.tokenizer([text], truncation=True, max_length=max_len, return_tensors="pt")
-        q = F.normalize(clip.get_text_features(input_ids=t["input_ids"],
-                                               attention_mask=t["attention_mask"]).pooler_output, dim=-1)
+        q = clip_text_embeddings(clip, t["input_ids"], t["attention_mask"])
         return torch.topk(gallery @ q[0], k)
 
     with torch.inference_mode():
-        img_rate = _median_rate(lambda: clip.get_image_features(pixel_values=pixels), len(images),
+        img_rate = _median_rate(lambda: clip_image_embeddings(clip, pixels), len(images),
                                 warmup=cfg.warmup, repeats=cfg.batches)
-        txt_rate = _median_rate(lambda: clip.get_text_features(**{k: tok[k] for k in ("input_ids",
-                                                                                      "attention_mask")}),
+        txt_rate = _median_rate(lambda: clip_text_embeddings(clip, tok["input_ids"], tok["attention_mask"]),
                                 len(texts), warmup=cfg.warmup, repeats=cfg.batches)
         latency = _median_ms(query, _queries(cfg))
     return {"kind": kind, "params": cost["params_total"], "params_vision": cost["params_vision"],
@@ -164,6 +161,8 @@ def single_row(single, dual_query, cfg: PresetsBenchConfig, *, images: list, tex
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mcad.pipeline.teachers import itm_forward
+
     model = single.model.float().eval()
     params = sum(p.numel() for p in model.parameters())
     params_vision = sum(p.numel() for p in model.vision_model.parameters())
@@ -178,10 +177,7 @@ def single_row(single, dual_query, cfg: PresetsBenchConfig, *, images: list, tex
         length = model.config.text_config.max_position_embeddings
         ids = torch.full((1, length), 1, dtype=torch.long)
         with FlopCounterMode(display=False) as pair_counter:
-            out = probe.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     encoder_hidden_states=states1,
-                                     encoder_attention_mask=torch.ones(states1.shape[:-1], dtype=torch.long))
-            probe.itm_head(out.last_hidden_state[:, 0, :])
+            itm_forward(probe, ids, torch.ones_like(ids), states1)
 
         states = model.vision_model(pixel_values=pixels).last_hidden_state
         img_rate = _median_rate(lambda: model.vision_model(pixel_values=pixels), len(images),

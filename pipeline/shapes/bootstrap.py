@@ -33,13 +33,18 @@ from tqdm import tqdm
 
 from mcad.pipeline.shapes.teacher_models import build_blip, build_clip, build_processors, build_tokenizers, count_parameters, get_size, save_teacher
 from mcad.pipeline.shapes.bootstrap_data import Encoded, Split
+from mcad.pipeline.teachers import itm_forward, itm_logit
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
+from mcad.student.losses import symmetric_cross_entropy
 from mcad.student.metrics import recall_at_k, rerank_recalls
+from mcad.student.models import MAX_LOGIT_SCALE, clip_image_embeddings, clip_text_embeddings
+from mcad.student.train import warmup_cosine
 
 NEGATIVES = ("clip", "itc")
 BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp, for both contrastive scales
+# Both contrastive scales are learnt as logs, clamped so that exp stays <= CLIP's 100.
+MAX_LOG_SCALE = math.log(MAX_LOGIT_SCALE)
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -82,14 +87,7 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: BootstrapConfig, total: in
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    warm = max(1, int(cfg.warmup * total))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup))
 
 
 def _batches(n_images: int, owner: torch.Tensor, batch: int, gen: torch.Generator):
@@ -101,11 +99,6 @@ def _batches(n_images: int, owner: torch.Tensor, batch: int, gen: torch.Generato
         img = order[start:start + batch]
         pick = (torch.rand(len(img), generator=gen) * count[img]).long()
         yield img, first[img] + pick
-
-
-def _contrastive(logits: torch.Tensor) -> torch.Tensor:
-    target = torch.arange(len(logits))
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def _epochs(name: str, n_epochs: int, steps: int, run_step, on_epoch) -> list[dict]:
@@ -138,13 +131,13 @@ def train_clip(clip, data: Encoded, cfg: BootstrapConfig, on_epoch=dict) -> list
         for img, txt in _batches(n, data.owner, cfg.batch_size, gen):
             out = clip(input_ids=data.ids[txt], attention_mask=data.mask[txt],
                        pixel_values=data.norm(data.pixels[img]))
-            loss = _contrastive(out.logits_per_image)
+            loss = symmetric_cross_entropy(out.logits_per_image)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
-                clip.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
+                clip.logit_scale.clamp_(max=MAX_LOG_SCALE)
             yield loss.item()
 
     return _epochs("clip", cfg.epochs, steps, run, on_epoch)
@@ -162,7 +155,7 @@ def blip_step(blip, itc_scale, ids, mask, pixels, neg_logits, gen) -> torch.Tens
     txt = blip.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
     img_feat = F.normalize(blip.vision_proj(vis[:, 0]), dim=-1)
     txt_feat = F.normalize(blip.text_proj(txt), dim=-1)
-    itc = _contrastive(itc_scale.exp() * img_feat @ txt_feat.T)
+    itc = symmetric_cross_entropy(itc_scale.exp() * img_feat @ txt_feat.T)
     b = len(ids)
     with torch.no_grad():
         # Identical captions of two images are not negatives of each other.
@@ -171,10 +164,9 @@ def blip_step(blip, itc_scale, ids, mask, pixels, neg_logits, gen) -> torch.Tens
         neg_txt, neg_img = _hard_negatives(sim, same, gen), _hard_negatives(sim.T, same.T, gen)
     pos = torch.arange(b)
     img_idx, txt_idx = torch.cat([pos, pos, neg_img]), torch.cat([pos, neg_txt, pos])
-    fused = blip.text_encoder(input_ids=ids[txt_idx], attention_mask=mask[txt_idx],
-                              encoder_hidden_states=vis[img_idx]).last_hidden_state[:, 0]
+    _, itm = itm_forward(blip, ids[txt_idx], mask[txt_idx], vis[img_idx])
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long()
-    return itc + F.cross_entropy(blip.itm_head(fused), labels)
+    return itc + F.cross_entropy(itm, labels)
 
 
 def train_blip(blip, data: Encoded, cfg: BootstrapConfig, *, clip=None, clip_data: Encoded | None = None,
@@ -201,7 +193,7 @@ def train_blip(blip, data: Encoded, cfg: BootstrapConfig, *, clip=None, clip_dat
             opt.step()
             sched.step()
             with torch.no_grad():
-                itc_scale.clamp_(max=MAX_LOGIT_SCALE)
+                itc_scale.clamp_(max=MAX_LOG_SCALE)
             yield loss.item()
 
     return _epochs("blip", cfg.n_blip_epochs, steps, run, on_epoch)
@@ -213,12 +205,10 @@ def train_blip(blip, data: Encoded, cfg: BootstrapConfig, *, clip=None, clip_dat
 def dual_logits(clip, data: Encoded, batch: int = 256) -> torch.Tensor:
     """(n_images, n_texts) logit-scaled cosine similarities s * v.t of a CLIPModel."""
     clip.eval()
-    v = torch.cat([clip.get_image_features(pixel_values=data.norm(data.pixels[i:i + batch])).pooler_output
+    v = torch.cat([clip_image_embeddings(clip, data.norm(data.pixels[i:i + batch]))
                    for i in range(0, len(data.pixels), batch)])
-    t = torch.cat([clip.get_text_features(input_ids=data.ids[i:i + batch],
-                                          attention_mask=data.mask[i:i + batch]).pooler_output
+    t = torch.cat([clip_text_embeddings(clip, data.ids[i:i + batch], data.mask[i:i + batch])
                    for i in range(0, len(data.ids), batch)])
-    v, t = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
     return clip.logit_scale.exp().float() * v @ t.T
 
 
@@ -229,10 +219,7 @@ def itm_pairs(blip, data: Encoded, vis: torch.Tensor, img_idx: torch.Tensor, txt
     out = []
     for s in range(0, len(img_idx), batch):
         i, t = img_idx[s:s + batch], txt_idx[s:s + batch]
-        fused = blip.text_encoder(input_ids=data.ids[t], attention_mask=data.mask[t],
-                                  encoder_hidden_states=vis[i]).last_hidden_state[:, 0]
-        logits = blip.itm_head(fused).float()
-        out.append(logits[:, 1] - logits[:, 0])
+        out.append(itm_logit(itm_forward(blip, data.ids[t], data.mask[t], vis[i])[1]))
     return torch.cat(out) if out else torch.zeros(0)
 
 
