@@ -94,8 +94,11 @@ class TwoNodes:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def shipped_packages(self) -> set[str]:
-        """Top-level packages the cluster unpacked from jobs' runtime environments (py_modules)."""
-        return {p.name for p in self.root.glob("session_*/runtime_resources/py_modules_files/_ray_pkg_*/*")}
+        """Packages the cluster unpacked from jobs' runtime environments (py_modules), with their
+        sub-packages: {"mcad", "mcad/storage", ...}."""
+        unpacked = self.root.glob("session_*/runtime_resources/py_modules_files/_ray_pkg_*")
+        return {str(p.relative_to(pkg)).replace("/__init__.py", "") for pkg in unpacked
+                for p in pkg.glob("**/__init__.py") if "__pycache__" not in p.parts}
 
     def _ray(self, *args: str) -> None:
         subprocess.run([RAY, *args], env=self.env, check=True, capture_output=True, timeout=120)
@@ -156,7 +159,7 @@ def test_teacher_pass_survives_losing_a_worker_node_then_a_sweep_runs(two_nodes,
     assert job.returncode == 0, output
     assert done_before < 12
     # mcad's code was shipped to the cluster in the job's runtime environment (py_modules).
-    assert "mcad" in two_nodes.shipped_packages()
+    assert {"mcad", "mcad/storage", "mcad/student", "mcad/pipeline", "mcad/jobs"} <= two_nodes.shipped_packages()
     opened = open_store(store)  # refuses anything incomplete, orphaned or miscounted
     assert opened.num_rows == 192 and len(opened.shards) == 12
     check = subprocess.run([MCAD, "signals", "validate", str(store), "--data", str(wide_data / "train")],
