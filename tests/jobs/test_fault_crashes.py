@@ -1,0 +1,451 @@
+"""Fault matrix, crashes (issue #8): a lost process costs neither the run nor a sample.
+
+End to end through a real `mcad` process, store and student (real Ray, pyarrow,
+DuckDB and HF models; nothing mocked):
+
+- the teacher pass: the driver SIGKILLed mid-run then --resume; a Ray worker
+  SIGKILLed mid-shard (slow); a full disk (slow, needs `unshare -m`); a read-only
+  output folder; replaced teacher files refused on --resume;
+- the student: SIGKILLed mid-epoch then --resume; stores that do not match refused.
+
+The crash cases drive a real `mcad` process: a small driver script starts Ray
+with a `worker_process_setup_hook` (Ray's own per-worker start-up hook) that
+holds or kills a worker at one chosen moment, then calls `jobs.cli.main`.
+Each such process gets its own RAY_TMPDIR; whatever it leaves running is
+found by that folder in /proc/<pid>/environ and killed by pid.
+
+    ./dev.sh test tests/jobs/test_fault_crashes.py                       the default cases
+    ./dev.sh test tests/jobs/test_fault_crashes.py -m "slow or not slow"  + a worker killed, a full disk (about 80 s)
+    ./dev.sh test tests/jobs/test_fault_crashes.py -k driver             one case
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import assert_one_line_error, invoke, leftovers
+from mcad.storage.manifest import MANIFEST_NAME, Manifest, REJECTS_DIR, ROWS, SIGNALS_DIR, rejects_path, signals_path
+
+ROOT = Path(__file__).resolve().parents[2]
+CAPTION = "a small red circle left of a large blue square"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def tables(store: Path, sub: str = SIGNALS_DIR) -> dict:
+    return {p.name: pq.read_table(p) for p in sorted((store / sub).glob("*.parquet"))}
+
+
+def assert_same_data(store: Path, reference: Path) -> None:
+    for sub in (SIGNALS_DIR, REJECTS_DIR):
+        got, want = tables(store, sub), tables(reference, sub)
+        assert got.keys() == want.keys(), sub
+        for name in want:
+            assert got[name].equals(want[name]), f"{sub}/{name}"
+
+
+# ------------------------------------------------------------ teacher pass
+
+DRIVER = r'''
+"""A real `mcad` process whose Ray workers misbehave once (fault-matrix tests only)."""
+import logging, os, signal, sys, time
+
+MODE, MARK = sys.argv[1], sys.argv[2]
+
+
+def hook():
+    """Ray runs this in each worker process at start: wrap the store's atomic writes."""
+    import mcad.storage.atomic
+    import mcad.storage.writer
+
+    real = mcad.storage.atomic.atomic_write
+
+    def atomic_write(path, write):
+        def write_then_fault(tmp):
+            write(tmp)  # the temporary file is complete, the rename still to come
+            if os.sep + "signals" + os.sep not in str(path):
+                return
+            try:  # the run's first signals file goes through and leaves the mark
+                fd = os.open(MARK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if MODE == "stall":  # later shards stay in flight until the driver is killed
+                    time.sleep(600)
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            if MODE == "die":  # this worker process dies mid-shard, once
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return real(path, write_then_fault)
+
+    mcad.storage.atomic.atomic_write = atomic_write
+    if hasattr(mcad.storage.writer, "atomic_write"):  # imported by name there, or called via mcad.storage.atomic
+        mcad.storage.writer.atomic_write = atomic_write
+
+
+import ray
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+         runtime_env={"worker_process_setup_hook": hook})
+from mcad.jobs.cli import main
+
+main(sys.argv[3:], prog_name="mcad")
+'''
+
+
+class MisbehavingDriver:
+    """`mcad ARGS` in its own session and Ray temp folder, with a fault `mode` in its workers."""
+
+    def __init__(self, tmp: Path, mode: str, args: list, prefix: tuple = ()):
+        self.mark = tmp / f"{mode}.mark"
+        script = tmp / "driver.py"
+        script.write_text(DRIVER)
+        # A short path: Ray's socket names must stay under the OS limit.
+        self.ray_tmp = tempfile.mkdtemp(prefix="mcad-fm-")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_TMPDIR=self.ray_tmp, RAY_BACKEND_LOG_LEVEL="fatal",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+        self.log = open(tmp / "driver.log", "w+")
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(script), mode, str(self.mark), *map(str, args)],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait(self, timeout: float = 240) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stray_pids(self) -> list[int]:
+        """Processes still carrying this driver's RAY_TMPDIR (its Ray cluster)."""
+        needle = f"RAY_TMPDIR={self.ray_tmp}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if needle in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+                except OSError:
+                    pass
+        return found
+
+    def clean_up(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        deadline = time.time() + 10  # Ray's own processes share the driver's fate; give them a moment
+        while self.stray_pids() and time.time() < deadline:
+            time.sleep(0.2)
+        for pid in self.stray_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def misbehaving(tmp_path):
+    started: list[MisbehavingDriver] = []
+
+    def start(mode: str, *args, prefix: tuple = ()) -> MisbehavingDriver:
+        started.append(MisbehavingDriver(tmp_path, mode, list(args), prefix))
+        return started[-1]
+
+    yield start
+    for driver in started:
+        driver.clean_up()
+        assert not driver.stray_pids(), "Ray processes of a test driver are still running"
+
+
+def pass_args(shapes_data, tiny_teachers, tiny_pass, out) -> list:
+    dual, single = tiny_teachers
+    return ["pipeline", "teacher-pass", "--data", shapes_data / "train", "--dual", dual, "--single", single,
+            "--out", out, "--pool", tiny_pass["pool_size"], "--topk", tiny_pass["topk"],
+            "--pair-batch", tiny_pass["pair_batch"], "--calibration-rows", tiny_pass["calibration_rows"]]
+
+
+@pytest.mark.ray
+def test_driver_killed_mid_run_then_resume_matches_an_uninterrupted_run(
+        misbehaving, tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    out = tmp_path / "store"
+    args = pass_args(shapes_data, tiny_teachers, tiny_pass, out)
+    driver = misbehaving("stall", *args)
+    deadline = time.time() + 180
+    while time.time() < deadline and driver.proc.poll() is None:
+        # One shard recorded, the next one stalled in its write: its temporary file is there.
+        if (out / MANIFEST_NAME).exists() and Manifest.load(out).done_shards() and leftovers(out):
+            break  # (a manifest is never seen torn: it is renamed into place)
+        time.sleep(0.05)
+    assert driver.proc.poll() is None, driver.output()[-3000:]
+    os.kill(driver.proc.pid, signal.SIGKILL)  # the driver only; its Ray goes down with it
+    assert driver.wait() == -signal.SIGKILL
+    driver.clean_up()
+    done = Manifest.load(out).done_shards()
+    assert len(done) == 1 and leftovers(out), done  # killed mid-run, with a shard in flight
+
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"({len(done)} already done" in result.output
+    assert_same_data(out, tiny_store)
+    assert leftovers(out) == []
+    assert Manifest.load(out).done_shards() == ["000000", "000001", "000002"]
+
+
+@pytest.mark.slow  # a whole pass in a Ray cluster of its own, one actor started twice (about 30 s)
+@pytest.mark.ray
+def test_worker_killed_mid_shard_is_retried_and_the_job_completes(
+        misbehaving, tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    out = tmp_path / "store"
+    driver = misbehaving("die", *pass_args(shapes_data, tiny_teachers, tiny_pass, out))
+    rc = driver.wait()
+    assert rc == 0, driver.output()[-3000:]
+    assert int(driver.mark.read_text()) > 0  # the pid of the worker that died mid-shard
+    assert "60 rows from 3 shards" in driver.output()
+    assert_same_data(out, tiny_store)
+    assert leftovers(out) == []
+
+
+DISK_KB = 48  # a tmpfs this small holds the config, W, the manifest and about one shard
+
+
+@pytest.mark.slow  # a pass in a Ray cluster of its own (about 30 s)
+@pytest.mark.ray
+def test_full_disk_fails_in_one_line_and_a_later_run_resumes(
+        misbehaving, tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    import shlex
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace (unshare -m) here: no small disk to fill")
+    disk, copy = tmp_path / "disk", tmp_path / "store"
+    disk.mkdir()
+    # In a mount namespace of its own: a tiny tmpfs as the output disk, the pass,
+    # then the store as the full disk left it copied out for inspection.
+    inside = (f"mount -t tmpfs -o size={DISK_KB}k tmpfs {shlex.quote(str(disk))} || exit 97; "
+              f"\"$@\"; rc=$?; cp -a {shlex.quote(str(disk / 'store'))} {shlex.quote(str(copy))}; exit $rc")
+    driver = misbehaving("plain", *pass_args(shapes_data, tiny_teachers, tiny_pass, disk / "store"),
+                         prefix=("unshare", "-m", "sh", "-c", inside, "sh"))
+    rc, output = driver.wait(), driver.output()
+    assert rc == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if "mcad: error:" in line]
+    assert len(errors) == 1 and "No space left on device: " in errors[0] and "--resume" in errors[0], output
+    assert "Traceback" not in output
+    assert leftovers(copy) == []
+    # The manifest is whole and every shard it records is complete; a shard the
+    # disk filled up after may have complete files but no entry: --resume redoes it.
+    manifest = Manifest.load(copy)
+    for name in manifest.done_shards():
+        assert pq.read_metadata(signals_path(copy, name)).num_rows == manifest.shards[name][ROWS]
+    for path in (copy / SIGNALS_DIR).glob("*.parquet"):
+        pq.read_metadata(path)  # whole Parquet files only
+    done = manifest.done_shards()
+
+    result = invoke(*pass_args(shapes_data, tiny_teachers, tiny_pass, copy), "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"({len(done)} already done" in result.output
+    assert_same_data(copy, tiny_store)
+    assert leftovers(copy) == []
+
+
+def _make_read_only(folder: Path):
+    """Make `folder` refuse new files, also for root (chattr +i); return the undo, or skip."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = lambda: folder.chmod(0o755)  # noqa: E731
+    else:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)],
+                                                            capture_output=True).returncode:
+            pytest.skip("running as root and chattr +i is unavailable: no way to make a folder read-only")
+        undo = lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)  # noqa: E731
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        return undo
+    (folder / "probe").unlink()
+    undo()
+    pytest.skip(f"{folder} stays writable here")
+
+
+@pytest.mark.ray
+def test_read_only_output_fails_in_one_line_and_a_later_run_resumes(
+        tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store, out)
+    manifest = Manifest.load(out)  # a pass that stopped after two shards
+    del manifest.shards["000002"]
+    manifest.save(out)
+    for path in (signals_path(out, "000002"), rejects_path(out, "000002")):
+        path.unlink()
+    before = (out / MANIFEST_NAME).read_bytes()
+    args = pass_args(shapes_data, tiny_teachers, tiny_pass, out) + ["--resume"]
+
+    undo = _make_read_only(out / SIGNALS_DIR)
+    try:
+        result = invoke(*args)
+    finally:
+        undo()
+    line = assert_one_line_error(result, "shard 000002", "signals/000002.parquet", "--resume")
+    assert "not permitted" in line or "denied" in line or "Read-only" in line
+    assert (out / MANIFEST_NAME).read_bytes() == before  # the manifest still says two shards
+    assert not signals_path(out, "000002").exists() and not rejects_path(out, "000002").exists()
+    assert leftovers(out) == []
+
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert_same_data(out, tiny_store)
+
+
+@pytest.mark.ray
+def test_read_only_store_folder_fails_before_any_work(tiny_store, shapes_data, tiny_teachers, tiny_pass,
+                                                      tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store, out)
+    undo = _make_read_only(out)
+    try:
+        result = invoke(*pass_args(shapes_data, tiny_teachers, tiny_pass, out), "--resume")
+    finally:
+        undo()
+    assert_one_line_error(result, str(out / "teacher_pass_config.json"))
+    assert leftovers(out) == []
+
+
+@pytest.mark.ray
+def test_resume_refuses_replaced_teacher_files(tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    """Same paths, other weights: resuming would mix two teachers' signals in one store."""
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
+
+    teachers = tmp_path / "teachers"
+    for role, path in zip(("dual", "single"), tiny_teachers):
+        shutil.copytree(path, teachers / role)
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store, out)
+    config = json.loads((out / "teacher_pass_config.json").read_text())
+    config.update(dual=str(teachers / "dual"), single=str(teachers / "single"))
+    (out / "teacher_pass_config.json").write_text(json.dumps(config))
+    args = pass_args(shapes_data, (teachers / "dual", teachers / "single"), tiny_pass, out) + ["--resume"]
+    other = make_tiny_teachers(tmp_path / "other", [CAPTION], seed=7)
+    shutil.copy(other[0] / "model.safetensors", teachers / "dual" / "model.safetensors")
+    assert_one_line_error(invoke(*args), "cannot resume", "dual teacher's weights_sha256")
+
+
+# ------------------------------------------------------------ student
+
+STUDENT_EPOCHS = 4
+
+
+def student_args(store, data, run, *extra) -> list:
+    return ["pipeline", "train-student", "--store", store, "--data", data, "--out", run,
+            "--preset", "smoke", "--epochs", STUDENT_EPOCHS, *extra]
+
+
+@pytest.fixture(scope="module")
+def student_run(tiny_store, shapes_data, tmp_path_factory):
+    """An uninterrupted student run on the toy store."""
+    run = tmp_path_factory.mktemp("student") / "run"
+    result = invoke(*student_args(tiny_store, shapes_data / "train", run))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def model_tensors(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (weights,) = sorted((run / "model").glob("*.safetensors"))
+    return load_file(weights)
+
+
+@pytest.mark.ray
+def test_student_killed_mid_epoch_resumes_from_its_last_checkpoint(student_run, tiny_store, shapes_data, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    args = student_args(tiny_store, shapes_data / "train", run)
+    log = tmp_path / "student.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; from mcad.jobs.cli import main; "
+                                 "main(sys.argv[1:], prog_name='mcad')", *map(str, args)],
+                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    state = run / "checkpoints" / "last" / "state.json"
+    try:
+        deadline = time.time() + 180
+        while not state.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGKILL)  # during a later epoch: only the first one is saved
+    finally:
+        proc.kill()
+        rc = proc.wait()
+    assert rc == -signal.SIGKILL
+    saved = json.loads(state.read_text())["epoch"]
+    assert saved < STUDENT_EPOCHS - 1, "the run finished before it could be killed"
+
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(STUDENT_EPOCHS))
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(set(steps))  # nothing logged twice after the resume
+    want, got = model_tensors(student_run), model_tensors(run)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.allclose(want[name].float(), got[name].float(), atol=1e-5), name
+
+
+def _store_with(tiny_store, tmp_path, edit) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    raw = json.loads((store / MANIFEST_NAME).read_text())
+    edit(raw)
+    (store / MANIFEST_NAME).write_text(json.dumps(raw))
+    return store
+
+
+def _other_teacher(raw):
+    raw["teachers"]["single"]["weights_sha256"] = "0" * 64
+
+
+def _future_schema(raw):
+    raw["schema_version"] = 99
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("case", ["another shard set", "a changed shard file", "another teacher (online)",
+                                  "another teacher (resume)", "unknown schema version"])
+def test_student_refuses_a_store_that_does_not_match(case, student_run, tiny_store, shapes_data, tiny_teachers,
+                                                    tmp_path):
+    train = shapes_data / "train"
+    run = tmp_path / "run"
+    if case == "another shard set":
+        args, needle = student_args(tiny_store, shapes_data / "val", run), "does not match the store"
+    elif case == "a changed shard file":
+        data = tmp_path / "train"
+        shutil.copytree(train, data)
+        os.utime(data / "000001.tar", (1, 1))
+        args, needle = student_args(tiny_store, data, run), "shard 000001"
+    elif case == "another teacher (online)":
+        from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
+
+        other = make_tiny_teachers(tmp_path / "other", [CAPTION], seed=1)
+        args = student_args(tiny_store, train, run, "--online-teachers", *other)
+        needle = "not the one the store was made with"
+    elif case == "another teacher (resume)":
+        shutil.copytree(student_run, run)
+        store = _store_with(tiny_store, tmp_path, _other_teacher)
+        args, needle = student_args(store, train, run, "--resume"), "teachers differ"
+    else:
+        store = _store_with(tiny_store, tmp_path, _future_schema)
+        args, needle = student_args(store, train, run), "schema version 99"
+    assert_one_line_error(invoke(*args), needle)
