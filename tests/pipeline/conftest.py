@@ -12,19 +12,12 @@
 """
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-
-def _image_bytes(fmt: str = "JPEG", size=(8, 8), color=(200, 30, 30), mode: str = "RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, color).save(buf, format=fmt)
-    return buf.getvalue()
+from helpers import image_bytes as _image_bytes, write_tar
 
 
 def _sample_members(key: str, caption: str = "a red square", *, ext: str = "jpg", meta: dict | None = None):
@@ -36,22 +29,6 @@ def _sample_members(key: str, caption: str = "a red square", *, ext: str = "jpg"
         (f"{key}.txt", caption.encode()),
         (f"{key}.json", json.dumps(info).encode()),
     ]
-
-
-def write_tar(path: Path, members, *, compress: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:" + compress if compress else "w", format=tarfile.GNU_FORMAT) as tf:
-        for member in members:
-            name, data = member[0], member[1]
-            info = tarfile.TarInfo(name)
-            if len(member) > 2:  # a link or other special member
-                info.type = member[2]
-                info.linkname = "/etc/passwd"
-                tf.addfile(info)
-            else:
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture

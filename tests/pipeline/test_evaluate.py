@@ -1,17 +1,14 @@
 """`pipeline.evaluate` and `mcad eval` on a tiny shapes test split with random smoke teachers."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mcad.jobs.cli import main
+from helpers import assert_one_line_error, invoke, write_tar
 from mcad.pipeline.evaluate import evaluate, evaluate_student, recall_table
 from mcad.pipeline.shards import Sample, iter_shard, list_shards
 from mcad.pipeline.shapes.world import VOCABULARY
@@ -109,12 +106,8 @@ def test_default_beta_and_a_student_export(bench, tmp_path):
 def test_rejected_samples_are_counted_not_dropped(bench, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(bench["test"], data)
-    with tarfile.open(data / "zz-broken.tar", "w") as tf:
-        for name, payload in (("bad1.jpg", b"not a jpeg"), ("bad1.txt", b"a red circle"),
-                              ("bad2.txt", b"a caption without an image")):
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))
+    write_tar(data / "zz-broken.tar", [("bad1.jpg", b"not a jpeg"), ("bad1.txt", b"a red circle"),
+                                       ("bad2.txt", b"a caption without an image")])
     r = evaluate(bench["dual"], data)
     _well_formed(r)
     assert r["n_rejected"] == 2 and r["rejected"] == {"corrupt_image": 1, "no_image": 1}
@@ -133,10 +126,7 @@ def test_bad_inputs_are_input_errors(bench, tmp_path):
         evaluate(bench["dual"], tmp_path / "nothing.tar")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with tarfile.open(empty / "a.tar", "w") as tf:
-        info = tarfile.TarInfo("x.txt")
-        info.size = 1
-        tf.addfile(info, io.BytesIO(b"x"))
+    write_tar(empty / "a.tar", [("x.txt", b"x")])
     with pytest.raises(InputError, match="no usable samples"):
         evaluate(bench["dual"], empty)
 
@@ -144,7 +134,7 @@ def test_bad_inputs_are_input_errors(bench, tmp_path):
 # --------------------------------------------------------------------- CLI
 
 def mcad(*args):
-    return CliRunner().invoke(main, ["eval", *map(str, args)])
+    return invoke("eval", *args)
 
 
 def test_cli_help_has_examples():
@@ -178,8 +168,4 @@ def test_cli_writes_the_eval_json_and_its_config(bench, tmp_path):
 ])
 def test_cli_bad_input_exits_2_with_one_line(bench, tmp_path, args, needle):
     args = [a.format(tmp=tmp_path, single=bench["single"], dual=bench["dual"]) for a in args]
-    result = mcad(*args, "--data", bench["test"])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.startswith("mcad:")]
-    assert len(lines) == 1 and lines[0].startswith("mcad: error: ") and needle in lines[0], result.stderr
+    assert_one_line_error(mcad(*args, "--data", bench["test"]), needle)

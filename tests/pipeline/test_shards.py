@@ -1,16 +1,14 @@
 """pipeline/shards.py: shard listing forms, and one shard read as Samples and Rejects."""
 from __future__ import annotations
 
-import io
-import struct
 import tarfile
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import encoded, png_header
 from mcad.pipeline import shards
 from mcad.pipeline.shards import Reject, Sample, iter_shard, list_shards, shard_name
 from mcad.storage.errors import InputError
@@ -40,16 +38,6 @@ def only_reject(items, key, reason):
     assert (bad.key, bad.reason) == (key, reason), bad
     assert bad.detail
     return bad
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height but carries almost no pixel data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 # ---------------------------------------------------------------- good input
@@ -102,9 +90,7 @@ def test_gzip_tar_and_folder_keys(make_tar, image_bytes):
 def test_png_with_alpha_is_composited_on_white(make_tar):
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # transparent black
     rgba.paste((255, 0, 0, 255), (0, 0, 4, 8))  # opaque red left half
-    buf = io.BytesIO()
-    rgba.save(buf, "PNG")
-    items = read(make_tar("s.tar", [("k.png", buf.getvalue()), ("k.txt", b"red")]))
+    items = read(make_tar("s.tar", [("k.png", encoded(rgba, "PNG")), ("k.txt", b"red")]))
     (sample,) = kept(items)
     assert sample.image.mode == "RGB"
     assert sample.image.getpixel((1, 1)) == (255, 0, 0)
@@ -120,9 +106,7 @@ def test_cmyk_jpeg_becomes_rgb(make_tar, image_bytes):
 
 def test_16bit_png_is_scaled_not_clipped(make_tar):
     ramp = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
-    buf = io.BytesIO()
-    Image.fromarray(ramp).save(buf, "PNG")
-    (sample,) = kept(read(make_tar("s.tar", [("k.png", buf.getvalue()), ("k.txt", b"ramp")])))
+    (sample,) = kept(read(make_tar("s.tar", [("k.png", encoded(Image.fromarray(ramp), "PNG")), ("k.txt", b"ramp")])))
     pixels = np.asarray(sample.image)
     assert sample.image.mode == "RGB"
     assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[-1, -1].tolist() == [255, 255, 255]
@@ -132,12 +116,10 @@ def test_16bit_png_is_scaled_not_clipped(make_tar):
 
 @pytest.mark.parametrize("mode,color", [("L", 128), ("P", 5), ("LA", (90, 255)), ("1", 1)])
 def test_palette_and_grey_modes_become_rgb(make_tar, mode, color):
-    buf = io.BytesIO()
     image = Image.new(mode, (8, 8), color)
     if mode == "P":
         image.info["transparency"] = 0  # palette entry 0 transparent; pixels use entry 5
-    image.save(buf, "PNG")
-    (sample,) = kept(read(make_tar("s.tar", [("k.png", buf.getvalue()), ("k.txt", b"c")])))
+    (sample,) = kept(read(make_tar("s.tar", [("k.png", encoded(image, "PNG")), ("k.txt", b"c")])))
     assert sample.image.mode == "RGB" and sample.image.size == (8, 8)
 
 
@@ -145,10 +127,8 @@ def test_palette_and_grey_modes_become_rgb(make_tar, mode, color):
 
 
 def test_corrupt_jpeg(make_tar, image_bytes, sample_members):
-    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    noisy.save(buf, "JPEG")
-    members = [("a.jpg", buf.getvalue()[: len(buf.getvalue()) // 2]), ("a.txt", b"cut")]
+    noisy = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    members = [("a.jpg", noisy[: len(noisy) // 2]), ("a.txt", b"cut")]
     members += [("b.jpg", b"\xff\xd8 definitely not a jpeg"), ("b.txt", b"junk")]
     members += sample_members("c")
     items = read(make_tar("s.tar", members))

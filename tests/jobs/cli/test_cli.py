@@ -8,6 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from helpers import assert_one_line_error, invoke
 from mcad.jobs.cli import main
 
 
@@ -62,10 +63,7 @@ def test_only_jobs_imports_ray():
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    result = CliRunner().invoke(main, ["signals", "stats", str(tmp_path)])
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("mcad: error:") and "Traceback" not in result.output
+    assert_one_line_error(invoke("signals", "stats", tmp_path))
 
 
 @pytest.mark.parametrize("package, blocked", [

@@ -4,14 +4,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-from PIL import Image
 
-from mcad.jobs.cli import main
+from helpers import assert_one_line_error, image_bytes, invoke, write_tar
 from mcad.storage.query import LOGIT_FIELDS, store_stats
 from mcad.storage import schema
 from mcad.storage.manifest import Manifest, signals_path
@@ -20,17 +17,7 @@ from mcad.storage.reader import open_store
 
 
 def mcad(*args: str):
-    return CliRunner().invoke(main, ["signals", *map(str, args)])
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.stdout == "", result.output
-    # stderr may hold a progress bar too; the error is one line of its own
-    lines = [line for line in result.stderr.splitlines() if line.startswith("mcad:")]
-    assert len(lines) == 1 and lines[0].startswith("mcad: error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    return invoke("signals", *args)
 
 
 @pytest.mark.parametrize("command", ["stats", "validate", "sql"])
@@ -67,7 +54,7 @@ def test_stats_prints_tables_and_writes_the_figures(tmp_path, make_store):
 
 
 def test_stats_of_something_that_is_not_a_store(tmp_path):
-    _one_line_error(mcad("stats", tmp_path), "not a signal store")
+    assert_one_line_error(mcad("stats", tmp_path), "not a signal store")
 
 
 # --- validate ----------------------------------------------------------------
@@ -84,13 +71,13 @@ def test_validate_catches_a_changed_row_count(tmp_path, make_store):
     m = Manifest.load(store)
     m.shards["00001"]["rows"] = 8
     m.save(store)
-    _one_line_error(mcad("validate", store), "shard 00001", "files hold 7 rows, the manifest says 8")
+    assert_one_line_error(mcad("validate", store), "shard 00001", "files hold 7 rows, the manifest says 8")
 
 
 def test_validate_catches_a_missing_shard(tmp_path, make_store):
     store = make_store(tmp_path / "store")
     signals_path(store, "00000").unlink()
-    _one_line_error(mcad("validate", store), "shard 00000", "missing")
+    assert_one_line_error(mcad("validate", store), "shard 00000", "missing")
 
 
 def test_validate_catches_rows_out_of_order(tmp_path, make_store):
@@ -98,21 +85,7 @@ def test_validate_catches_rows_out_of_order(tmp_path, make_store):
     f = signals_path(store, "00000")
     table = pq.read_table(f)
     pq.write_table(table.take(list(range(table.num_rows))[::-1]), f)
-    _one_line_error(mcad("validate", store), "shard 00000", "rows are not 0..n-1 in file order")
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    assert_one_line_error(mcad("validate", store), "shard 00000", "rows are not 0..n-1 in file order")
 
 
 def _write_data(folder, store_path, *, drop: str | None = None) -> None:
@@ -120,7 +93,7 @@ def _write_data(folder, store_path, *, drop: str | None = None) -> None:
     rejected ones with an undecodable image; `drop` leaves one key out."""
     store = open_store(store_path)
     folder.mkdir()
-    png = _png()
+    png = image_bytes("PNG", size=(4, 4))
     for shard in store.shards:
         kept = pq.read_table(signals_path(store.path, shard), columns=[schema.KEY])[schema.KEY].to_pylist()
         rejected = store.rejected_keys(shard)
@@ -130,7 +103,7 @@ def _write_data(folder, store_path, *, drop: str | None = None) -> None:
                 continue
             image = b"not an image" if key in rejected else png
             members += [(f"{key}.png", image), (f"{key}.txt", b"a small red square")]
-        _write_tar(folder / f"{shard}.tar", members)
+        write_tar(folder / f"{shard}.tar", members)
 
 
 def test_validate_with_data_whose_keys_match(tmp_path, make_store):
@@ -144,14 +117,14 @@ def test_validate_with_data_whose_keys_match(tmp_path, make_store):
 def test_validate_with_data_missing_a_kept_key(tmp_path, make_store):
     store = make_store(tmp_path / "store")
     _write_data(tmp_path / "data", store, drop="00001-000002")
-    _one_line_error(mcad("validate", store, "--data", tmp_path / "data"), "shard 00001", "00001-000002")
+    assert_one_line_error(mcad("validate", store, "--data", tmp_path / "data"), "shard 00001", "00001-000002")
 
 
 def test_validate_with_data_lacking_a_shard(tmp_path, make_store):
     store = make_store(tmp_path / "store")
     _write_data(tmp_path / "data", store)
     (tmp_path / "data" / "00001.tar").unlink()
-    _one_line_error(mcad("validate", store, "--data", tmp_path / "data"),
+    assert_one_line_error(mcad("validate", store, "--data", tmp_path / "data"),
                     "store shard 00001 is not in the data")
 
 
@@ -197,8 +170,8 @@ def test_sql_over_rejects_and_shards(tmp_path, make_store):
 ])
 def test_sql_bad_query_fails_on_one_line(tmp_path, make_store, query, needle):
     store = make_store(tmp_path / "store")
-    _one_line_error(mcad("sql", store, query), "SQL error", needle)
+    assert_one_line_error(mcad("sql", store, query), "SQL error", needle)
 
 
 def test_sql_csv_and_json_exclude_each_other(tmp_path, make_store):
-    _one_line_error(mcad("sql", make_store(tmp_path / "store"), "SELECT 1", "--csv", "--json"), "exclude")
+    assert_one_line_error(mcad("sql", make_store(tmp_path / "store"), "SELECT 1", "--csv", "--json"), "exclude")
