@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
+from helpers import noise_images
 from mcad.pipeline.shards import Reject, Sample
 from mcad.pipeline.signals import (
     PassConfig, calibrate, calibration_pairs, candidates, compute_pool, fit_projection,
@@ -52,9 +52,9 @@ def teachers(dirs):
 
 @pytest.fixture(scope="module")
 def samples():
-    rng = np.random.default_rng(0)
-    return [Sample(key=f"s{i:03d}", image=Image.fromarray(rng.integers(0, 256, (24 + i, 30, 3), dtype=np.uint8)),
-                   captions=(CAPTIONS[i], "an unused second caption")) for i in range(N)]
+    images = noise_images([(24 + i, 30) for i in range(N)])
+    return [Sample(key=f"s{i:03d}", image=images[i], captions=(CAPTIONS[i], "an unused second caption"))
+            for i in range(N)]
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ from __future__ import annotations
 import hashlib
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from helpers import noise_images
 from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 from mcad.pipeline.teachers import TEACHERS, DualTeacher, SingleTeacher, load_teachers
 from mcad.storage.errors import InputError
@@ -29,8 +28,7 @@ def teachers(dirs):
 
 
 def _images(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (20 + 3 * i, 28, 3), dtype=np.uint8)) for i in range(n)]
+    return noise_images([(20 + 3 * i, 28) for i in range(n)], seed)
 
 
 def test_registry_is_explicit():

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from helpers import noise_images
 from mcad.storage.errors import InputError
 from mcad.student.models import (
     MAX_LOGIT_SCALE,
@@ -34,8 +33,7 @@ def dual_dir(tmp_path_factory):
 
 
 def _images(n, side=40, seed=0):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (side, side + 3 * i, 3), dtype=np.uint8)) for i in range(n)]
+    return noise_images([(side, side + 3 * i) for i in range(n)], seed)
 
 
 def test_presets_are_an_explicit_registry():
