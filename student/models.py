@@ -47,8 +47,13 @@ _SANE_MAX_LENGTH = 4096
 
 
 @dataclass(frozen=True)
-class StudentSize:
-    """Shape of a student; inputs (vocabulary, text length, image size) come from the processor."""
+class ClipSize:
+    """Shape of a CLIP-like model: a student preset, or a small teacher (pipeline/shapes/teacher_models).
+
+    Vocabulary, text length and special tokens come from the tokenizer. The
+    image side comes from the image processor; `image_size` is set only where
+    the processor is built from the size (the small teachers), and must agree.
+    """
 
     patch_size: int
     hidden: int
@@ -56,27 +61,28 @@ class StudentSize:
     vision_layers: int
     text_layers: int
     heads: int
-    proj_dim: int  # d, the student's embedding dimension
+    proj_dim: int  # d, the embedding dimension (CLIP projection_dim; a BLIP teacher's ITC space)
+    image_size: int | None = None  # None: whatever the processor makes
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-PRESETS: dict[str, StudentSize] = {
+PRESETS: dict[str, ClipSize] = {
     # Builds in well under a second: for tests.
-    "smoke": StudentSize(patch_size=8, hidden=32, intermediate=64, vision_layers=1, text_layers=1,
-                         heads=2, proj_dim=32),
+    "smoke": ClipSize(patch_size=8, hidden=32, intermediate=64, vision_layers=1, text_layers=1,
+                      heads=2, proj_dim=32),
     # About a quarter of the demo teacher's parameters and FLOPs: the "mobile" student.
-    "s": StudentSize(patch_size=8, hidden=64, intermediate=256, vision_layers=3, text_layers=3,
-                     heads=2, proj_dim=64),
+    "s": ClipSize(patch_size=8, hidden=64, intermediate=256, vision_layers=3, text_layers=3,
+                  heads=2, proj_dim=64),
     # About two thirds of the demo teacher, with a deeper image tower.
-    "m": StudentSize(patch_size=8, hidden=96, intermediate=384, vision_layers=4, text_layers=3,
-                     heads=4, proj_dim=96),
+    "m": ClipSize(patch_size=8, hidden=96, intermediate=384, vision_layers=4, text_layers=3,
+                  heads=4, proj_dim=96),
 }
 
 
-def get_preset(preset: str | StudentSize) -> StudentSize:
-    if isinstance(preset, StudentSize):
+def get_preset(preset: str | ClipSize) -> ClipSize:
+    if isinstance(preset, ClipSize):
         return preset
     if preset not in PRESETS:
         raise InputError(f"unknown student size {preset!r}; choose one of {sorted(PRESETS)}")
@@ -135,8 +141,8 @@ def _special_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
-def clip_config(size: str | StudentSize, processor):
-    """A CLIPConfig of the preset's shape that reads `processor`'s inputs."""
+def clip_config(size: str | ClipSize, processor):
+    """A CLIPConfig of the size's shape that reads `processor`'s inputs (students and the small dual teachers)."""
     from transformers import CLIPConfig
 
     s = get_preset(size)
@@ -144,9 +150,11 @@ def clip_config(size: str | StudentSize, processor):
     text = dict(vocab_size=len(tok), hidden_size=s.hidden, intermediate_size=s.intermediate,
                 num_hidden_layers=s.text_layers, num_attention_heads=s.heads,
                 max_position_embeddings=text_length(tok), projection_dim=s.proj_dim, **_special_ids(tok))
+    side = image_size(processor.image_processor)
+    if s.image_size is not None and s.image_size != side:
+        raise InputError(f"the size is for {s.image_size} px images, the processor makes {side} px")
     vision = dict(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.vision_layers,
-                  num_attention_heads=s.heads, image_size=image_size(processor.image_processor),
-                  patch_size=s.patch_size, projection_dim=s.proj_dim)
+                  num_attention_heads=s.heads, image_size=side, patch_size=s.patch_size, projection_dim=s.proj_dim)
     if vision["patch_size"] > vision["image_size"]:
         raise InputError(f"patch size {s.patch_size} is larger than the {vision['image_size']} px images")
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=s.proj_dim)
@@ -218,7 +226,7 @@ class Student(nn.Module):
         return {"image": u, "text": w, "image_head": hu, "text_head": hw, "logit_scale": self.logit_scale}
 
 
-def build_student(preset: str | StudentSize | None, *, tokenizer_from: str | Path, teacher_dim: int,
+def build_student(preset: str | ClipSize | None, *, tokenizer_from: str | Path, teacher_dim: int,
                   init: str | Path | None = None, seed: int = 0) -> tuple[Student, object]:
     """(Student, processor): a preset with random weights, or `init` (any CLIPModel dir) when given.
 

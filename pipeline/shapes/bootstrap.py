@@ -314,7 +314,7 @@ def bootstrap(cfg: BootstrapConfig, train: Split, out_dir: str | Path, *, val: S
     torch.manual_seed(cfg.seed)
     clip_tok, blip_tok = build_tokenizers(train.captions)
     clip_proc, blip_proc = build_processors(cfg.size, clip_tok, blip_tok)
-    clip, blip = build_clip(cfg.size, clip_tok), build_blip(cfg.size, blip_tok)
+    clip, blip = build_clip(cfg.size, clip_proc), build_blip(cfg.size, blip_tok)
     clip_data, blip_data = Encoded.make(train, clip_proc), Encoded.make(train, blip_proc)
     on_clip, on_blip = _monitors(clip, clip_proc, blip, blip_proc, val, cfg)
     seconds["prepare"] = time.time() - start

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import heapq
 from collections import Counter
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -27,7 +26,6 @@ from transformers import (
     BlipForImageTextRetrieval,
     BlipImageProcessorPil,
     BlipProcessor,
-    CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
@@ -36,6 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mcad.storage.errors import InputError
+from mcad.student.models import ClipSize, clip_config
 
 MAX_TEXT_LEN = 24  # shapes captions are <= 17 words; +2 for the special tokens
 
@@ -46,35 +45,21 @@ BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
-@dataclass(frozen=True)
-class TeacherSize:
-    """Shape of both teachers; the BLIP vision tower equals the CLIP one."""
-
-    image_size: int
-    patch_size: int
-    hidden: int
-    intermediate: int
-    vision_layers: int
-    text_layers: int
-    heads: int
-    proj_dim: int  # CLIP projection_dim and BLIP image_text_hidden_size (ITC space)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-SIZES: dict[str, TeacherSize] = {
+# Shape of both teachers (student.models.ClipSize, the students' one): the BLIP
+# vision tower equals the CLIP one, proj_dim is also BLIP's image_text_hidden_size
+# (its ITC space), and image_size sets both processors.
+SIZES: dict[str, ClipSize] = {
     # Random weights build in well under a second: for tests everywhere.
-    "smoke": TeacherSize(image_size=32, patch_size=8, hidden=32, intermediate=64,
-                         vision_layers=1, text_layers=1, heads=2, proj_dim=32),
+    "smoke": ClipSize(image_size=32, patch_size=8, hidden=32, intermediate=64,
+                      vision_layers=1, text_layers=1, heads=2, proj_dim=32),
     # About 1.3 M parameters each: small enough to train on the 48x48 shapes on a CPU.
-    "demo": TeacherSize(image_size=48, patch_size=8, hidden=128, intermediate=512,
-                        vision_layers=3, text_layers=3, heads=4, proj_dim=128),
+    "demo": ClipSize(image_size=48, patch_size=8, hidden=128, intermediate=512,
+                     vision_layers=3, text_layers=3, heads=4, proj_dim=128),
 }
 
 
-def get_size(size: str | TeacherSize) -> TeacherSize:
-    if isinstance(size, TeacherSize):
+def get_size(size: str | ClipSize) -> ClipSize:
+    if isinstance(size, ClipSize):
         return size
     if size not in SIZES:
         raise InputError(f"unknown teacher size {size!r}; choose one of {sorted(SIZES)}")
@@ -191,23 +176,12 @@ def build_tokenizers(captions: Iterable[str], out_dir: str | Path | None = None,
 
 # -------------------------------------------------------------------- models
 
-def build_clip(size: str | TeacherSize, tokenizer: CLIPTokenizer) -> CLIPModel:
-    """A randomly initialised CLIPModel whose text side fits `tokenizer`."""
-    s = get_size(size)
-    text = dict(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
-                num_hidden_layers=s.text_layers, num_attention_heads=s.heads,
-                max_position_embeddings=tokenizer.model_max_length, projection_dim=s.proj_dim,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    if text["eos_token_id"] == 2:  # see _clip_bpe: would silently pool at argmax(input_ids)
-        raise ValueError("CLIP tokenizer eos id must not be 2")
-    vision = dict(hidden_size=s.hidden, intermediate_size=s.intermediate,
-                  num_hidden_layers=s.vision_layers, num_attention_heads=s.heads,
-                  image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.proj_dim)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=s.proj_dim))
+def build_clip(size: str | ClipSize, processor: CLIPProcessor) -> CLIPModel:
+    """A randomly initialised CLIPModel that reads `processor`'s inputs (the students' config builder)."""
+    return CLIPModel(clip_config(get_size(size), processor))
 
 
-def build_blip(size: str | TeacherSize, tokenizer: BertTokenizer) -> BlipForImageTextRetrieval:
+def build_blip(size: str | ClipSize, tokenizer: BertTokenizer) -> BlipForImageTextRetrieval:
     """A randomly initialised BLIP image-text retrieval model (ITM head + ITC projections)."""
     s = get_size(size)
     text = dict(vocab_size=len(tokenizer), hidden_size=s.hidden, encoder_hidden_size=s.hidden,
@@ -229,7 +203,7 @@ def build_blip(size: str | TeacherSize, tokenizer: BertTokenizer) -> BlipForImag
     return BlipForImageTextRetrieval(config)
 
 
-def build_processors(size: str | TeacherSize, clip_tok: CLIPTokenizer,
+def build_processors(size: str | ClipSize, clip_tok: CLIPTokenizer,
                      blip_tok: BertTokenizer) -> tuple[CLIPProcessor, BlipProcessor]:
     """Pillow-only processors (no torchvision) at the size's image resolution."""
     px = get_size(size).image_size
@@ -273,7 +247,7 @@ def make_tiny_teachers(out_dir: str | Path, captions: Iterable[str], size: str =
     clip_tok, blip_tok = build_tokenizers(captions)
     clip_proc, blip_proc = build_processors(size, clip_tok, blip_tok)
     torch.manual_seed(seed)
-    clip = build_clip(size, clip_tok)
+    clip = build_clip(size, clip_proc)
     torch.manual_seed(seed + 1)
     blip = build_blip(size, blip_tok)
     return save_teacher(clip, clip_proc, out / "dual"), save_teacher(blip, blip_proc, out / "single")

@@ -1,6 +1,7 @@
 """Student presets, the Student module, HF export round trip and cost, on a tiny random teacher dir."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,11 +12,14 @@ from mcad.storage.errors import InputError
 from mcad.student.models import (
     MAX_LOGIT_SCALE,
     PRESETS,
+    ClipSize,
     Student,
-    StudentSize,
     build_student,
+    clip_config,
     export_hf,
     get_preset,
+    image_size,
+    load_processor,
     model_cost,
 )
 
@@ -38,10 +42,23 @@ def _images(n, side=40, seed=0):
 
 def test_presets_are_an_explicit_registry():
     assert set(PRESETS) == {"smoke", "s", "m"}
-    assert all(isinstance(p, StudentSize) for p in PRESETS.values())
+    assert all(isinstance(p, ClipSize) for p in PRESETS.values())
     assert get_preset("s") is PRESETS["s"]
     with pytest.raises(InputError, match="unknown student size 'xl'"):
         get_preset("xl")
+
+
+def test_one_config_builder_for_students_and_teachers(dual_dir):
+    # The small teachers build their CLIP with the students' clip_config; a size that
+    # names an image side must agree with the processor it is built on.
+    from mcad.pipeline.shapes.teacher_models import SIZES, build_clip
+
+    processor = load_processor(dual_dir)
+    teacher = SIZES["smoke"]
+    assert isinstance(teacher, ClipSize) and teacher.image_size == image_size(processor.image_processor)
+    assert build_clip("smoke", processor).config.to_dict() == clip_config(teacher, processor).to_dict()
+    with pytest.raises(InputError, match="px"):
+        clip_config(dataclasses.replace(teacher, image_size=teacher.image_size + 8), processor)
 
 
 def test_student_reads_the_teachers_inputs(dual_dir):

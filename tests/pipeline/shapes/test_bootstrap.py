@@ -142,7 +142,7 @@ def test_clip_training_learns_the_colours():
     train, val = _toy(512), _toy()
     clip_tok, blip_tok = build_tokenizers(train.captions)
     clip_proc, _ = build_processors("smoke", clip_tok, blip_tok)
-    clip = build_clip("smoke", clip_tok)
+    clip = build_clip("smoke", clip_proc)
     cfg = BootstrapConfig(size="smoke", epochs=4, batch_size=32, lr=2e-3)
     history = train_clip(clip, Encoded.make(train, clip_proc), cfg)
     assert history[-1]["loss"] < history[0]["loss"]

@@ -121,7 +121,7 @@ def test_seeded_builds_are_deterministic(tmp_path):
 def test_float16_save_leaves_model_alone(tmp_path):
     clip_tok, blip_tok = build_tokenizers(CAPTIONS)
     clip_proc, _ = build_processors("smoke", clip_tok, blip_tok)
-    model = build_clip("smoke", clip_tok)
+    model = build_clip("smoke", clip_proc)
     clip_tok(CAPTIONS, padding=True, truncation=True)  # leaves state on the backend tokenizer
     save_teacher(model, clip_proc, tmp_path / "fp16", dtype=torch.float16)
     saved = json.loads((tmp_path / "fp16" / "tokenizer.json").read_text())
