@@ -116,6 +116,27 @@ def gather_padded(matrix: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(pad, float("-inf"))
 
 
+def candidate_columns(logits: torch.Tensor, itm: torch.Tensor, idx: dict[str, torch.Tensor],
+                      start: int) -> dict[str, torch.Tensor]:
+    """Per direction, the IDX, DUAL, ITM and DUAL_LSE columns of one pool (docs/design.md, section 3).
+
+    logits (P, P) s·v_i·t_j with image rows; itm (P, P) m_ij, read only at
+    candidates; idx: each direction's local candidates (`candidates`). Row i of
+    a direction is the query i: image i (i2t) or text i (t2i). IDX holds shard
+    rows (start + local index); DUAL_LSE runs over the whole pool.
+    """
+    by_query = {"i2t": (logits, itm), "t2i": (logits.T, itm.T)}
+    out: dict[str, torch.Tensor] = {}
+    for dr in DIRECTIONS:
+        dual_rows, itm_rows = by_query[dr]
+        local = idx[dr]
+        out[col(dr, IDX)] = torch.where(local == PAD_IDX, local, local + start)
+        out[col(dr, DUAL)] = gather_padded(dual_rows, local)
+        out[col(dr, ITM)] = gather_padded(itm_rows, local)
+        out[col(dr, DUAL_LSE)] = torch.logsumexp(dual_rows, dim=1)
+    return out
+
+
 def projection_target(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """normalise(v_i + t_i): what the fusion projection regresses f_ii onto."""
     return F.normalize(v + t, dim=-1)
@@ -193,9 +214,6 @@ def _pool_signals(dual, single, samples: Sequence, *, k: int, projection: torch.
         raise RuntimeError("the dual teacher produced non-finite logits (half-precision overflow?)")
     idx = {dr: candidates(logits, k, dr) for dr in DIRECTIONS}
     itm, fused, n_pairs = _single_pass(single, images, texts, idx, pair_batch)
-    # Row i of each direction's matrix is the query i: image i (i2t) or text i (t2i).
-    by_query = {"i2t": (logits, itm), "t2i": (logits.T, itm.T)}
-
     out: dict[str, Any] = {
         KEY: [s.key for s in samples],
         ROW: torch.arange(start, start + p),
@@ -206,13 +224,7 @@ def _pool_signals(dual, single, samples: Sequence, *, k: int, projection: torch.
     }
     if projection is not None:
         out[FUSED_PROJ] = project(fused, projection.cpu())
-    for dr in DIRECTIONS:
-        dual_rows, itm_rows = by_query[dr]
-        local = idx[dr]
-        out[col(dr, IDX)] = torch.where(local == PAD_IDX, local, local + start)
-        out[col(dr, DUAL)] = gather_padded(dual_rows, local)
-        out[col(dr, ITM)] = gather_padded(itm_rows, local)
-        out[col(dr, DUAL_LSE)] = torch.logsumexp(dual_rows, dim=1)
+    out.update(candidate_columns(logits, itm, idx, start))
     return {name: _to_numpy(name, x) for name, x in out.items()}, n_pairs
 
 

@@ -43,6 +43,12 @@ class StoreBenchConfig:
     passes: int = 2  # reader passes timed; the best one counts (the first may warm caches)
     seed: int = 0
 
+    def __post_init__(self):
+        from mcad.storage.errors import InputError
+
+        if self.shards > self.rows:
+            raise InputError(f"shards ({self.shards}) is more than rows ({self.rows})")
+
 
 def raw_payload_bytes(*, d: int, f: int, k: int) -> int:
     """Bytes of float/int data in one row, as the numbers themselves (no keys, no layout):
@@ -57,8 +63,8 @@ def raw_payload_bytes(*, d: int, f: int, k: int) -> int:
 
 
 def synth_columns(keys: list[str], *, cfg: StoreBenchConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """A valid column dict for storage.writer.write_shard: random unit embeddings,
-    candidates = the real top-K of each pool's dual logits with the positive forced in."""
+    """A valid column dict for storage.writer.write_shard: random unit embeddings and ITM logits;
+    candidates and their columns from the teacher pass's own maths (pipeline.signals)."""
     n, p, k = len(keys), cfg.pool_size, cfg.k
     v, t, g = (_unit(rng, n, cfg.d) for _ in range(3))
     cols: dict[str, Any] = {
@@ -77,26 +83,20 @@ def synth_columns(keys: list[str], *, cfg: StoreBenchConfig, rng: np.random.Gene
         sl = slice(start, min(start + p, n))
         dual = LOGIT_SCALE * v[sl] @ t[sl].T
         itm = rng.standard_normal(dual.shape).astype(np.float32)
-        # image->text rows read the logit matrix as is, text->image rows its transpose
-        for dr, (logits, m) in zip(schema.DIRECTIONS, ((dual, itm), (dual.T, itm.T))):
-            _fill_pool(cols, dr, sl, logits, m, k=k, start=start)
+        for name, values in _pool_columns(dual, itm, k=k, start=start).items():
+            cols[name][sl] = values
     return cols
 
 
-def _fill_pool(cols: dict, dr: str, sl: slice, logits: np.ndarray, itm: np.ndarray, *, k: int,
-               start: int) -> None:
-    m = logits.shape[0]
-    kk = min(k, m)
-    rows = np.arange(m)[:, None]
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :kk]
-    lacks = ~(top == rows).any(axis=1)
-    top[lacks, -1] = np.arange(m)[lacks]  # the positive always among the candidates
-    top = np.take_along_axis(top, np.argsort(-logits[rows, top], axis=1, kind="stable"), axis=1)
-    cols[schema.col(dr, schema.IDX)][sl, :kk] = top + start
-    cols[schema.col(dr, schema.DUAL)][sl, :kk] = logits[rows, top]
-    cols[schema.col(dr, schema.ITM)][sl, :kk] = itm[rows, top]
-    mx = logits.max(axis=1)
-    cols[schema.col(dr, schema.DUAL_LSE)][sl] = mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1))
+def _pool_columns(dual: np.ndarray, itm: np.ndarray, *, k: int, start: int) -> dict[str, np.ndarray]:
+    """One pool's candidate columns, as the teacher pass computes them (positive forced in, padding)."""
+    import torch
+
+    from mcad.pipeline.signals import candidate_columns, candidates
+
+    logits, m = torch.from_numpy(dual), torch.from_numpy(itm)
+    idx = {dr: candidates(logits, k, dr) for dr in schema.DIRECTIONS}
+    return {name: x.numpy() for name, x in candidate_columns(logits, m, idx, start).items()}
 
 
 def _unit(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
