@@ -224,11 +224,13 @@ def _itm_of_candidates(single: SingleTeacher, shards: list[str], split: _Split, 
 
 
 def recall_table(rows: dict[str, dict]) -> str:
-    """A fixed-width text table of EVAL dicts, one row per name (for the CLI and the demo)."""
-    lines = [f"{'model':10s} {'i2t R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'t2i R@1':>8s} {'R@5':>6s} "
+    """A fixed-width text table of EVAL dicts, one row per name: the one recall table
+    `mcad eval` and `mcad demo` print (the name column widens to the longest name)."""
+    w = max([10, *(len(name) for name in rows)])
+    lines = [f"{'model':{w}s} {'i2t R@1':>8s} {'R@5':>6s} {'R@10':>6s} {'t2i R@1':>8s} {'R@5':>6s} "
              f"{'R@10':>6s} {'rsum':>7s} {'images':>7s} {'texts':>7s}"]
     for name, r in rows.items():
         i, t = r["i2t"], r["t2i"]
-        lines.append(f"{name:10s} {i['R@1']:8.2f} {i['R@5']:6.2f} {i['R@10']:6.2f} {t['R@1']:8.2f} "
+        lines.append(f"{name:{w}s} {i['R@1']:8.2f} {i['R@5']:6.2f} {i['R@10']:6.2f} {t['R@1']:8.2f} "
                      f"{t['R@5']:6.2f} {t['R@10']:6.2f} {r['rsum']:7.2f} {r['n_images']:7d} {r['n_texts']:7d}")
     return "\n".join(lines)

@@ -169,3 +169,14 @@ def test_cli_writes_the_eval_json_and_its_config(bench, tmp_path):
 def test_cli_bad_input_exits_2_with_one_line(bench, tmp_path, args, needle):
     args = [a.format(tmp=tmp_path, single=bench["single"], dual=bench["dual"]) for a in args]
     assert_one_line_error(mcad(*args, "--data", bench["test"]), needle)
+
+
+def test_recall_table_is_one_table_for_eval_and_demo():
+    r = {"i2t": {"R@1": 50.0, "R@5": 90.0, "R@10": 100.0}, "t2i": {"R@1": 25.5, "R@5": 80.0, "R@10": 95.0},
+         "rsum": 440.5, "n_images": 4, "n_texts": 20}
+    short = recall_table({"model": r}).splitlines()
+    assert short[0].startswith("model" + " " * 7 + "i2t R@1") and short[1].split() == [
+        "model", "50.00", "90.00", "100.00", "25.50", "80.00", "95.00", "440.50", "4", "20"]
+    demo = recall_table({"teacher combined": r, "student mcad": r}).splitlines()
+    assert len({len(line) for line in demo}) == 1  # columns stay aligned past ten characters
+    assert demo[1].startswith("teacher combined ") and demo[2].startswith("student mcad     ")
