@@ -13,20 +13,10 @@ The vocabulary, maximum text length, special-token ids and image size come
 from the tokenizer and image processor of a CLIP directory (the dual teacher
 by default), so the student reads exactly the teacher's inputs.
 
-Presets (`PRESETS`), measured with `model_cost` on the demo dual teacher's
-processor (48x48 images, captions of 24 tokens, the 584-token shapes
-vocabulary). FLOPs are torch's count, 2 per multiply-add, attention included,
-for one image / one caption; the demo dual teacher is the last row:
-
-| preset  | patch | hidden | layers v+t | heads | d   | params vision / text / total | MFLOPs image / caption |
-|---------|-------|--------|------------|-------|-----|------------------------------|------------------------|
-| smoke   | 8     | 32     | 1 + 1      | 2     | 32  | 17.1 k / 29.1 k / 46.1 k     | 1.2 / 0.5              |
-| s       | 8     | 64     | 3 + 3      | 2     | 64  | 169 k / 193 k / 362 k        | 12.9 / 7.5             |
-| m       | 8     | 96     | 4 + 3      | 4     | 96  | 479 k / 403 k / 882 k        | 36.2 / 16.6            |
-| teacher | 8     | 128    | 3 + 3      | 4     | 128 | 641 k / 689 k / 1.33 M       | 47.6 / 29.2            |
-
-s is about 0.27x the teacher in parameters and FLOPs; m about 0.66x the
-parameters and 0.76x the image FLOPs.
+Presets (`PRESETS`): smoke for tests, s the mobile-sized student, m a larger
+one. Their parameters, FLOPs (`model_cost`) and speed against the demo
+teachers are measured by `mcad bench presets`: see README, Results (the
+presets table).
 """
 from __future__ import annotations
 

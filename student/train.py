@@ -36,19 +36,17 @@ class TrainConfig:
     """How a student learns from the signals; written to RUN/train_config.json."""
 
     mode: str = "replay"          # replay: batches are whole pools; remix: any rows
-    # 0.5 each: on the shapes demo store, alpha = beta = 1 cost 4 R@1 against 0.5 / 0.5 (README).
     alpha: float = 0.5            # weight of the single teacher's fused features in v', t'
     beta: float = 0.5             # weight of the single teacher's ITM logits in the distribution
     k_prime: int | None = None    # candidates used per row (<= K); None: all K
     # T of the distribution KL (both sides' logits / T, KL x T^2). The stored teacher
-    # distributions are near one-hot (mean top-1 p 0.93 on the demo store); on the demo,
-    # seed 0, test R@1 i2t/t2i: T=1 60.0/59.2, T=2 62.0/60.1, T=4 62.8/62.0, T=8 60.2/61.4.
+    # distributions are near one-hot, so T > 1 shows the student the teachers' ranking of
+    # the negatives (docs/design.md, section 3; measured: README, Results).
     kd_temperature: float = 4.0
     w_con: float = 1.0
     w_dist: float = 1.0
     w_feat: float = 1.0
-    # 10: on shapes the students still gain from epoch 6 to 10, the distilled ones most
-    # (3 seeds, test R@1: baseline 56.9 -> 59.1, MCAD 59.2 -> 63.7; README Results).
+    # 10: on shapes the students still gain from epoch 6 to 10 (README, Results).
     epochs: int = 10
     pools_per_batch: int = 1      # replay
     batch_size: int = 256         # remix
