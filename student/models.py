@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +72,17 @@ PRESETS: dict[str, ClipSize] = {
 }
 
 
+def resolve_size(size: str | ClipSize, registry: Mapping[str, ClipSize], what: str) -> ClipSize:
+    """`size` itself, or its entry in `registry`; an unknown name is refused, naming `what` ("student")."""
+    if isinstance(size, ClipSize):
+        return size
+    if size not in registry:
+        raise InputError(f"unknown {what} size {size!r}; choose one of {sorted(registry)}")
+    return registry[size]
+
+
 def get_preset(preset: str | ClipSize) -> ClipSize:
-    if isinstance(preset, ClipSize):
-        return preset
-    if preset not in PRESETS:
-        raise InputError(f"unknown student size {preset!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset]
+    return resolve_size(preset, PRESETS, "student")
 
 
 # ------------------------------------------------------------------ inputs

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from mcad.storage.errors import InputError
-from mcad.student.models import ClipSize, clip_config
+from mcad.student.models import ClipSize, clip_config, resolve_size
 
 MAX_TEXT_LEN = 24  # shapes captions are <= 17 words; +2 for the special tokens
 
@@ -59,11 +59,7 @@ SIZES: dict[str, ClipSize] = {
 
 
 def get_size(size: str | ClipSize) -> ClipSize:
-    if isinstance(size, ClipSize):
-        return size
-    if size not in SIZES:
-        raise InputError(f"unknown teacher size {size!r}; choose one of {sorted(SIZES)}")
-    return SIZES[size]
+    return resolve_size(size, SIZES, "teacher")
 
 
 # ---------------------------------------------------------------- tokenizers
