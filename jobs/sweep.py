@@ -50,10 +50,10 @@ class SweepJob:
 
     def __post_init__(self):
         if self.epochs < 1 or self.parallel < 1 or self.grace_epochs < 1 or self.reduction_factor < 2:
-            raise InputError(f"need --epochs >= 1, --parallel >= 1, grace >= 1 and reduction >= 2, got "
+            raise InputError(f"need epochs >= 1, parallel >= 1, grace_epochs >= 1 and reduction_factor >= 2, got "
                              f"{self.epochs}, {self.parallel}, {self.grace_epochs}, {self.reduction_factor}")
         if not self.grid:
-            raise InputError("give at least one --grid NAME=V1,V2,...")
+            raise InputError("the grid needs at least one setting (NAME=V1,V2,...)")
 
 
 def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
@@ -62,30 +62,30 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
     from mcad.student.train import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    fixed = {"epochs": "--epochs", "mode": "--mode"}
+    fixed = ("epochs", "mode")  # the same for every trial
     grid: dict[str, list] = {}
     for spec in specs:
         name, sep, values = spec.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not values.strip():
-            raise InputError(f"--grid {spec!r}: expected NAME=V1,V2,...")
+            raise InputError(f"grid {spec!r}: expected NAME=V1,V2,...")
         if name in fixed:
-            raise InputError(f"--grid {name}: set it with {fixed[name]} (the same for every trial)")
+            raise InputError(f"grid {name}: not a grid setting, it is the same for every trial")
         if name != "preset" and name not in defaults:
-            raise InputError(f"--grid {name}: unknown setting; choose from preset, "
+            raise InputError(f"grid {name}: unknown setting; choose from preset, "
                              f"{', '.join(n for n in defaults if n not in fixed)}")
         items = [v.strip() for v in values.split(",")]
         if name == "preset":
             unknown = [v for v in items if v not in PRESETS]
             if unknown:
-                raise InputError(f"--grid preset: unknown presets {unknown}; choose from {sorted(PRESETS)}")
+                raise InputError(f"grid preset: unknown presets {unknown}; choose from {sorted(PRESETS)}")
             grid[name] = items
             continue
         kind = int if isinstance(defaults[name], int) or name == "k_prime" else float
         try:
             grid[name] = [kind(v) for v in items]
         except ValueError:
-            raise InputError(f"--grid {name}: values must be {kind.__name__}s, got {values!r}") from None
+            raise InputError(f"grid {name}: values must be {kind.__name__}s, got {values!r}") from None
     return grid
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from mcad.jobs.ray_cluster import ray_session
+from mcad.jobs.teacher_pass_job import TeacherPassJob
 from mcad.storage import fs
 from mcad.storage.manifest import FUSION_PROJ_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K, PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, POOLS, REJECTED, REJECTS_DIR, ROWS, SECONDS, SIGNALS_DIR, STATUS, STATUS_DONE, file_digest, manifest_path, same_source, signals_path, source_identity, store_file
 from mcad.storage.atomic import sweep_temporaries
@@ -27,41 +27,6 @@ from mcad.storage.errors import InputError, error_line
 
 CONFIG_NAME = "teacher_pass_config.json"
 ERROR = "error"  # the per-shard result field saying why a shard could not be done
-MODES = ("fresh", "resume", "overwrite")
-
-
-@dataclass(frozen=True)
-class TeacherPassJob:
-    """Everything one teacher pass needs; written as JSON beside the store."""
-
-    data: str
-    dual: str
-    single: str
-    out: str
-    pool_size: int = 256
-    topk: int = 32
-    batch_size: int = 256           # pairs per single-teacher forward
-    calibration_rows: int = 2048    # rows the fusion projection W is fitted on
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    threads_per_worker: int = 0     # torch threads per worker; 0: the node's CPUs / workers
-    mode: str = "fresh"             # fresh | resume | overwrite
-    ray_address: str | None = None
-    stall_timeout_s: float = 600.0
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.workers < 1:
-            raise InputError(f"--workers must be at least 1, got {self.workers}")
-        if self.gpus_per_worker < 0:
-            raise InputError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
-
-    def pass_config(self):
-        from mcad.pipeline.signals import PassConfig
-
-        return PassConfig(pool_size=self.pool_size, topk=self.topk, pair_batch=self.batch_size,
-                          calibration_rows=self.calibration_rows)
 
 
 class ShardWorker:

@@ -42,9 +42,9 @@ class StudentJob:
 
     def __post_init__(self):
         if self.workers < 1:
-            raise InputError(f"--workers must be at least 1, got {self.workers}")
+            raise InputError(f"workers must be at least 1, got {self.workers}")
         if self.gpus_per_worker < 0:
-            raise InputError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+            raise InputError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
 
 
 def run_train_student(job: StudentJob, *, progress: bool = True,

@@ -55,7 +55,7 @@ def example_inputs(clip, processor) -> tuple[torch.Tensor, dict[str, torch.Tenso
 def export_encoders(clip, processor, out_dir: str | Path, fmt: str) -> list[Path]:
     """Write both encoders of a CLIPModel in `fmt` ("onnx" or "torchscript"); return the files."""
     if fmt not in ("onnx", "torchscript"):
-        raise InputError(f"--format must be one of {FORMATS}, got {fmt!r}")
+        raise InputError(f"format must be one of {FORMATS}, got {fmt!r}")
     clip = clip.eval().float()
     clip.config._attn_implementation = "eager"  # traceable attention, same numbers
     out = Path(out_dir)

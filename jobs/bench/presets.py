@@ -27,8 +27,9 @@ the dual teacher's tokenizer and image processor) and per demo teacher
     mcad bench presets --presets smoke --gallery 1000 --queries 5 --batches 1
 
 Ratios: <preset>_params_over_dual, <preset>_image_flops_over_dual,
-<preset>_images_per_s_over_dual, <preset>_latency_over_dual. This module imports
-only click and the stdlib at module level, so `mcad --help` stays instant.
+<preset>_images_per_s_over_dual, <preset>_latency_over_dual. This module
+imports nothing heavy (torch, pyarrow, Ray) at module level, so `mcad bench` reads its config's defaults at once
+(its click command is in jobs/cli/bench.py).
 """
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import click
 
 from mcad.jobs.bench.machine import machine_info
 from mcad.pipeline.shapes import DEMO_TEACHERS
@@ -65,10 +64,10 @@ class PresetsBenchConfig:
 
         if min(self.batch, self.batches, self.gallery, self.queries) < 1 or self.warmup < 0 \
                 or self.threads < 0:
-            raise InputError("--batch, --batches, --gallery and --queries must be >= 1, "
-                             "warm-up and --threads >= 0")
+            raise InputError("batch, batches, gallery and queries must be >= 1, "
+                             "warmup and threads >= 0")
         if self.gallery < RERANK_K:
-            raise InputError(f"--gallery must hold at least {RERANK_K} images, got {self.gallery}")
+            raise InputError(f"gallery must hold at least {RERANK_K} images, got {self.gallery}")
 
 
 def sample_inputs(n: int, image_size: int, seed: int) -> tuple[list, list[str]]:
@@ -291,41 +290,3 @@ def format_table(result: dict) -> str:
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
               for r in rows]
     return "\n".join(lines)
-
-
-EPILOG = """\b
-Examples:
-  mcad bench presets --json bench-presets.json        every preset, the shipped demo teachers
-  mcad bench presets --presets s --queries 20         one preset, fewer timed queries
-  mcad bench presets --presets smoke --gallery 1000 --batches 1 --queries 5   seconds
-"""
-
-
-@click.command("presets", epilog=EPILOG)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the figures as JSON to this file.")
-@click.option("--teachers", type=click.Path(exists=True, file_okay=False), default=str(DEMO_TEACHERS),
-              show_default="the shipped demo teachers", help="A folder with dual/ and single/.")
-@click.option("--presets", "presets", default="", help="Comma-separated presets (default: all).")
-@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images / captions per timed batch.")
-@click.option("--batches", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Timed batches per direction (median), after 2 untimed ones.")
-@click.option("--gallery", type=click.IntRange(min=RERANK_K), default=10_000, show_default=True,
-              help="Images in the search gallery of the latency figure.")
-@click.option("--queries", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Timed queries (median) of the latency figure.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Torch threads while timing (0: torch's default).")
-def presets_bench(json_path, teachers, presets, batch, batches, gallery, queries, threads):
-    """Params, FLOPs, images/s, captions/s and 10k-gallery search latency of presets and teachers."""
-    from mcad.storage.atomic import atomic_write_json
-
-    names = tuple(p.strip() for p in presets.split(",") if p.strip())
-    cfg = PresetsBenchConfig(teachers=teachers, presets=names, batch=batch, batches=batches,
-                             gallery=gallery, queries=queries, threads=threads)
-    result = run_presets_bench(cfg)
-    click.echo(format_table(result))
-    if json_path:
-        atomic_write_json(json_path, result)
-        click.echo(f"wrote {json_path}")

@@ -29,7 +29,8 @@ per step and validation rsum per epoch, one line per seed).
     mcad bench report --out report/ --seeds 3
     mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed
 
-This module imports only click and the stdlib at module level.
+This module imports nothing heavy (torch, pyarrow, Ray) at module level, so `mcad bench` reads its config's defaults at once
+(its click command is in jobs/cli/bench.py).
 """
 from __future__ import annotations
 
@@ -40,8 +41,6 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import click
 
 from mcad.pipeline.shapes import DEMO_TEACHERS
 
@@ -64,7 +63,6 @@ LABELS = {
     "feat_only": "student: feature distillation only (no distribution loss)",
     "mcad": "student: full MCAD",
 }
-FIGURES = (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
 CONFIG_NAME, RESULTS_NAME = "report_config.json", "results.json"
 # Settings that change a seed's results: a report folder made with others is refused.
 PINNED = ("quick", "epochs", "preset", "teachers", "train", "val", "test", "pool", "topk")
@@ -101,9 +99,9 @@ class ReportConfig:
         from mcad.storage.errors import InputError
 
         if self.seeds < 1:
-            raise InputError(f"--seeds must be at least 1, got {self.seeds}")
+            raise InputError(f"seeds must be at least 1, got {self.seeds}")
         if self.epochs is not None and self.epochs < 1:
-            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+            raise InputError(f"epochs must be at least 1, got {self.epochs}")
 
     def pinned(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k in PINNED}
@@ -326,33 +324,3 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
     echo(f"[report] {out / 'report.json'}, {out / 'report.md'}, plots in {out} "
          f"({report['seconds']:.0f} s; seeds kept from before: {skipped or 'none'})")
     return {**report, "skipped": skipped}
-
-
-# ------------------------------------------------------------------ CLI
-
-EPILOG = """\b
-Examples:
-  mcad bench report --out report/                 3 seeds, demo sizes, speed benches (~40 min on 2 CPU cores)
-  mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed    the same flow, small (a few minutes)
-  mcad bench report --out report/ --seeds 5       adds seeds 3 and 4 to a finished 3-seed report
-"""
-
-
-@click.command("report", epilog=EPILOG)
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Report folder (seeds already finished in it are kept).")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0 .. N-1, one teacher pass each.")
-@click.option("--quick", is_flag=True, help="The demo's quick sizes, and small speed benches.")
-@click.option("--epochs", type=int, default=None, help="Student epochs (default: the demo's).")
-@click.option("--preset", default="s", show_default=True, help="Student size preset.")
-@click.option("--teachers", type=click.Path(exists=True, file_okay=False), default=str(DEMO_TEACHERS),
-              show_default="the shipped demo teachers", help="A folder with dual/ and single/.")
-@click.option("--skip-speed", is_flag=True, help="Quality and cost only: no speed benches.")
-@click.option("--ray-address", default=None,
-              help="Run the teacher passes and the students on this cluster ('auto', 'ray://host:port'); "
-                   "default: a local one.")
-def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address):
-    """Quality over seeds (teachers and five students), speed ratios and cost, as JSON, markdown and plots."""
-    cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
-                       skip_speed=skip_speed, ray_address=ray_address)
-    run_report(cfg, echo=click.echo)

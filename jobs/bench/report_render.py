@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mcad.pipeline.shapes import DEMO_TEACHERS
-from mcad.jobs.bench.report import FIGURES
+
+FIGURES = (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
 
 
 # ------------------------------------------------------------------ tables

@@ -18,7 +18,8 @@ written into the JSON) says exactly what each step's time covers.
 
 Ratios: mcad_over_plain = mcad_stored / plain ms per step (target <= 1.10);
 online_over_stored = mcad_online / mcad_stored (target >= 5). This module
-imports only click and the stdlib at module level, so `mcad --help` stays instant.
+imports nothing heavy (torch, pyarrow, Ray) at module level, so `mcad bench` reads its config's defaults at once
+(its click command is in jobs/cli/bench.py).
 """
 from __future__ import annotations
 
@@ -29,8 +30,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import click
 
 from mcad.jobs.bench.machine import machine_info
 
@@ -70,7 +69,7 @@ class StudentBenchConfig:
         from mcad.storage.errors import InputError
 
         if self.steps < 1 or self.warmup < 0 or self.threads < 0:
-            raise InputError(f"--steps must be >= 1, warm-up and --threads >= 0, got {self.steps}, "
+            raise InputError(f"steps must be >= 1, warmup and threads >= 0, got {self.steps}, "
                              f"{self.warmup}, {self.threads}")
         if self.topk > self.pool_size or self.samples < self.pool_size:
             raise InputError(f"need topk ({self.topk}) <= pool ({self.pool_size}) <= samples "
@@ -216,9 +215,9 @@ def run_student_bench(cfg: StudentBenchConfig, *, store: str | None = None, data
     from mcad.storage.reader import open_store
 
     if store is None and (data or teachers):
-        raise InputError("--data and --teachers go with --store (without it the bench builds its own)")
+        raise InputError("data and teachers go with store (without it the bench builds its own)")
     if store is not None and not data:
-        raise InputError("--store needs --data, the shards the store was made from")
+        raise InputError("store needs data, the shards the store was made from")
     given_store, load_at_start = store, os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mcad-bench-student-", dir=workdir) as tmp:
         if store is None:
@@ -261,46 +260,3 @@ def format_table(result: dict) -> str:
     lines += [f"mcad_over_plain      {r['mcad_over_plain']:.3f}   (target <= 1.10)",
               f"online_over_stored   {r['online_over_stored']:.2f}    (target >= 5)"]
     return "\n".join(lines)
-
-
-EPILOG = """\b
-Examples:
-  mcad bench student --json bench-student.json      builds a store: demo teachers, 512 samples
-  mcad bench student --size smoke --steps 5         seconds, for a quick look
-  mcad bench student --store store/ --data data/shapes/train --teachers t/dual t/single
-"""
-
-
-@click.command("student", epilog=EPILOG)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the figures as JSON to this file.")
-@click.option("--store", type=click.Path(file_okay=False, exists=True), default=None,
-              help="An existing signal store (default: build one in a temporary folder).")
-@click.option("--data", type=click.Path(exists=True), default=None,
-              help="With --store: the training shards the store was made from.")
-@click.option("--teachers", nargs=2, type=click.Path(file_okay=False, exists=True), default=None,
-              help="With --store: the dual and single teacher dirs (default: the store's own paths).")
-@click.option("--preset", default="s", show_default=True, help="Student size preset.")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Timed steps per variant (after 2 untimed warm-up steps).")
-@click.option("--size", type=click.Choice(["smoke", "demo"]), default="demo", show_default=True,
-              help="Teacher size of a built store (random weights): demo is the realistic width.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Torch threads while timing (0: torch's default, usually every core).")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Where to build the temporary data, teachers and store (default: system temp).")
-@click.option("--ray-address", default=None,
-              help="Ray cluster for a built store's teacher pass (default: a local one started once).")
-def student_bench(json_path, store, data, teachers, preset, steps, size, threads, workdir, ray_address):
-    """Ms per training step: plain contrastive, MCAD from the store, MCAD with teachers online."""
-    from mcad.storage.atomic import atomic_write_json
-    from mcad.student.models import get_preset
-
-    get_preset(preset)  # an unknown preset fails before anything is built
-    cfg = StudentBenchConfig(preset=preset, steps=steps, size=size, threads=threads)
-    result = run_student_bench(cfg, store=store, data=data, teachers=teachers or None, workdir=workdir,
-                               ray_address=ray_address)
-    click.echo(format_table(result))
-    if json_path:
-        atomic_write_json(json_path, result)
-        click.echo(f"wrote {json_path}")

@@ -22,8 +22,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
-
 from mcad.jobs.bench.machine import machine_info
 
 
@@ -43,7 +41,7 @@ class SweepBenchConfig:
         from mcad.storage.errors import InputError
 
         if min(self.trials, self.epochs, self.parallel) < 1:
-            raise InputError(f"--trials, --epochs and --parallel must be >= 1, got "
+            raise InputError(f"trials, epochs and parallel must be >= 1, got "
                              f"{self.trials}, {self.epochs}, {self.parallel}")
 
     def grid(self) -> dict:
@@ -101,39 +99,3 @@ def format_table(result: dict) -> str:
         f"stored_over_online_trials_per_hour  {r['stored_over_online_trials_per_hour']:.2f}",
         f"store built in {f['store_build_s']:.1f} s; paid back after "
         + (f"{pay:.1f} trials" if pay is not None else "never (online was not slower)")])
-
-
-EPILOG = """\b
-Examples:
-  mcad bench sweep --json bench-sweep.json            2 trials x 2 epochs each way, demo-size teachers
-  mcad bench sweep --trials 4 --parallel 2 --epochs 2
-  mcad bench sweep --size smoke --preset smoke --samples 128 --pool 32    a quick look
-"""
-
-
-@click.command("sweep", epilog=EPILOG)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the figures as JSON to this file.")
-@click.option("--trials", default=2, show_default=True, help="Grid points of each sweep.")
-@click.option("--epochs", default=2, show_default=True, help="Epochs per trial.")
-@click.option("--parallel", default=1, show_default=True, help="Trials at once.")
-@click.option("--preset", default="s", show_default=True, help="Student size preset.")
-@click.option("--size", type=click.Choice(["smoke", "demo"]), default="demo", show_default=True,
-              help="Teacher size of the built store (random weights).")
-@click.option("--samples", default=2048, show_default=True, help="Training samples of the built store.")
-@click.option("--pool", "pool_size", default=64, show_default=True, help="Pool size P of the built store.")
-@click.option("--topk", default=16, show_default=True, help="Candidates K of the built store.")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Where to build the temporary data, teachers, store and sweeps.")
-@click.option("--ray-address", default=None, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
-def sweep_bench(json_path, workdir, ray_address, **options):
-    """Trials per hour of a sweep from one store against the same sweep with teachers online."""
-    from mcad.storage.atomic import atomic_write_json
-    from mcad.student.models import get_preset
-
-    get_preset(options["preset"])
-    result = run_sweep_bench(SweepBenchConfig(**options), workdir=workdir, ray_address=ray_address)
-    click.echo(format_table(result))
-    if json_path:
-        atomic_write_json(json_path, result)
-        click.echo(f"wrote {json_path}")

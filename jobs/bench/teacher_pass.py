@@ -12,7 +12,8 @@ start-up are reported apart (see `COVERS`, also written into the JSON).
 
 Ratios: ray_over_bare = Ray 1 worker samples/s over bare samples/s (target
 >= 0.85); two_workers_over_one = Ray 2 workers over Ray 1 worker. This module
-imports only click and the stdlib at module level, so `mcad --help` stays instant.
+imports nothing heavy (torch, pyarrow, Ray) at module level, so `mcad bench` reads its config's defaults at once
+(its click command is in jobs/cli/bench.py).
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import click
 
 from mcad.jobs.bench.machine import machine_info
 
@@ -66,11 +65,11 @@ class TeacherPassBenchConfig:
         from mcad.storage.errors import InputError
 
         if self.samples < 1 or self.shards < 1:
-            raise InputError(f"--samples and --shards must be positive, got {self.samples}, {self.shards}")
+            raise InputError(f"samples and shards must be positive, got {self.samples}, {self.shards}")
         if self.shards > self.samples:
-            raise InputError(f"--shards {self.shards} is more than --samples {self.samples}")
+            raise InputError(f"shards ({self.shards}) is more than samples ({self.samples})")
         if self.topk > self.pool_size:
-            raise InputError(f"--topk ({self.topk}) must not exceed --pool ({self.pool_size})")
+            raise InputError(f"topk ({self.topk}) must not exceed pool_size ({self.pool_size})")
 
     @property
     def shard_size(self) -> int:
@@ -228,41 +227,3 @@ def format_table(result: dict) -> str:
     lines += [f"ray_over_bare          {r['ray_over_bare']:.3f}   (target >= 0.85)",
               f"two_workers_over_one   {r['two_workers_over_one']:.3f}"]
     return "\n".join(lines)
-
-
-EPILOG = """\b
-Examples:
-  mcad bench teacher-pass --json bench-teacher-pass.json     demo teachers, 512 samples, 4 shards
-  mcad bench teacher-pass --size smoke --samples 40 --pool 8 --topk 3
-"""
-
-
-@click.command("teacher-pass", epilog=EPILOG)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the figures as JSON to this file.")
-@click.option("--size", type=click.Choice(["smoke", "demo"]), default="demo", show_default=True,
-              help="Teacher size (random weights): demo is the realistic width.")
-@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Samples in the synthetic data.")
-@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Input shards the samples are split over.")
-@click.option("--pool", "pool_size", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Pool size P of the pass.")
-@click.option("--topk", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Candidates K per sample and direction.")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Where to put the temporary data, teachers and stores (default: system temp).")
-@click.option("--ray-address", default=None,
-              help="Ray cluster to join (default: a local cluster started on the spot). The "
-                   "comparison with the bare loop only holds when that cluster is this machine.")
-def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, workdir, ray_address):
-    """Samples/s of the Ray teacher pass against a bare loop on the same cores, and 2 workers against 1."""
-    from mcad.storage.atomic import atomic_write_json
-
-    cfg = TeacherPassBenchConfig(size=size, samples=samples, shards=shards, pool_size=pool_size,
-                                 topk=topk)
-    result = run_teacher_pass_bench(cfg, workdir=workdir, ray_address=ray_address)
-    click.echo(format_table(result))
-    if json_path:
-        atomic_write_json(json_path, result)
-        click.echo(f"wrote {json_path}")

@@ -1,15 +1,47 @@
-"""`mcad bench ...`: benchmarks that print ratios measured in one run (never tests)."""
+"""`mcad bench ...`: benchmarks that print ratios measured in one run (never tests).
+
+The click layer only: each command builds its bench's config dataclass
+(defaults read from it, see jobs/cli/options.py), calls the bench's run
+function in jobs/bench/, prints its table and writes its JSON.
+"""
 from __future__ import annotations
 
-import json
+import functools
 
 import click
 
-STORE_EPILOG = """\b
-Examples:
-  mcad bench store                               20k rows, D=F=256, K=32, P=256
-  mcad bench store --json bench-store.json --rows 100000 --shards 10
-"""
+from mcad.jobs.cli.options import field_option
+
+STORE = functools.partial(field_option, "mcad.jobs.bench.store:StoreBenchConfig")
+STUDENT = functools.partial(field_option, "mcad.jobs.bench.student:StudentBenchConfig")
+TEACHER_PASS = functools.partial(field_option, "mcad.jobs.bench.teacher_pass:TeacherPassBenchConfig")
+PRESETS = functools.partial(field_option, "mcad.jobs.bench.presets:PresetsBenchConfig")
+SWEEP = functools.partial(field_option, "mcad.jobs.bench.sweep:SweepBenchConfig")
+REPORT = functools.partial(field_option, "mcad.jobs.bench.report:ReportConfig")
+SIZES = click.Choice(["smoke", "demo"])  # pipeline.shapes.teacher_models.SIZES
+
+# Options several benches take.
+json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                           help="Write the figures as JSON to this file.")
+
+
+def dir_option(what: str):
+    return click.option("--dir", "workdir", type=click.Path(file_okay=False, exists=True), default=None,
+                        help=f"Where to put the temporary {what} (default: the system temp folder).")
+
+
+def ray_address_option(help: str = "Existing cluster ('auto', 'ray://host:port'); default: a local one."):
+    return click.option("--ray-address", default=None, help=help)
+
+
+def _emit(table: str, result: dict, json_path: str | None) -> None:
+    """Print a bench's table; write its JSON dict when asked."""
+    from mcad.storage.atomic import atomic_write_json
+
+    click.echo(table)
+    if json_path:
+        atomic_write_json(json_path, result)
+        click.echo(f"wrote {json_path}")
 
 
 @click.group()
@@ -17,41 +49,157 @@ def bench():
     """Measure speed and size; print ratios measured in one run, write --json."""
 
 
-@bench.command(epilog=STORE_EPILOG)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the figures as JSON to this file.")
-@click.option("--rows", type=click.IntRange(min=1), default=20_000, show_default=True,
-              help="Rows in the synthetic store.")
-@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Shards (Parquet files) the rows are split over.")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False, exists=True), default=None,
-              help="Where to write the temporary store (default: the system temp folder).")
+@bench.command(epilog="""\b
+Examples:
+  mcad bench store                               20k rows, D=F=256, K=32, P=256
+  mcad bench store --json bench-store.json --rows 100000 --shards 10
+""")
+@json_option
+@STORE("--rows", type=click.IntRange(min=1), help="Rows in the synthetic store.")
+@STORE("--shards", type=click.IntRange(min=1), help="Shards (Parquet files) the rows are split over.")
+@dir_option("store")
 def store(json_path: str | None, rows: int, shards: int, workdir: str | None):
     """Signal store size on disk against its raw payload, and reader speed (rows/s as torch tensors)."""
+    import json
+
     from mcad.jobs.bench.store import StoreBenchConfig, run_store_bench
     from mcad.storage.atomic import atomic_write_json
-    from mcad.storage.errors import InputError
 
-    if shards > rows:
-        raise InputError(f"--shards {shards} is more than --rows {rows}")
     result = run_store_bench(StoreBenchConfig(rows=rows, shards=shards), workdir=workdir)
     click.echo(json.dumps(result, indent=2))
     if json_path:
         atomic_write_json(json_path, result)
 
 
-def _register() -> None:
-    from mcad.jobs.bench.presets import presets_bench
-    from mcad.jobs.bench.report import report_cmd
-    from mcad.jobs.bench.student import student_bench
-    from mcad.jobs.bench.sweep import sweep_bench
-    from mcad.jobs.bench.teacher_pass import teacher_pass_bench
+@bench.command("student", epilog="""\b
+Examples:
+  mcad bench student --json bench-student.json      builds a store: demo teachers, 512 samples
+  mcad bench student --size smoke --steps 5         seconds, for a quick look
+  mcad bench student --store store/ --data data/shapes/train --teachers t/dual t/single
+""")
+@json_option
+@click.option("--store", type=click.Path(file_okay=False, exists=True), default=None,
+              help="An existing signal store (default: build one in a temporary folder).")
+@click.option("--data", type=click.Path(exists=True), default=None,
+              help="With --store: the training shards the store was made from.")
+@click.option("--teachers", nargs=2, type=click.Path(file_okay=False, exists=True), default=None,
+              help="With --store: the dual and single teacher dirs (default: the store's own paths).")
+@STUDENT("--preset", type=str, help="Student size preset.")
+@STUDENT("--steps", type=click.IntRange(min=1), help="Timed steps per variant (after the untimed warm-up steps).")
+@STUDENT("--size", type=SIZES, help="Teacher size of a built store (random weights): demo is the realistic width.")
+@STUDENT("--threads", type=click.IntRange(min=0),
+         help="Torch threads while timing (0: torch's default, usually every core).")
+@dir_option("data, teachers and store")
+@ray_address_option("Ray cluster for a built store's teacher pass (default: a local one started once).")
+def student_bench(json_path, store, data, teachers, preset, steps, size, threads, workdir, ray_address):
+    """Ms per training step: plain contrastive, MCAD from the store, MCAD with teachers online."""
+    from mcad.jobs.bench.student import StudentBenchConfig, format_table, run_student_bench
+    from mcad.student.models import get_preset
 
-    bench.add_command(student_bench)
-    bench.add_command(teacher_pass_bench)
-    bench.add_command(presets_bench)
-    bench.add_command(report_cmd)
-    bench.add_command(sweep_bench)
+    get_preset(preset)  # an unknown preset fails before anything is built
+    cfg = StudentBenchConfig(preset=preset, steps=steps, size=size, threads=threads)
+    result = run_student_bench(cfg, store=store, data=data, teachers=teachers or None, workdir=workdir,
+                               ray_address=ray_address)
+    _emit(format_table(result), result, json_path)
 
 
-_register()
+@bench.command("teacher-pass", epilog="""\b
+Examples:
+  mcad bench teacher-pass --json bench-teacher-pass.json     demo teachers, 512 samples, 4 shards
+  mcad bench teacher-pass --size smoke --samples 40 --pool 8 --topk 3
+""")
+@json_option
+@TEACHER_PASS("--size", type=SIZES, help="Teacher size (random weights): demo is the realistic width.")
+@TEACHER_PASS("--samples", type=click.IntRange(min=1), help="Samples in the synthetic data.")
+@TEACHER_PASS("--shards", type=click.IntRange(min=1), help="Input shards the samples are split over.")
+@TEACHER_PASS("--pool", "pool_size", type=click.IntRange(min=2), help="Pool size P of the pass.")
+@TEACHER_PASS("--topk", type=click.IntRange(min=1), help="Candidates K per sample and direction.")
+@dir_option("data, teachers and stores")
+@ray_address_option("Ray cluster to join (default: a local cluster started on the spot). The "
+                    "comparison with the bare loop only holds when that cluster is this machine.")
+def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, workdir, ray_address):
+    """Samples/s of the Ray teacher pass against a bare loop on the same cores, and 2 workers against 1."""
+    from mcad.jobs.bench.teacher_pass import TeacherPassBenchConfig, format_table, run_teacher_pass_bench
+
+    cfg = TeacherPassBenchConfig(size=size, samples=samples, shards=shards, pool_size=pool_size, topk=topk)
+    result = run_teacher_pass_bench(cfg, workdir=workdir, ray_address=ray_address)
+    _emit(format_table(result), result, json_path)
+
+
+@bench.command("presets", epilog="""\b
+Examples:
+  mcad bench presets --json bench-presets.json        every preset, the shipped demo teachers
+  mcad bench presets --presets s --queries 20         one preset, fewer timed queries
+  mcad bench presets --presets smoke --gallery 1000 --batches 1 --queries 5   seconds
+""")
+@json_option
+@PRESETS("--teachers", type=click.Path(exists=True, file_okay=False), show_default="the shipped demo teachers",
+         help="A folder with dual/ and single/.")
+@click.option("--presets", "presets", default="", help="Comma-separated presets (default: all).")
+@PRESETS("--batch", type=click.IntRange(min=1), help="Images / captions per timed batch.")
+@PRESETS("--batches", type=click.IntRange(min=1), help="Timed batches per direction (median), after untimed ones.")
+@PRESETS("--gallery", type=click.IntRange(min=1), help="Images in the search gallery of the latency figure.")
+@PRESETS("--queries", type=click.IntRange(min=1), help="Timed queries (median) of the latency figure.")
+@PRESETS("--threads", type=click.IntRange(min=0), help="Torch threads while timing (0: torch's default).")
+def presets_bench(json_path, teachers, presets, batch, batches, gallery, queries, threads):
+    """Params, FLOPs, images/s, captions/s and 10k-gallery search latency of presets and teachers."""
+    from mcad.jobs.bench.presets import PresetsBenchConfig, format_table, run_presets_bench
+
+    names = tuple(p.strip() for p in presets.split(",") if p.strip())
+    cfg = PresetsBenchConfig(teachers=teachers, presets=names, batch=batch, batches=batches,
+                             gallery=gallery, queries=queries, threads=threads)
+    result = run_presets_bench(cfg)
+    _emit(format_table(result), result, json_path)
+
+
+@bench.command("sweep", epilog="""\b
+Examples:
+  mcad bench sweep --json bench-sweep.json            2 trials x 2 epochs each way, demo-size teachers
+  mcad bench sweep --trials 4 --parallel 2 --epochs 2
+  mcad bench sweep --size smoke --preset smoke --samples 128 --pool 32    a quick look
+""")
+@json_option
+@SWEEP("--trials", type=click.IntRange(min=1), help="Grid points of each sweep.")
+@SWEEP("--epochs", type=click.IntRange(min=1), help="Epochs per trial.")
+@SWEEP("--parallel", type=click.IntRange(min=1), help="Trials at once.")
+@SWEEP("--preset", type=str, help="Student size preset.")
+@SWEEP("--size", type=SIZES, help="Teacher size of the built store (random weights).")
+@SWEEP("--samples", type=click.IntRange(min=1), help="Training samples of the built store.")
+@SWEEP("--pool", "pool_size", type=click.IntRange(min=2), help="Pool size P of the built store.")
+@SWEEP("--topk", type=click.IntRange(min=1), help="Candidates K of the built store.")
+@dir_option("data, teachers, store and sweeps")
+@ray_address_option()
+def sweep_bench(json_path, workdir, ray_address, **options):
+    """Trials per hour of a sweep from one store against the same sweep with teachers online."""
+    from mcad.jobs.bench.sweep import SweepBenchConfig, format_table, run_sweep_bench
+    from mcad.student.models import get_preset
+
+    get_preset(options["preset"])
+    result = run_sweep_bench(SweepBenchConfig(**options), workdir=workdir, ray_address=ray_address)
+    _emit(format_table(result), result, json_path)
+
+
+@bench.command("report", epilog="""\b
+Examples:
+  mcad bench report --out report/                 3 seeds, demo sizes, speed benches (~40 min on 2 CPU cores)
+  mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed    the same flow, small (a few minutes)
+  mcad bench report --out report/ --seeds 5       adds seeds 3 and 4 to a finished 3-seed report
+""")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report folder (seeds already finished in it are kept).")
+@REPORT("--seeds", type=click.IntRange(min=1), help="Seeds 0 .. N-1, one teacher pass each.")
+@click.option("--quick", is_flag=True, help="The demo's quick sizes, and small speed benches.")
+@REPORT("--epochs", type=click.IntRange(min=1), help="Student epochs (default: the demo's).")
+@REPORT("--preset", type=str, help="Student size preset.")
+@REPORT("--teachers", type=click.Path(exists=True, file_okay=False), show_default="the shipped demo teachers",
+        help="A folder with dual/ and single/.")
+@click.option("--skip-speed", is_flag=True, help="Quality and cost only: no speed benches.")
+@ray_address_option("Run the teacher passes and the students on this cluster ('auto', 'ray://host:port'); "
+                    "default: a local one.")
+def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address):
+    """Quality over seeds (teachers and five students), speed ratios and cost, as JSON, markdown and plots."""
+    from mcad.jobs.bench.report import ReportConfig, run_report
+
+    cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
+                       skip_speed=skip_speed, ray_address=ray_address)
+    run_report(cfg, echo=click.echo)

@@ -1,7 +1,13 @@
 """`mcad demo`: the whole flow on the embedded shapes benchmark."""
 from __future__ import annotations
 
+import functools
+
 import click
+
+from mcad.jobs.cli.options import field_option
+
+DEMO = functools.partial(field_option, "mcad.jobs.demo:DemoConfig")
 
 
 @click.command("demo", epilog="""\b
@@ -10,15 +16,15 @@ Examples:
   mcad demo --quick --out /tmp/demo  the same flow, small (about 2 minutes)
   mcad demo --retrain-teachers       bootstrap fresh teachers instead of the shipped ones (slow)
 """)
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
+@DEMO("--out", type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="Small sizes: the same flow in about two minutes.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the benchmark and the students.")
+@DEMO("--seed", type=int, help="Seed of the benchmark and the students.")
 @click.option("--retrain-teachers", is_flag=True, help="Train new demo teachers instead of the shipped ones.")
 @click.option("--teachers", type=click.Path(exists=True, file_okay=False),
               help="Use the teachers in this folder (dual/, single/) instead of the shipped ones.")
-@click.option("--ray-address", default=None,
-              help="Run the teacher pass and the students on this cluster ('auto', 'ray://host:port'); "
-                   "default: a local one.")
+@DEMO("--ray-address", type=str,
+      help="Run the teacher pass and the students on this cluster ('auto', 'ray://host:port'); "
+           "default: a local one.")
 def demo(out, quick, seed, retrain_teachers, teachers, ray_address):
     """Run the whole flow on the shapes benchmark and print the recall table.
 

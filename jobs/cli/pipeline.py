@@ -1,9 +1,16 @@
 """`mcad pipeline ...`: the teacher pass (once) and student training (often)."""
 from __future__ import annotations
 
-import json
+import functools
 
 import click
+
+from mcad.jobs.cli.options import field_option
+
+PASS = functools.partial(field_option, "mcad.jobs.teacher_pass_job:TeacherPassJob")
+STUDENT = functools.partial(field_option, "mcad.jobs.train_student:StudentJob")
+TRAIN = functools.partial(field_option, "mcad.student.train:TrainConfig")
+SWEEP = functools.partial(field_option, "mcad.jobs.sweep:SweepJob")
 
 
 @click.group()
@@ -25,18 +32,16 @@ Examples:
 @click.option("--single", required=True, type=click.Path(exists=True, file_okay=False),
               help="Single-stream teacher: a Hugging Face BlipForImageTextRetrieval directory.")
 @click.option("--out", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
-@click.option("--pool", "pool_size", default=256, show_default=True, help="Samples per pool (P).")
-@click.option("--topk", default=32, show_default=True, help="Candidates per sample and direction (K <= P).")
-@click.option("--batch-size", default=256, show_default=True, help="Image-text pairs per single-teacher forward.")
-@click.option("--calibration-rows", default=2048, show_default=True,
-              help="Rows the fusion projection W is fitted on (the first of the pass).")
-@click.option("--workers", default=1, show_default=True, help="Teacher actors (each loads both teachers).")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor (0: CPU).")
-@click.option("--threads-per-worker", default=0, show_default=True,
-              help="torch threads per actor (0: the node's CPUs divided by --workers).")
-@click.option("--ray-address", default=None, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
-@click.option("--stall-timeout", "stall_timeout_s", default=600.0, show_default=True,
-              help="Fail when no shard finishes for this many seconds.")
+@PASS("--pool", "pool_size", type=int, help="Samples per pool (P).")
+@PASS("--topk", type=int, help="Candidates per sample and direction (K <= P).")
+@PASS("--pair-batch", type=int,
+      help="Image-text pairs per single-teacher forward (memory only: the signals do not change).")
+@PASS("--calibration-rows", type=int, help="Rows the fusion projection W is fitted on (the first of the pass).")
+@PASS("--workers", type=int, help="Teacher actors (each loads both teachers).")
+@PASS("--gpus-per-worker", type=float, help="GPUs per actor (0: CPU).")
+@PASS("--threads-per-worker", type=int, help="torch threads per actor (0: the node's CPUs divided by --workers).")
+@PASS("--ray-address", type=str, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
+@PASS("--stall-timeout", "stall_timeout_s", type=float, help="Fail when no shard finishes for this many seconds.")
 @click.option("--resume", "mode", flag_value="resume", help="Continue a store: skip finished shards.")
 @click.option("--overwrite", "mode", flag_value="overwrite", help="Replace an existing store.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary here.")
@@ -48,14 +53,14 @@ def teacher_pass(json_path, mode, **options):
     kept, with its reason), and manifest.json updated as each shard finishes.
     """
     from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+    from mcad.storage.atomic import atomic_write_json
 
     summary = run_teacher_pass(TeacherPassJob(mode=mode or "fresh", **options))
     click.echo(f"{summary['rows']} rows from {summary['shards_run']} shards "
                f"({summary['shards_skipped']} already done, {summary['rejected']} samples rejected) "
                f"in {summary['seconds']:.1f} s -> {summary['store']}")
     if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(summary, fh, indent=2)
+        atomic_write_json(json_path, summary)
 
 
 @pipeline.command("train-student", epilog="""\b
@@ -70,35 +75,35 @@ Examples:
 @click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
 @click.option("--data", required=True, help="The shards the store was made from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--preset", default="s", show_default=True, help="Student size: smoke, s or m.")
+@STUDENT("--preset", type=str, help="Student size: smoke, s or m.")
 @click.option("--init", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP directory instead.")
 @click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False),
               help="CLIP dir whose tokenizer/processor to use (default: the store's dual teacher).")
-@click.option("--mode", type=click.Choice(["replay", "remix"]), default="replay", show_default=True,
-              help="replay: batches are whole teacher pools; remix: rows mixed across pools.")
-@click.option("--alpha", default=0.5, show_default=True, help="Fused-feature weight in the feature targets.")
-@click.option("--beta", default=0.5, show_default=True, help="ITM-logit weight in the distribution targets.")
-@click.option("--k-prime", type=int, default=None, help="Use only the first K' <= K candidates.")
-@click.option("--kd-temperature", default=4.0, show_default=True,
-              help="Distillation temperature T of the distribution KL (logits / T, KL x T^2).")
-@click.option("--w-con", default=1.0, show_default=True, help="Weight of the contrastive loss.")
-@click.option("--w-dist", default=1.0, show_default=True, help="Weight of the distribution KL.")
-@click.option("--w-feat", default=1.0, show_default=True, help="Weight of the feature loss.")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--pools-per-batch", default=1, show_default=True, help="Replay: pools per student batch.")
-@click.option("--batch-size", default=256, show_default=True, help="Remix: rows per student batch.")
-@click.option("--lr", default=5e-4, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@TRAIN("--mode", type=click.Choice(["replay", "remix"]),
+       help="replay: batches are whole teacher pools; remix: rows mixed across pools.")
+@TRAIN("--alpha", type=float, help="Fused-feature weight in the feature targets.")
+@TRAIN("--beta", type=float, help="ITM-logit weight in the distribution targets.")
+@TRAIN("--k-prime", type=int, help="Use only the first K' <= K candidates.")
+@TRAIN("--kd-temperature", type=float,
+       help="Distillation temperature T of the distribution KL (logits / T, KL x T^2).")
+@TRAIN("--w-con", type=float, help="Weight of the contrastive loss.")
+@TRAIN("--w-dist", type=float, help="Weight of the distribution KL.")
+@TRAIN("--w-feat", type=float, help="Weight of the feature loss.")
+@TRAIN("--epochs", type=int)
+@TRAIN("--pools-per-batch", type=int, help="Replay: pools per student batch.")
+@TRAIN("--batch-size", type=int, help="Remix: rows per student batch.")
+@TRAIN("--lr", type=float)
+@TRAIN("--seed", type=int)
 @click.option("--val-data", help="Shards to report validation recall on after every epoch.")
 @click.option("--online-teachers", nargs=2, type=click.Path(exists=True, file_okay=False),
               metavar="DUAL SINGLE", help="Compute the targets with these teachers in the loop.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--workers", default=1, show_default=True,
-              help="Data-parallel ranks on Ray Train (each streams its own shards); 1: this process.")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per rank (nccl); 0: CPU (gloo).")
-@click.option("--threads-per-worker", default=0, show_default=True, help="torch threads per rank (0: 1).")
-@click.option("--ray-address", default=None,
-              help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
+@STUDENT("--workers", type=int,
+         help="Data-parallel ranks on Ray Train (each streams its own shards); 1: this process.")
+@STUDENT("--gpus-per-worker", type=float, help="GPUs per rank (nccl); 0: CPU (gloo).")
+@STUDENT("--threads-per-worker", type=int, help="torch threads per rank (0: 1).")
+@STUDENT("--ray-address", type=str,
+         help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
 def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume,
                   workers, gpus_per_worker, threads_per_worker, ray_address, **train):
     """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
@@ -134,10 +139,10 @@ Examples:
 @click.option("--grid", "grid_specs", multiple=True, required=True, metavar="NAME=V1,V2,...",
               help="A setting and its values; repeat for a grid (any train-student loss/optimiser "
                    "setting, or preset).")
-@click.option("--epochs", default=3, show_default=True, help="Epochs per trial (ASHA's horizon).")
-@click.option("--parallel", default=1, show_default=True, help="Trials at once (the CPUs are shared).")
-@click.option("--grace-epochs", default=1, show_default=True, help="Epochs before ASHA may stop a trial.")
-@click.option("--ray-address", default=None, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
+@SWEEP("--epochs", type=int, help="Epochs per trial (ASHA's horizon).")
+@SWEEP("--parallel", type=int, help="Trials at once (the CPUs are shared).")
+@SWEEP("--grace-epochs", type=int, help="Epochs before ASHA may stop a trial.")
+@SWEEP("--ray-address", type=str, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
 @click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished trials are skipped.")
 def sweep(store, data, val_data, out, grid_specs, epochs, parallel, grace_epochs, ray_address, resume):
     """Train a grid of students from one signal store on Ray Tune; export the best.

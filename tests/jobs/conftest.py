@@ -52,7 +52,7 @@ def teachers_dir(tiny_teachers, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pass() -> dict:
     """Teacher-pass settings of the toy store: pools of 8, 3 candidates."""
-    return dict(pool_size=8, topk=3, batch_size=16, calibration_rows=24)
+    return dict(pool_size=8, topk=3, pair_batch=16, calibration_rows=24)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ def test_parse_grid_types_values_by_setting():
 
 @pytest.mark.parametrize("spec, message", [
     ("alpha", "expected NAME=V1"), ("gamma=1", "unknown setting"), ("preset=xl", "unknown presets"),
-    ("alpha=a,b", "must be floats"), ("epochs=1,2", "--epochs"),
+    ("alpha=a,b", "must be floats"), ("epochs=1,2", "same for every trial"),
 ])
 def test_parse_grid_refuses_bad_specs(spec, message):
     with pytest.raises(InputError, match=message):

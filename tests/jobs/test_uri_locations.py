@@ -23,7 +23,7 @@ def test_teacher_pass_and_student_at_uris_match_the_local_store(ray_local, shape
     result = CliRunner().invoke(main, [
         "pipeline", "teacher-pass", "--data", data, "--dual", dual, "--single", single, "--out", store,
         "--pool", str(tiny_pass["pool_size"]), "--topk", str(tiny_pass["topk"]),
-        "--batch-size", str(tiny_pass["batch_size"]), "--calibration-rows", str(tiny_pass["calibration_rows"])])
+        "--pair-batch", str(tiny_pass["pair_batch"]), "--calibration-rows", str(tiny_pass["calibration_rows"])])
     assert result.exit_code == 0, result.output
     remote, local = open_store(store), open_store(tiny_store)
     assert remote.shards == local.shards and remote.num_rows == local.num_rows

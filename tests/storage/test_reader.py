@@ -219,7 +219,7 @@ def test_joined_refuses_misaligned_data(store_dir):
                                          rf"where the store has key '{good[5][0]}'"):
         list(store.iter_joined_pools(_opener(samples)))
     samples[src] = good[:6]
-    with pytest.raises(InputError, match=f"shard 00001, row 6: the data ended where the store has key"):
+    with pytest.raises(InputError, match="shard 00001, row 6: the data ended where the store has key"):
         list(store.iter_joined_pools(_opener(samples)))
     samples[src] = good + [("00001-999999", {})]
     with pytest.raises(InputError, match="shard 00001, row 7: the data has key '00001-999999' after"):

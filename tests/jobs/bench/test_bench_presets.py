@@ -6,7 +6,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mcad.jobs.bench.presets import PresetsBenchConfig, format_table, presets_bench, run_presets_bench
+from mcad.jobs.bench.presets import PresetsBenchConfig, format_table, run_presets_bench
+from mcad.jobs.cli.bench import presets_bench
 from mcad.jobs.cli import main
 from mcad.storage.errors import InputError
 
@@ -63,8 +64,8 @@ def test_presets_table_rows_match_the_figures(teachers_dir):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(presets=("xl",)), "unknown student size"),
-    (dict(gallery=4), "--gallery"),
-    (dict(batches=0), "--batch"),
+    (dict(gallery=4), "gallery"),
+    (dict(batches=0), "batch"),
 ])
 def test_presets_bench_refuses_bad_input(teachers_dir, kw, message):
     with pytest.raises(InputError, match=message):

@@ -9,7 +9,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mcad.jobs.bench.teacher_pass import TeacherPassBenchConfig, shard_window, teacher_pass_bench
+from mcad.jobs.bench.teacher_pass import TeacherPassBenchConfig, shard_window
+from mcad.jobs.cli.bench import teacher_pass_bench
 from mcad.storage.manifest import Manifest, SECONDS, signals_path
 from mcad.storage.errors import InputError
 
@@ -45,8 +46,8 @@ def test_bench_teacher_pass_smoke(ray_local, tmp_path):
     assert list(work.iterdir()) == []  # data, teachers and stores are gone
 
 
-@pytest.mark.parametrize("kw, message", [(dict(samples=3, shards=4), "more than --samples"),
-                                         (dict(pool_size=4, topk=5), "must not exceed --pool")])
+@pytest.mark.parametrize("kw, message", [(dict(samples=3, shards=4), "more than samples"),
+                                         (dict(pool_size=4, topk=5), "must not exceed pool_size")])
 def test_bad_sizes_refused(kw, message):
     with pytest.raises(InputError, match=message):
         TeacherPassBenchConfig(**kw)

@@ -40,9 +40,14 @@ def test_help_has_examples(path):
         assert "Examples:" in result.output
 
 
-def test_help_imports_nothing_heavy():
+@pytest.mark.parametrize("path", [("pipeline", "teacher-pass"), ("pipeline", "sweep"), ("demo",),
+                                  ("bench", "student"), ("bench", "teacher-pass"), ("bench", "presets"),
+                                  ("bench", "sweep"), ("bench", "report")])
+def test_help_imports_nothing_heavy(path):
+    """--help shows the defaults (read from the config dataclasses) without heavy imports."""
     code = ("import sys; from click.testing import CliRunner; from mcad.jobs.cli import main; "
-            "r = CliRunner().invoke(main, ['pipeline', 'teacher-pass', '--help']); assert r.exit_code == 0; "
+            f"r = CliRunner().invoke(main, [*{list(path)!r}, '--help']); assert r.exit_code == 0, r.output; "
+            "assert '[default: ' in r.output; "
             "print(sorted(m for m in ('torch', 'ray', 'transformers', 'duckdb', 'pyarrow', 'webdataset') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,48 @@
+"""`TeacherPassJob`: the teacher pass's configuration, written as JSON beside the store.
+
+Kept apart from jobs/teacher_pass.py, and importing only the stdlib and
+storage/errors, so `mcad pipeline teacher-pass --help` can show its defaults
+without importing pyarrow or Ray (docs/design.md, section 2: the CLI answers
+--help at once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mcad.storage.errors import InputError
+
+MODES = ("fresh", "resume", "overwrite")
+
+
+@dataclass(frozen=True)
+class TeacherPassJob:
+    """Everything one teacher pass needs; written as JSON beside the store."""
+
+    data: str
+    dual: str
+    single: str
+    out: str
+    pool_size: int = 256
+    topk: int = 32
+    pair_batch: int = 256           # pairs per single-teacher forward (memory only; results unchanged)
+    calibration_rows: int = 2048    # rows the fusion projection W is fitted on
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 0     # torch threads per worker; 0: the node's CPUs / workers
+    mode: str = "fresh"             # fresh | resume | overwrite
+    ray_address: str | None = None
+    stall_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.workers < 1:
+            raise InputError(f"workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise InputError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+
+    def pass_config(self):
+        from mcad.pipeline.signals import PassConfig
+
+        return PassConfig(pool_size=self.pool_size, topk=self.topk, pair_batch=self.pair_batch,
+                          calibration_rows=self.calibration_rows)
