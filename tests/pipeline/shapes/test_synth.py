@@ -23,7 +23,7 @@ from mcad.pipeline.shapes.world import Obj, Scene
 from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 from mcad.storage.errors import InputError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = SynthConfig(train=40, val=10, test=20, image_size=48, shard_size=16, seed=0)
 
 
