@@ -156,7 +156,7 @@ def _eval_teachers(data: Path, dual: Path, single: Path, beta: float) -> dict:
 
 def _student_job(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: dict):
     from mcad.jobs.train_student import StudentJob
-    from mcad.student.train import TrainConfig
+    from mcad.student.config import TrainConfig
 
     train = TrainConfig(**{"alpha": cfg.alpha, "beta": cfg.beta, "epochs": cfg.epochs,
                            "seed": cfg.seed, **losses})

@@ -59,7 +59,7 @@ class SweepJob:
 def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
     """["alpha=0,0.5", "preset=smoke,s"] -> {"alpha": [0.0, 0.5], "preset": ["smoke", "s"]}, typed."""
     from mcad.student.models import PRESETS
-    from mcad.student.train import TrainConfig
+    from mcad.student.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     fixed = ("epochs", "mode")  # the same for every trial
@@ -97,7 +97,7 @@ def trial_name(config: dict) -> str:
 def student_job(sweep: SweepJob, config: dict, *, threads: int = 0):
     """The train-student job of one grid point (resumed when its run has a checkpoint)."""
     from mcad.jobs.train_student import StudentJob
-    from mcad.student.train import TrainConfig
+    from mcad.student.config import TrainConfig
 
     run = Path(sweep.out) / TRIALS_DIR / trial_name(config)
     resume = (run / "checkpoints" / "last" / "state.json").is_file()

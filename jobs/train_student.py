@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mcad.storage import fs
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
-from mcad.student.train import TrainConfig
+from mcad.student.config import TrainConfig
 
 CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerprint.json", "model"
 
@@ -157,6 +156,8 @@ def last_epoch_record(run: Path) -> dict:
 
 def _prepare_run(job: StudentJob, run: Path, store) -> None:
     """Refuse to mix runs; pin the store's fingerprint; save the resolved config."""
+    from mcad.storage.fs import require_empty
+
     pinned_path = run / FINGERPRINT_NAME
     fingerprint = store.fingerprint()
     if job.resume:
@@ -167,7 +168,7 @@ def _prepare_run(job: StudentJob, run: Path, store) -> None:
             changed = sorted(k for k in fingerprint if pinned.get(k) != json.loads(json.dumps(fingerprint[k])))
             raise InputError(f"cannot resume {run}: the store changed since ({', '.join(changed)} differ)")
     else:
-        fs.require_empty(run, "pass --resume to continue that run or choose a new --out")
+        require_empty(run, "pass --resume to continue that run or choose a new --out")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(pinned_path, fingerprint)
     atomic_write_json(run / CONFIG_NAME, _jsonable(job))

@@ -31,33 +31,14 @@ them into python floats only at its logging steps (`metrics_to_floats`).
 """
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from mcad.storage.errors import InputError
+from mcad.student.config import LossWeights
 from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the three MCAD terms; a zero weight skips its term entirely."""
-
-    con: float = 1.0
-    dist: float = 1.0
-    feat: float = 1.0
-
-    def __post_init__(self):
-        for name, value in asdict(self).items():
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            if not (ok and math.isfinite(value) and value >= 0):
-                raise InputError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
-        if self.con == self.dist == self.feat == 0:
-            raise InputError("at least one loss weight (con, dist, feat) must be > 0")
 
 
 def _scores(a: torch.Tensor, b: torch.Tensor, logit_scale) -> torch.Tensor:

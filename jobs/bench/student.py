@@ -78,7 +78,7 @@ class StudentBenchConfig:
 
 def variant_configs(seed: int) -> dict:
     """TrainConfig per variant: plain is contrastive only; both MCAD ones use every term."""
-    from mcad.student.train import TrainConfig
+    from mcad.student.config import TrainConfig
 
     mcad = TrainConfig(alpha=1.0, beta=1.0, w_con=1.0, w_dist=1.0, w_feat=1.0, seed=seed)
     return {"plain": TrainConfig(alpha=1.0, beta=1.0, w_dist=0.0, w_feat=0.0, seed=seed),

@@ -9,7 +9,7 @@ from mcad.jobs.cli.options import field_option
 
 PASS = functools.partial(field_option, "mcad.jobs.teacher_pass_job:TeacherPassJob")
 STUDENT = functools.partial(field_option, "mcad.jobs.train_student:StudentJob")
-TRAIN = functools.partial(field_option, "mcad.student.train:TrainConfig")
+TRAIN = functools.partial(field_option, "mcad.student.config:TrainConfig")
 SWEEP = functools.partial(field_option, "mcad.jobs.sweep:SweepJob")
 
 
@@ -113,7 +113,7 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
     student as a Hugging Face CLIPModel directory in RUN/model.
     """
     from mcad.jobs.train_student import StudentJob, run_train_student
-    from mcad.student.train import TrainConfig
+    from mcad.student.config import TrainConfig
 
     job = StudentJob(store=store, data=data, out=out, train=TrainConfig(**train), preset=preset,
                      init=init, tokenizer_from=tokenizer_from, val_data=val_data,

@@ -66,14 +66,14 @@ class BootstrapConfig:
     def __post_init__(self):
         get_size(self.size)
         if self.negatives not in NEGATIVES:
-            raise InputError(f"--negatives must be one of {NEGATIVES}, got {self.negatives!r}")
+            raise InputError(f"negatives must be one of {NEGATIVES}, got {self.negatives!r}")
         if self.dtype not in DTYPES:
-            raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("epochs", "batch_size", "top_k"):
             if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.blip_epochs is not None and self.blip_epochs < 1:
-            raise InputError(f"--blip-epochs must be positive, got {self.blip_epochs}")
+            raise InputError(f"blip_epochs must be positive, got {self.blip_epochs}")
 
     @property
     def n_blip_epochs(self) -> int:

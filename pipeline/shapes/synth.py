@@ -55,15 +55,15 @@ class SynthConfig:
         for name in ("train", "val", "test", "shard_size"):
             value = getattr(self, name)
             if value < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise InputError(f"{name} must be positive, got {value}")
             if name != "shard_size" and value >= MAX_PER_SPLIT:
-                raise InputError(f"--{name} must be below {MAX_PER_SPLIT:,} (9-digit keys), got {value}")
+                raise InputError(f"{name} must be below {MAX_PER_SPLIT:,} (9-digit keys), got {value}")
         if self.test % 2:
-            raise InputError(f"--test must be even (the test split is made of pairs), got {self.test}")
+            raise InputError(f"test must be even (the test split is made of pairs), got {self.test}")
         if not 0.0 <= self.train_pairs <= 1.0:
-            raise InputError(f"--train-pairs must be within [0, 1], got {self.train_pairs}")
+            raise InputError(f"train_pairs must be within [0, 1], got {self.train_pairs}")
         if self.image_size < MIN_IMAGE_SIZE:
-            raise InputError(f"--image-size must be at least {MIN_IMAGE_SIZE} px to fit 3 shapes, "
+            raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE} px to fit 3 shapes, "
                              f"got {self.image_size}")
 
     @property
@@ -115,7 +115,7 @@ def _test_pairs(rng: np.random.Generator, n: int, image_size: int) -> Iterator[t
                 break
             misses += 1
             if misses > 10_000 + 20 * n:
-                raise InputError(f"--test {n}: cannot find that many distinct scene pairs; use a smaller --test")
+                raise InputError(f"test = {n}: cannot find that many distinct scene pairs; ask for fewer test images")
         seen |= meanings
         yield first, {"id": pair_id, "variant": "a", "swap": kind}
         yield second, {"id": pair_id, "variant": "b", "swap": kind}

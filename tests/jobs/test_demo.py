@@ -10,7 +10,7 @@ from mcad.jobs.cli import main
 from mcad.jobs.demo import DemoConfig, run_demo, train_side_by_side
 from mcad.jobs.train_student import StudentJob
 from mcad.storage.errors import InputError
-from mcad.student.train import TrainConfig
+from mcad.student.config import TrainConfig
 
 pytestmark = pytest.mark.ray
 

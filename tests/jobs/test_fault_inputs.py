@@ -207,8 +207,8 @@ def _cli_case(case: str, shapes_data: Path, teachers: tuple, tmp: Path) -> tuple
         "single is not a BLIP-ITM": (tp(train, dual, dual), "expected 'blip'"),
         "teacher folder is not a model": (tp(train, tmp / "empty"), "not a Hugging Face model directory"),
         "eval model is not a CLIP": (["eval", "--model", single, "--data", train], "expected 'clip'"),
-        "negative loss weight": (ts + ["--w-feat", "-0.5"], "--w-feat must be >= 0"),
-        "negative alpha": (ts + ["--alpha", "-1"], "--alpha must be >= 0"),
+        "negative loss weight": (ts + ["--w-feat", "-0.5"], "w_feat must be >= 0"),
+        "negative alpha": (ts + ["--alpha", "-1"], "alpha must be >= 0"),
         "empty dataset (no shards)": (tp(tmp / "empty"), "no shards match"),
         "not a number": (tp()[:-2] + ["--topk", "many"], "'many' is not a valid integer"),
     }[case]

@@ -11,7 +11,7 @@ from mcad.pipeline.store_data import kept_samples
 from mcad.storage import schema
 from mcad.storage.reader import open_store
 from mcad.student.data import student_batches
-from mcad.student.train import TrainConfig
+from mcad.student.config import TrainConfig
 
 pytestmark = pytest.mark.ray
 

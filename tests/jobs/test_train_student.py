@@ -13,7 +13,8 @@ from mcad.jobs.cli import main
 from mcad.pipeline.store_data import kept_samples
 from mcad.student.data import student_batches
 from mcad.storage.reader import open_store
-from mcad.student.train import TrainConfig, batch_loss
+from mcad.student.config import TrainConfig
+from mcad.student.train import batch_loss
 
 pytestmark = pytest.mark.ray
 
@@ -108,4 +109,4 @@ def test_refuses_other_online_teachers(tiny_store, shapes_data, tmp_path):
 
 def test_negative_weight_exits_2(tiny_store, shapes_data, tmp_path):
     result = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r", "--w-dist", "-1"))
-    assert_one_line_error(result, "--w-dist must be >= 0")
+    assert_one_line_error(result, "w_dist must be >= 0")

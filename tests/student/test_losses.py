@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from mcad.storage.errors import InputError
-from mcad.student.losses import (
-    LossWeights, distribution_kl, feature_loss, info_nce, mcad_loss, metrics_to_floats,
-)
+from mcad.student.config import LossWeights
+from mcad.student.losses import distribution_kl, feature_loss, info_nce, mcad_loss, metrics_to_floats
 from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
 
 

@@ -9,7 +9,8 @@ import torch
 from mcad.storage.errors import InputError
 from mcad.student.data import ATTENTION, INPUT_IDS, PIXELS
 from mcad.student.models import build_student
-from mcad.student.train import TrainConfig, train, warmup_cosine
+from mcad.student.config import TrainConfig
+from mcad.student.train import train, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero():
@@ -20,9 +21,9 @@ def test_warmup_then_cosine_to_zero():
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
 
 
-@pytest.mark.parametrize("kw, message", [(dict(w_con=-1.0), "--w-con must be >= 0"),
-                                         (dict(mode="shuffle"), "--mode must be one of"),
-                                         (dict(epochs=0), "--epochs must be at least 1")])
+@pytest.mark.parametrize("kw, message", [(dict(w_con=-1.0), "w_con must be >= 0"),
+                                         (dict(mode="shuffle"), "mode must be one of"),
+                                         (dict(epochs=0), "epochs must be at least 1")])
 def test_config_refuses_bad_values(kw, message):
     with pytest.raises(InputError, match=message):
         TrainConfig(**kw)

@@ -1,0 +1,81 @@
+"""How a student learns: the training config and the loss weights, free of torch.
+
+Plain frozen dataclasses, so the CLI can read their defaults for `--help`
+without importing torch; `student/train.py` and `student/losses.py` use them.
+Written to RUN/train_config.json beside every run.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+from mcad.storage.errors import InputError
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the three MCAD terms; a zero weight skips its term entirely."""
+
+    con: float = 1.0
+    dist: float = 1.0
+    feat: float = 1.0
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (ok and math.isfinite(value) and value >= 0):
+                raise InputError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
+        if self.con == self.dist == self.feat == 0:
+            raise InputError("at least one loss weight (con, dist, feat) must be > 0")
+
+
+MODES = ("replay", "remix")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a student learns from the signals; written to RUN/train_config.json."""
+
+    mode: str = "replay"          # replay: batches are whole pools; remix: any rows
+    alpha: float = 0.5            # weight of the single teacher's fused features in v', t'
+    beta: float = 0.5             # weight of the single teacher's ITM logits in the distribution
+    k_prime: int | None = None    # candidates used per row (<= K); None: all K
+    # T of the distribution KL (both sides' logits / T, KL x T^2). The stored teacher
+    # distributions are near one-hot, so T > 1 shows the student the teachers' ranking of
+    # the negatives (docs/design.md, section 3; measured: README, Results).
+    kd_temperature: float = 4.0
+    w_con: float = 1.0
+    w_dist: float = 1.0
+    w_feat: float = 1.0
+    # 10: on shapes the students still gain from epoch 6 to 10 (README, Results).
+    epochs: int = 10
+    pools_per_batch: int = 1      # replay
+    batch_size: int = 256         # remix
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: float = 0.05          # fraction of all steps
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("alpha", "beta", "w_con", "w_dist", "w_feat", "lr", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("epochs", "pools_per_batch", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.kd_temperature > 0:
+            raise InputError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.k_prime is not None and self.k_prime < 1:
+            raise InputError(f"k_prime must be at least 1, got {self.k_prime}")
+        self.weights()  # refuses all-zero weights
+
+    def weights(self) -> LossWeights:
+        return LossWeights(con=self.w_con, dist=self.w_dist, feat=self.w_feat)
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.w_dist > 0 or self.w_feat > 0
