@@ -21,14 +21,15 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from mcad.jobs.bench.machine import machine_info
 
-from mcad.storage import schema
+if TYPE_CHECKING:
+    import numpy as np
 
+# numpy and the store's schema (pyarrow) are imported inside the functions:
+# `mcad bench store --help` reads StoreBenchConfig's defaults from this module.
 LOGIT_SCALE = 100.0  # CLIP's trained logit scale
 
 
@@ -65,6 +66,10 @@ def raw_payload_bytes(*, d: int, f: int, k: int) -> int:
 def synth_columns(keys: list[str], *, cfg: StoreBenchConfig, rng: np.random.Generator) -> dict[str, Any]:
     """A valid column dict for storage.writer.write_shard: random unit embeddings and ITM logits;
     candidates and their columns from the teacher pass's own maths (pipeline.signals)."""
+    import numpy as np
+
+    from mcad.storage import schema
+
     n, p, k = len(keys), cfg.pool_size, cfg.k
     v, t, g = (_unit(rng, n, cfg.d) for _ in range(3))
     cols: dict[str, Any] = {
@@ -93,6 +98,7 @@ def _pool_columns(dual: np.ndarray, itm: np.ndarray, *, k: int, start: int) -> d
     import torch
 
     from mcad.pipeline.signals import candidate_columns, candidates
+    from mcad.storage import schema
 
     logits, m = torch.from_numpy(dual), torch.from_numpy(itm)
     idx = {dr: candidates(logits, k, dr) for dr in schema.DIRECTIONS}
@@ -100,12 +106,15 @@ def _pool_columns(dual: np.ndarray, itm: np.ndarray, *, k: int, start: int) -> d
 
 
 def _unit(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
+    import numpy as np
+
     x = rng.standard_normal((n, width)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def write_bench_store(root: Path, cfg: StoreBenchConfig, *, progress: bool = True) -> float:
     """Write the synthetic store (manifest included); return the seconds spent in write_shard."""
+    import numpy as np
     from tqdm import tqdm
 
     from mcad.storage.manifest import STATUS_DONE, Manifest
@@ -134,7 +143,10 @@ def write_bench_store(root: Path, cfg: StoreBenchConfig, *, progress: bool = Tru
 
 def time_reader(root: Path, cfg: StoreBenchConfig) -> dict[str, float]:
     """Best-of-`passes` rows/s: replay (iter_pools) and remix (iter_rows), every array as a torch tensor."""
+    import numpy as np
     import torch
+
+    from mcad.storage import schema
 
     from mcad.storage.reader import open_store
 
