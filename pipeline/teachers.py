@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mcad.storage.errors import InputError
+from mcad.storage.errors import InputError, error_line
 from mcad.storage.manifest import file_digest
 from mcad.student.models import clip_image_embeddings, clip_text_embeddings
 
@@ -75,7 +75,7 @@ def _load(model_cls, path: Path, role: str, device: torch.device, dtype: torch.d
             dtype=dtype, output_loading_info=True)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_line(exc, first=True)
         raise InputError(f"{role} teacher {str(path)!r}: cannot load ({first})") from None
     _check_tokenizer(processor.tokenizer, model.config.text_config.vocab_size, path, role)
     # A checkpoint of the right family but another head (e.g. BLIP captioning)

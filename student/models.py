@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcad.storage.atomic import atomic_write_json
-from mcad.storage.errors import InputError
+from mcad.storage.errors import InputError, error_line
 
 MAX_LOGIT_SCALE = 100.0  # CLIP clamps exp(logit_scale) at 100
 # Beyond this a tokenizer's model_max_length is transformers' "unset" sentinel.
@@ -97,7 +97,7 @@ def load_processor(path: str | Path):
     try:
         processor = AutoProcessor.from_pretrained(p, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_line(exc, first=True)
         raise InputError(f"{str(p)!r}: cannot load a processor ({first})") from None
     if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
         raise InputError(f"{str(p)!r}: holds a {type(processor).__name__}, not a CLIP processor "
@@ -260,7 +260,7 @@ def _load_init(init: str | Path, processor):
     try:
         clip = CLIPModel.from_pretrained(p, local_files_only=True, use_safetensors=True, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = error_line(exc, first=True)
         raise InputError(f"init {str(p)!r}: cannot load a CLIPModel ({first})") from None
     tc, vc, tok = clip.config.text_config, clip.config.vision_config, processor.tokenizer
     problems = []
