@@ -29,10 +29,14 @@ OUTSIDE = ("DESIGN.md", "STACK_NOTES", "PREMISE_NOTES", "../shared")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy: setuptools keeps a build/ folder in the source tree, and a stale one
+    # would carry modules that no longer exist into the wheel.
+    source = tmp_path_factory.mktemp("source") / "mcad"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "demo_out"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True, text=True,
-                   cwd=tmp_path_factory.mktemp("build-cwd"))
+                    "-w", str(out), str(source)], check=True, capture_output=True, text=True, cwd=source)
     (path,) = out.glob("mcad-*.whl")
     return path
 
