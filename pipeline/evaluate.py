@@ -35,6 +35,7 @@ from tqdm import tqdm
 from mcad.pipeline.shards import Sample, iter_shard, list_shards
 from mcad.pipeline.teachers import DualTeacher, SingleTeacher, check_model_dir
 from mcad.storage.errors import InputError
+from mcad.storage.iters import batched
 from mcad.student.metrics import recall_at_k, rerank_recalls, top_k
 
 DEFAULT_BETA = 1.0
@@ -148,17 +149,6 @@ def _samples(shards: list[str], split: _Split | None = None) -> Iterator[Sample]
                 split.rejects[item.reason] += 1
 
 
-def _batches(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    batch: list[Sample] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _embed_split(dual, shards: list[str], batch_size: int, progress: bool) -> _Split:
     """Pass one: image embeddings (CPU float32) batch by batch, captions kept as text.
 
@@ -167,7 +157,7 @@ def _embed_split(dual, shards: list[str], batch_size: int, progress: bool) -> _S
     """
     split = _Split()
     with tqdm(desc="images", unit="img", disable=not progress, leave=False) as bar:
-        for batch in _batches(_samples(shards, split), batch_size):
+        for batch in batched(_samples(shards, split), batch_size):
             split.image_emb.append(dual.encode_images([s.image for s in batch]).cpu())
             for s in batch:
                 split.owner += [len(split.keys)] * len(s.captions)
@@ -200,7 +190,7 @@ def _itm_of_candidates(single: SingleTeacher, shards: list[str], split: _Split, 
     itm = np.empty(len(codes), np.float64)
     start = 0
     with tqdm(total=n_images, desc="re-rank", unit="img", disable=not progress, leave=False) as bar:
-        for batch in _batches(_samples(shards), batch_size):
+        for batch in batched(_samples(shards), batch_size):
             lo, keys = start, [s.key for s in batch]
             start += len(batch)
             if keys != split.keys[lo:start]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from mcad.pipeline.shards import Reject
 from mcad.storage import fs
 from mcad.storage.errors import InputError
+from mcad.storage.iters import batched
 from mcad.storage.schema import (
     DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
     ROW, SHARD, TXT_EMB, col,
@@ -274,9 +275,8 @@ def calibrate(dual, single, items: Iterable, *, config: PassConfig,
     `items` are the pass's samples (and rejects, skipped) in order, e.g. its
     shards chained; only what is needed is read, in chunks of `pair_batch`.
     """
-    kept = islice(_kept(items), config.calibration_rows)
     fused, target = [], []
-    while chunk := list(islice(kept, config.pair_batch)):
+    for chunk in batched(islice(_kept(items), config.calibration_rows), config.pair_batch):
         f, y = calibration_pairs(dual, single, chunk, batch=config.pair_batch)
         fused.append(f)
         target.append(y)
@@ -338,11 +338,16 @@ def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConf
     started = time.perf_counter()
     parts: list[dict[str, Any]] = []
     rejects: list[tuple[str, str, str]] = []
-    pool: list = []
     rows = pairs = 0
 
-    def flush() -> None:
-        nonlocal rows, pairs
+    def kept() -> Iterator:
+        for item in items:
+            if isinstance(item, Reject):
+                rejects.append((str(item.key), str(item.reason), "" if item.detail is None else str(item.detail)))
+            else:
+                yield item
+
+    for pool in batched(kept(), config.pool_size):
         part, n_pairs = _pool_signals(dual, single, pool, k=config.topk, projection=projection,
                                       pair_batch=config.pair_batch, start=rows)
         part[POOL] = np.full(len(pool), len(parts), dtype=np.int32)
@@ -350,17 +355,6 @@ def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConf
         rows, pairs = rows + len(pool), pairs + n_pairs
         if progress is not None:
             progress(len(pool))
-        pool.clear()
-
-    for item in items:
-        if isinstance(item, Reject):
-            rejects.append((str(item.key), str(item.reason), "" if item.detail is None else str(item.detail)))
-            continue
-        pool.append(item)
-        if len(pool) == config.pool_size:
-            flush()
-    if pool:
-        flush()
     columns = _concat(parts, d=dual.dim, f=single.dim_fused, k=config.topk)
     columns[SHARD] = [shard] * rows
     stats = {"rows": rows, "rejected": len(rejects), "pools": len(parts), "pairs": pairs,
