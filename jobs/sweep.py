@@ -127,6 +127,7 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     from mcad.storage.reader import open_store
 
     store = open_store(sweep.store)  # refuse a bad store or data before any trial starts
+    store.verify_files()  # every file against its manifest sha256 (each trial's reader checks again)
     check_data_matches(store, sweep.data)
     out = Path(sweep.out).resolve()
     sweep = dataclasses.replace(sweep, out=str(out))

@@ -21,7 +21,7 @@ import numpy as np
 from mcad.jobs.ray_cluster import ray_session
 from mcad.jobs.teacher_pass_job import TeacherPassJob
 from mcad.storage import fs
-from mcad.storage.manifest import FUSION_PROJ_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K, PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, POOLS, REJECTED, REJECTS_DIR, ROWS, SECONDS, SIGNALS_DIR, STATUS, STATUS_DONE, file_digest, manifest_path, same_source, signals_path, source_identity, store_file
+from mcad.storage.manifest import FUSION_PROJ_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K, PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, POOLS, REJECTED, REJECTS_BYTES, REJECTS_DIR, REJECTS_SHA256, ROWS, SECONDS, SIGNALS_BYTES, SIGNALS_DIR, SIGNALS_SHA256, STATUS, STATUS_DONE, file_digest, manifest_path, same_source, signals_path, source_identity, store_file
 from mcad.storage.atomic import sweep_temporaries
 from mcad.storage.errors import InputError, error_line
 
@@ -57,7 +57,8 @@ class ShardWorker:
                                  source=source, shard=shard)
         except (InputError, OSError) as exc:
             return {"shard": shard, "source": source, "rows": 0, "rejected": 0, "pools": 0, "bytes": 0,
-                    "seconds": 0.0, ERROR: error_line(exc)}
+                    "seconds": 0.0, SIGNALS_SHA256: "", SIGNALS_BYTES: 0, REJECTS_SHA256: "", REJECTS_BYTES: 0,
+                    ERROR: error_line(exc)}
 
 
 def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
@@ -141,7 +142,9 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
                              f"rerun with --resume once the cause is fixed")
         entry = {**identity[str(row["source"])], ROWS: int(row["rows"]),
                  REJECTED: int(row["rejected"]), POOLS: int(row["pools"]),
-                 SECONDS: float(row["seconds"]), STATUS: STATUS_DONE}
+                 SECONDS: float(row["seconds"]), STATUS: STATUS_DONE,
+                 SIGNALS_SHA256: str(row[SIGNALS_SHA256]), SIGNALS_BYTES: int(row[SIGNALS_BYTES]),
+                 REJECTS_SHA256: str(row[REJECTS_SHA256]), REJECTS_BYTES: int(row[REJECTS_BYTES])}
         manifest.record_shard(str(row["shard"]), entry)
         manifest.save(out)
         rows += entry[ROWS]

@@ -58,6 +58,7 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     from mcad.storage.reader import open_store
 
     store = open_store(job.store)
+    store.verify_files()  # every file against its manifest sha256, once (fit reuses this Store)
     check_data_matches(store, job.data)
     dual_dir = job.tokenizer_from or store.manifest.teachers.get("dual", {}).get("path")
     if not dual_dir or not Path(dual_dir).is_dir():

@@ -42,5 +42,6 @@ def online_signals(store, dual_dir: str, single_dir: str) -> OnlineSignals:
         if any(pinned.get(k) != now[k] for k in ("config_sha256", "weights_sha256")):
             raise InputError(f"online teachers: the {role} teacher {now['path']} is not the one "
                              f"the store was made with ({pinned.get('path')})")
+    store.verify_projection()  # W against the manifest's fusion_proj_sha256
     projection = load_projection(store_file(store.path, FUSION_PROJ_NAME))
     return OnlineSignals(dual, single, projection, k=store.dims["k"])

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mcad.storage import fs
 from mcad.storage.errors import InputError
@@ -43,6 +43,18 @@ SOURCE, SIZE, MTIME = "source", "size", "mtime"
 ROWS, REJECTED, POOLS, SECONDS, STATUS = "rows", "rejected", "pools", "seconds", "status"
 SHARD_FIELDS = (SOURCE, SIZE, MTIME, ROWS, REJECTED, POOLS, SECONDS, STATUS)
 STATUS_DONE = "done"
+# A shard the pass has planned but not finished: every input shard is recorded so at the pass's start.
+STATUS_PENDING = "pending"
+# The input tar's sha256, taken while the pass's worker read it (absent before 2026-12-01).
+SOURCE_SHA256 = "source_sha256"
+# The store's own files, per shard entry: sha256 and byte size of its signals and rejects file
+# (written by storage.writer.write_shard; a store written before 2026-12-01 has none of them).
+SIGNALS_SHA256, SIGNALS_BYTES = "signals_sha256", "signals_bytes"
+REJECTS_SHA256, REJECTS_BYTES = "rejects_sha256", "rejects_bytes"
+FILE_DIGEST_FIELDS = {SIGNALS_DIR: (SIGNALS_SHA256, SIGNALS_BYTES), REJECTS_DIR: (REJECTS_SHA256, REJECTS_BYTES)}
+DIGEST_FIELDS = (SIGNALS_SHA256, SIGNALS_BYTES, REJECTS_SHA256, REJECTS_BYTES)
+# manifest.json's digest of itself: sha256 of its other fields as canonical JSON (absent before 2026-12-01).
+MANIFEST_SHA256 = "manifest_sha256"
 
 _DIGEST_CHUNK = 1 << 20
 
@@ -80,6 +92,8 @@ class Manifest:
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     mcad_version: str = field(default_factory=mcad_version)
+    # Whether the file it was loaded from carried its own digest (and so it was checked).
+    sealed: ClassVar[bool] = False
 
     @classmethod
     def load(cls, store: str | os.PathLike) -> "Manifest":
@@ -93,15 +107,26 @@ class Manifest:
         if not isinstance(raw, dict):
             raise InputError(f"{path}: expected a JSON object")
         check_version(raw.get("schema_version"), str(path))
-        known = {"teachers", "params", "shards", "schema_version", "mcad_version"}
+        known = {"teachers", "params", "shards", "schema_version", "mcad_version", MANIFEST_SHA256}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise InputError(f"{path}: unknown manifest fields {unknown}")
-        return cls(**raw)
+        sealed = MANIFEST_SHA256 in raw
+        pinned = raw.pop(MANIFEST_SHA256, None)
+        if sealed and pinned != manifest_digest(raw):
+            raise InputError(f"{path}: contents do not match its {MANIFEST_SHA256} (a damaged or hand-edited "
+                             f"manifest); restore it from a copy or rerun the teacher pass")
+        try:
+            manifest = cls(**raw)
+        except TypeError as exc:  # a required field missing
+            raise InputError(f"{path}: not a manifest ({exc})") from None
+        manifest.sealed = sealed
+        return manifest
 
     def save(self, store: str | os.PathLike) -> None:
-        """Atomically rewrite manifest.json (temp file + rename; one upload at a URI)."""
-        fs.write_json(manifest_path(store), self.to_dict())
+        """Atomically rewrite manifest.json (temp file + rename; one upload at a URI), with its own digest."""
+        fields = self.to_dict()
+        fs.write_json(manifest_path(store), {**fields, MANIFEST_SHA256: manifest_digest(fields)})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +145,17 @@ class Manifest:
 
 def load(store: str | os.PathLike) -> Manifest:
     return Manifest.load(store)
+
+
+def manifest_digest(fields: dict[str, Any]) -> str:
+    """sha256 of a manifest's fields as canonical JSON (sorted keys, no spaces): what MANIFEST_SHA256 holds."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_record(path: str | os.PathLike, folder: str) -> dict[str, Any]:
+    """A store file's digest fields for its shard entry: {<folder>_sha256, <folder>_bytes}."""
+    sha, size = FILE_DIGEST_FIELDS[folder]
+    return {sha: file_digest(path), size: fs.size_and_mtime(path)[0]}
 
 
 def source_identity(path: str | os.PathLike) -> dict[str, Any]:

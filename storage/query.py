@@ -190,7 +190,10 @@ def check_store(store: Store | str | os.PathLike) -> dict[str, int]:
     con = connect(store)
     if store.shards:
         files = [signals_path(store.path, name) for name in store.shards]
-        bad = _rows(con.sql(_row_checks_sql(files, store.pool_size)))
+        try:
+            bad = _rows(con.sql(_row_checks_sql(files, store.pool_size)))
+        except duckdb.Error as exc:  # a page that does not decode (--quick skips the page checksums)
+            raise InputError(f"{store.path}: {error_line(exc, first=True)}") from None
         if bad:
             problems = [k for k, v in bad[0].items() if k != "file_shard" and v]
             raise InputError(f"{store.path}: shard {bad[0]['file_shard']}: {', '.join(problems)} "

@@ -18,6 +18,11 @@ file (at most _OPEN_FILES files), plus the shuffle buffers the caller sizes.
 Every split hands each pool (row) to exactly one slot per epoch; the global
 order depends only on (seed, epoch), so all slots agree on it without
 talking. Storage never imports torch: callers pass worker ids themselves.
+
+Integrity: every page read verifies its checksum, and a Store hashes each
+file the first time it opens it and compares it with the manifest's sha256
+(`verify_file`; `verify_files` does them all at once): a damaged file stops
+the reader with one line naming the store, the shard and the column.
 """
 from __future__ import annotations
 
@@ -37,9 +42,9 @@ from mcad.storage import schema
 from mcad.storage.atomic import TMP_PREFIX
 from mcad.storage.errors import InputError, error_line
 from mcad.storage.manifest import (
-    MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS,
-    REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, rejects_path, signals_path,
-    store_file,
+    FILE_DIGEST_FIELDS, FUSION_PROJ_NAME, MTIME, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K,
+    PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS,
+    STATUS_DONE, Manifest, file_digest, rejects_path, signals_path, store_file,
 )
 
 Batch = dict[str, Any]
@@ -104,11 +109,61 @@ def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray
 
 
 def parquet_file(location) -> pq.ParquetFile:
-    """A Parquet file at a local path or a URI (the store's filesystem, reused)."""
+    """A Parquet file at a local path or a URI (the store's filesystem, reused).
+
+    Every page's checksum is verified as it is read (a page written without
+    one, as in stores from before 2026-12-01, is read as it is).
+    """
     if not fs.is_uri(location):
-        return pq.ParquetFile(location)
+        return pq.ParquetFile(location, page_checksum_verification=True)
     filesystem, path = fs.resolve(location)
-    return pq.ParquetFile(path, filesystem=filesystem)
+    return pq.ParquetFile(path, filesystem=filesystem, page_checksum_verification=True)
+
+
+# What pyarrow raises on a page whose checksum fails or that does not decode.
+_UNREADABLE = (pa.ArrowException, OSError)
+
+
+def read_checked(pf: pq.ParquetFile, groups: list[int], columns: list[str], where: str) -> pa.Table:
+    """pf.read_row_groups(groups, columns); a page that fails raises InputError naming its column."""
+    try:
+        return pf.read_row_groups(groups, columns=columns)
+    except _UNREADABLE as exc:
+        column = next((c for c in columns if not _decodes(pf, groups, c)), None)
+        raise unreadable_column(where, column, exc) from None
+
+
+def decode_file(location, where: str) -> int:
+    """Decode every column of every row group, page checksums verified; return the rows.
+
+    InputError names the first column (in file order) that fails, row group by row group.
+    """
+    try:
+        pf = parquet_file(location)
+    except _UNREADABLE as exc:
+        raise InputError(f"{where}: unreadable Parquet file ({error_line(exc, first=True)})") from None
+    with pf:
+        for i in range(pf.metadata.num_row_groups):
+            for column in pf.schema_arrow.names:
+                try:
+                    pf.read_row_group(i, columns=[column])
+                except _UNREADABLE as exc:
+                    raise unreadable_column(where, column, exc) from None
+        return pf.metadata.num_rows
+
+
+def unreadable_column(where: str, column: str | None, exc: BaseException) -> InputError:
+    at = f": column {column}" if column else ""
+    return InputError(f"{where}{at}: unreadable ({error_line(exc, first=True)}); the file is damaged: "
+                      f"restore it or rerun the teacher pass")
+
+
+def _decodes(pf: pq.ParquetFile, groups: list[int], column: str) -> bool:
+    try:
+        pf.read_row_groups(groups, columns=[column])
+        return True
+    except _UNREADABLE:
+        return False
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -132,6 +187,7 @@ class Store:
         self.num_rows = sum(self.shard_rows.values())
         self._units = [(n, p) for n in self.shards for p in range(-(-self.shard_rows[n] // self.pool_size))]
         self.num_pools = len(self._units)
+        self._verified: set[tuple[str, str]] = set()  # (shard, folder) whose file matched its digest
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, shards={len(self.shards)}, rows={self.num_rows}, pools={self.num_pools})"
@@ -148,9 +204,72 @@ class Store:
         }
 
     def rejected_keys(self, shard: str) -> set[str]:
-        with parquet_file(rejects_path(self.path, shard)) as pf:
-            return set(pf.read(columns=[schema.REJECT_KEY])
-                   .column(schema.REJECT_KEY).to_pylist())
+        self.verify_file(shard, REJECTS_DIR)
+        path = rejects_path(self.path, shard)
+        with parquet_file(path) as pf:
+            table = read_checked(pf, list(range(pf.metadata.num_row_groups)), [schema.REJECT_KEY],
+                                 self.file_where(shard, REJECTS_DIR))
+            return set(table.column(schema.REJECT_KEY).to_pylist())
+
+    # --- integrity --------------------------------------------------------
+
+    @property
+    def has_digests(self) -> bool:
+        """Whether the manifest records every shard's file digests (stores from 2026-12-01 on)."""
+        return all(sha in self.manifest.shards[n] for n in self.shards for sha, _ in FILE_DIGEST_FIELDS.values())
+
+    def file_where(self, shard: str, folder: str) -> str:
+        """How messages name one of a shard's files: 'STORE: shard S: signals/S.parquet'."""
+        return f"{self.path}: shard {shard}: {folder}/{shard}.parquet"
+
+    def verify_files(self, shards: Sequence[str] | None = None) -> bool:
+        """Check the shards' signals and rejects files against their manifest digests (all shards by
+        default); False when the manifest records none (a store from before 2026-12-01)."""
+        for name in self.shards if shards is None else shards:
+            for folder in FILE_DIGEST_FIELDS:
+                self.verify_file(name, folder)
+        return self.has_digests
+
+    def verify_file(self, shard: str, folder: str) -> None:
+        """Check one file's size and sha256 against its manifest entry, once per Store.
+
+        A mismatch raises InputError naming the store, the shard, the file and,
+        when a page fails its checksum, the column; when every page decodes,
+        the damage lies in the footer or a page header. Nothing to check when
+        the entry records no digest.
+        """
+        if (shard, folder) in self._verified:
+            return
+        entry = self.manifest.shards[shard]
+        sha_field, size_field = FILE_DIGEST_FIELDS[folder]
+        if sha_field in entry:
+            path = store_file(self.path, folder, f"{shard}.parquet")
+            where = self.file_where(shard, folder)
+            size = fs.size_and_mtime(path)[0]
+            if size != entry.get(size_field):
+                raise InputError(f"{where}: {size} bytes, the manifest records {entry.get(size_field)} "
+                                 f"({size_field}): the file changed after the pass; restore it or rerun "
+                                 f"the teacher pass")
+            if file_digest(path) != entry[sha_field]:
+                decode_file(path, where)  # names the column when a page is at fault
+                raise InputError(f"{where}: the file does not match its manifest {sha_field}; every page "
+                                 f"decodes, so the footer or a page header is damaged: restore it or rerun "
+                                 f"the teacher pass")
+        self._verified.add((shard, folder))
+
+    def verify_projection(self) -> bool:
+        """Check fusion_proj.safetensors against the manifest's fusion_proj_sha256; False when none is recorded."""
+        pinned = self.manifest.params.get(PARAM_FUSION_PROJ_SHA256)
+        if pinned is None:
+            return False
+        path = store_file(self.path, FUSION_PROJ_NAME)
+        if not fs.is_file(path):
+            raise InputError(f"{self.path}: {FUSION_PROJ_NAME} is missing (the manifest records its digest)")
+        if file_digest(path) != pinned:
+            raise InputError(f"{self.path}: {FUSION_PROJ_NAME} does not match the manifest's "
+                             f"{PARAM_FUSION_PROJ_SHA256}: the file is damaged or was replaced; "
+                             f"restore it or rerun the teacher pass")
+        return True
 
     # --- replay and remix ------------------------------------------------
 
@@ -261,7 +380,8 @@ class _Files:
         last = int(np.searchsorted(starts, hi, side="left")) - 1
         groups = tuple(range(first, last + 1))
         if not cache or cache[0] != (groups, tuple(cols)):
-            cache[:] = [(groups, tuple(cols)), pf.read_row_groups(list(groups), columns=cols)]
+            table = read_checked(pf, list(groups), cols, self.store.file_where(shard, SIGNALS_DIR))
+            cache[:] = [(groups, tuple(cols)), table]
         table = cache[1].slice(lo - int(starts[first]), hi - lo)
         if table.num_rows != hi - lo:
             raise InputError(f"shard {shard}: pool {index} has {table.num_rows} rows, expected {hi - lo}")
@@ -273,6 +393,7 @@ class _Files:
         else:
             while len(self.open) >= self.max_open:
                 self.open.popitem(last=False)[1][0].close()
+            self.store.verify_file(shard, SIGNALS_DIR)  # hashed on this Store's first open of the file
             self.open[shard] = (parquet_file(signals_path(self.store.path, shard)), [])
         return self.open[shard]
 

@@ -7,6 +7,10 @@ file first, the signals file last, so a signals file under its final name is
 always complete and implies its rejects file exists; when the signals write
 fails (read-only folder, full disk), the rejects file is removed again.
 
+Every page carries a CRC-32 checksum (Parquet's page checksum), which every
+reader verifies (storage/reader.parquet_file); the manifest holds each file's
+sha256 (write_shard returns it), which also covers footers and page headers.
+
 Layout choice (measured, 2048 rows, zstd): row groups hold whole pools, at
 least ROW_GROUP_MIN_ROWS rows. One row group per pool costs ~1.2 KiB of
 footer per pool (+13 % file size at D=64, P=32; +1 % at D=512, P=64) and
@@ -25,7 +29,9 @@ import pyarrow.parquet as pq
 
 from mcad.storage import fs
 from mcad.storage import schema
-from mcad.storage.manifest import rejects_path, signals_path
+from mcad.storage.manifest import (
+    REJECTS_DIR, SIGNALS_BYTES, SIGNALS_DIR, file_record, rejects_path, signals_path,
+)
 
 COMPRESSION = "zstd"
 ROW_GROUP_MIN_ROWS = 256
@@ -49,8 +55,9 @@ def write_shard(
     f: int,
     k: int,
     pool_size: int,
-) -> dict[str, int]:
-    """Write signals/<shard>.parquet and rejects/<shard>.parquet; return {"rows", "rejected", "pools", "bytes"}.
+) -> dict[str, Any]:
+    """Write signals/<shard>.parquet and rejects/<shard>.parquet; return {"rows", "rejected", "pools",
+    "bytes"} plus the files' digest fields for the manifest entry (manifest.FILE_DIGEST_FIELDS).
 
     `columns` holds every signal column of storage.schema (SHARD may be left
     out: it is filled with `shard`), one entry per kept row: vectors as (n, D)
@@ -64,22 +71,27 @@ def write_shard(
     rejects_table = build_rejects(rejects)
 
     fs.write_file(rejects_path(store, shard), lambda sink: pq.write_table(
-        rejects_table, sink, compression=COMPRESSION))
+        rejects_table, sink, compression=COMPRESSION, write_page_checksum=True))
     try:
         fs.write_file(signals_path(store, shard), lambda sink: pq.write_table(
             table, sink, compression=COMPRESSION, row_group_size=row_group_rows(pool_size),
-            use_dictionary=_DICT_COLUMNS, write_statistics=_STATS_COLUMNS))
+            use_dictionary=_DICT_COLUMNS, write_statistics=_STATS_COLUMNS, write_page_checksum=True))
     except BaseException:
         # A failed shard leaves no file of its own (a rejects file alone would
         # look like half a shard); a rerun writes both again.
         fs.remove(rejects_path(store, shard))
         raise
+    # Digests of the files as they now lie, for the manifest entry (hashed back from the
+    # store, not from memory, so they vouch for what readers will get).
+    records = {**file_record(rejects_path(store, shard), REJECTS_DIR),
+               **file_record(signals_path(store, shard), SIGNALS_DIR)}
     n = table.num_rows
     return {
         "rows": n,
         "rejected": rejects_table.num_rows,
         "pools": -(-n // pool_size),
-        "bytes": fs.size_and_mtime(signals_path(store, shard))[0],
+        "bytes": records[SIGNALS_BYTES],
+        **records,
     }
 
 

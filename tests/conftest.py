@@ -22,7 +22,7 @@ import pytest
 
 from mcad.storage import fs
 from mcad.storage import schema
-from mcad.storage.manifest import STATUS_DONE, Manifest
+from mcad.storage.manifest import DIGEST_FIELDS, STATUS_DONE, Manifest
 from mcad.storage.writer import write_shard
 
 LOGIT_SCALE = 10.0
@@ -129,6 +129,7 @@ def build_store(
             "source": f"/fake/data/{name}.tar", "size": 1000 * (i + 1) + total,
             "mtime": 1_700_000_000.0 + i, "rows": info["rows"], "rejected": info["rejected"],
             "pools": info["pools"], "seconds": 0.01, "status": STATUS_DONE,
+            **{field: info[field] for field in DIGEST_FIELDS},
         })
     manifest.save(root)
     return root

@@ -17,10 +17,19 @@ CLI and stores
 - `invoke(*args)` -> click's result of `mcad ARGS` (arguments turned into strings)
 - `assert_one_line_error(result, *needles)` -> the one `mcad: error: ...` line of a refusal
 - `leftovers(store)` -> the temporary files left anywhere in a store (a clean store has none)
+
+Damage and deliberate edits (a store's integrity checks: manifest digests, page checksums)
+- `flip_byte(path, offset)` -> flips one bit of a file's byte in place, keeping its size and mtime
+- `flip_in_pages(path, column, row_group=0)` -> the same inside the column chunk's last data page body
+- `write_manifest(store, raw)` -> manifest.json from its raw fields, with its own digest recomputed
+  (a deliberate edit, so that the check under test fires, not the digest's)
+- `record_digests(store, *shards)` -> the manifest records the shards' files as they now are
 """
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
 import struct
 import tarfile
@@ -33,6 +42,9 @@ from PIL import Image
 
 from mcad.jobs.cli import main
 from mcad.storage.atomic import TMP_PREFIX
+from mcad.storage.manifest import (
+    MANIFEST_NAME, MANIFEST_SHA256, REJECTS_DIR, SIGNALS_DIR, Manifest, file_record, manifest_digest, store_file,
+)
 
 # A tqdm progress bar's counter and clock, e.g. "3/3 [00:01<00:00": not part of a message.
 PROGRESS = re.compile(r"\d+/\d+ \[\d\d:\d\d")
@@ -120,3 +132,42 @@ def assert_one_line_error(result, *needles: str) -> str:
 def leftovers(store: Path) -> list[str]:
     """Temporary files anywhere in a store: a clean store has none."""
     return sorted(str(p.relative_to(store)) for p in store.rglob(TMP_PREFIX + "*"))
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> int:
+    """XOR one byte of a file with `mask`, keeping its size and mtime (so only a content check sees it);
+    returns the new byte value."""
+    stat = os.stat(path)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0] ^ mask
+        fh.seek(offset)
+        fh.write(bytes([byte]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return byte
+
+
+def flip_in_pages(path: Path, column: str, row_group: int = 0) -> None:
+    """Flip a bit near the end of `column`'s chunk in a row group: inside its last data page's body."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    chunk = next(meta.column(j) for j in range(meta.num_columns)
+                 if meta.column(j).path_in_schema.split(".")[0] == column)
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    flip_byte(path, start + chunk.total_compressed_size - 2)
+
+
+def write_manifest(store: Path, raw: dict) -> None:
+    """Write manifest.json from its raw fields with its own digest recomputed (a deliberate edit)."""
+    fields = {key: value for key, value in raw.items() if key != MANIFEST_SHA256}
+    (Path(store) / MANIFEST_NAME).write_text(json.dumps({**fields, MANIFEST_SHA256: manifest_digest(fields)}))
+
+
+def record_digests(store: Path, *shards: str) -> None:
+    """Record the shards' signals and rejects files, as they now are, in the store's manifest."""
+    manifest = Manifest.load(store)
+    for shard in shards:
+        for folder in (SIGNALS_DIR, REJECTS_DIR):
+            manifest.shards[shard].update(file_record(store_file(store, folder, f"{shard}.parquet"), folder))
+    manifest.save(store)

@@ -117,7 +117,7 @@ def write_bench_store(root: Path, cfg: StoreBenchConfig, *, progress: bool = Tru
     import numpy as np
     from tqdm import tqdm
 
-    from mcad.storage.manifest import STATUS_DONE, Manifest
+    from mcad.storage.manifest import DIGEST_FIELDS, STATUS_DONE, Manifest
     from mcad.storage.writer import write_shard
 
     rng = np.random.default_rng(cfg.seed)
@@ -136,7 +136,8 @@ def write_bench_store(root: Path, cfg: StoreBenchConfig, *, progress: bool = Tru
         seconds += time.perf_counter() - t0
         manifest.record_shard(name, {"source": f"bench/{name}.tar", "size": 0, "mtime": 0.0,
                                      "rows": info["rows"], "rejected": info["rejected"],
-                                     "pools": info["pools"], "seconds": 0.0, "status": STATUS_DONE})
+                                     "pools": info["pools"], "seconds": 0.0, "status": STATUS_DONE,
+                                     **{field: info[field] for field in DIGEST_FIELDS}})
     manifest.save(root)
     return seconds
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import assert_one_line_error, invoke, leftovers
 from mcad.storage.manifest import MANIFEST_NAME, Manifest, REJECTS_DIR, ROWS, SIGNALS_DIR, rejects_path, signals_path
+from helpers import assert_one_line_error, invoke, leftovers, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION = "a small red circle left of a large blue square"
@@ -409,7 +409,7 @@ def _store_with(tiny_store, tmp_path, edit) -> Path:
     shutil.copytree(tiny_store, store)
     raw = json.loads((store / MANIFEST_NAME).read_text())
     edit(raw)
-    (store / MANIFEST_NAME).write_text(json.dumps(raw))
+    write_manifest(store, raw)
     return store
 
 

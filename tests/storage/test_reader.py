@@ -14,6 +14,8 @@ from mcad.storage.errors import InputError
 from mcad.storage.manifest import MANIFEST_NAME, Manifest, rejects_path, signals_path
 from mcad.storage.reader import fingerprint_digest, open_store
 
+from helpers import record_digests, write_manifest
+
 SPLIT = {"world_size": 2, "num_workers": 2}
 SLOTS = [{"rank": r, "worker": w, **SPLIT} for r in range(2) for w in range(2)]
 
@@ -35,7 +37,7 @@ def _all_ids(store):
 def _edit_manifest(root, fn):
     raw = json.loads((root / MANIFEST_NAME).read_text())
     fn(raw)
-    (root / MANIFEST_NAME).write_text(json.dumps(raw))
+    write_manifest(root, raw)
 
 
 def test_open_store_describes_the_store(store_dir):
@@ -82,6 +84,7 @@ def test_pools_from_files_whose_row_groups_cut_across_pools(store_dir):
     path = signals_path(store_dir, "00000")
     pq.write_table(pq.read_table(path), path, row_group_size=3)  # groups 0-2, 3-5, 6-8, 9
     assert pq.read_metadata(path).num_row_groups == 4
+    record_digests(store_dir, "00000")
     after = list(open_store(store_dir).iter_pools(shuffle=True, seed=3))
     assert [_ids(p) for p in after] == [_ids(p) for p in before]
     np.testing.assert_array_equal(after[0][schema.FUSED], before[0][schema.FUSED])

@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import assert_one_line_error, image_bytes, invoke, write_tar
+from helpers import assert_one_line_error, image_bytes, invoke, record_digests, write_tar
 from mcad.storage.query import LOGIT_FIELDS, store_stats
 from mcad.storage import schema
 from mcad.storage.manifest import Manifest, signals_path
@@ -63,7 +63,8 @@ def test_stats_of_something_that_is_not_a_store(tmp_path):
 def test_validate_ok(tmp_path, make_store):
     result = mcad("validate", make_store(tmp_path / "store"))
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("ok: 2 shards, 17 rows, 5 pools, 2 rejected")
+    assert result.stdout == ("ok: 2 shards, 17 rows, 5 pools, 2 rejected (manifest, schema, counts, rows, "
+                             "digests, page checksums)\n")
 
 
 def test_validate_catches_a_changed_row_count(tmp_path, make_store):
@@ -85,6 +86,8 @@ def test_validate_catches_rows_out_of_order(tmp_path, make_store):
     f = signals_path(store, "00000")
     table = pq.read_table(f)
     pq.write_table(table.take(list(range(table.num_rows))[::-1]), f)
+    assert_one_line_error(mcad("validate", store), "shard 00000", "the file changed after the pass")
+    record_digests(store, "00000")  # as if the pass itself had written the rows out of order
     assert_one_line_error(mcad("validate", store), "shard 00000", "rows are not 0..n-1 in file order")
 
 
