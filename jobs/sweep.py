@@ -42,13 +42,18 @@ class SweepJob:
     grid: dict = field(default_factory=dict)    # name -> list of values (TrainConfig fields, preset)
     epochs: int = 3
     parallel: int = 1                           # trials at once
+    cpus_per_trial: float = 0.0                 # 0: the largest share that lets `parallel` trials fit the nodes
     grace_epochs: int = 1                       # ASHA: epochs every trial gets before it may be stopped
     reduction_factor: int = 2                   # ASHA: keep the best 1/reduction_factor at each rung
     online_teachers: tuple[str, str] | None = None  # teachers in the loop (for the sweep bench)
     ray_address: str | None = None
     resume: bool = False
+    stall_timeout_s: float = 600.0              # fail when trials wait this long and none runs
 
     def __post_init__(self):
+        if self.cpus_per_trial < 0 or self.stall_timeout_s <= 0:
+            raise InputError(f"need cpus_per_trial >= 0 and stall_timeout_s > 0, got "
+                             f"{self.cpus_per_trial}, {self.stall_timeout_s}")
         if self.epochs < 1 or self.parallel < 1 or self.grace_epochs < 1 or self.reduction_factor < 2:
             raise InputError(f"need epochs >= 1, parallel >= 1, grace_epochs >= 1 and reduction_factor >= 2, got "
                              f"{self.epochs}, {self.parallel}, {self.grace_epochs}, {self.reduction_factor}")
@@ -122,7 +127,7 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from mcad.jobs.ray_cluster import ray_session
+    from mcad.jobs.ray_cluster import node_resources, ray_session, require_fit, share_that_fits
     from mcad.pipeline.store_data import check_data_matches
     from mcad.storage.reader import open_store
 
@@ -135,9 +140,12 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     points = grid_points(sweep.grid)
     pending = [p for p in points if _status(sweep, p).get("status") not in DONE]
     if pending:
-        with ray_session(sweep.ray_address) as cluster:
-            cpus = float(cluster["resources"].get("CPU", 1.0))
-            per_trial = max(0.1, min(cpus, cpus / sweep.parallel))
+        with ray_session(sweep.ray_address):
+            # A trial runs on one node: it may ask at most what the largest node has.
+            nodes = node_resources()
+            per_trial = sweep.cpus_per_trial or share_that_fits(nodes, "CPU", sweep.parallel) or 1.0
+            require_fit({"CPU": per_trial}, "sweep trial", nodes=nodes)
+            watchdog = _watchdog(sweep.stall_timeout_s)
             trainable = tune.with_resources(
                 tune.with_parameters(_trial, sweep=sweep, threads=max(1, int(per_trial))), {"cpu": per_trial})
             scheduler = ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=sweep.grace_epochs,
@@ -149,9 +157,17 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
                 # A new Tune experiment per invocation: resuming is ours (trial.json files),
                 # so no pickled Tune state is ever loaded back.
                 run_config=tune.RunConfig(storage_path=str(out / TUNE_DIR), name=f"run-{_runs(out)}",
-                                          verbose=1 if progress else 0))
+                                          verbose=1 if progress else 0, callbacks=[watchdog],
+                                          stop=watchdog.stopper))
             for result in tuner.fit():
-                _record(sweep, result)
+                started = result.config is not None and (result.metrics or result.error)
+                if started or not watchdog.stalled:
+                    _record(sweep, result)  # a trial that never started stays to run
+            if watchdog.stalled:
+                left = sum(1 for p in pending if not _status(sweep, p))
+                raise InputError(f"sweep stalled: no trial could start within the stall timeout "
+                                 f"({sweep.stall_timeout_s:g} s; each asks {per_trial:g} CPUs, other jobs may "
+                                 f"hold them); {left} of {len(points)} trials not run, rerun with --resume")
     table = results_table(sweep, points)
     write_csv(table, out / RESULTS_NAME)
     best = _export_best(table, out / BEST_DIR)
@@ -176,6 +192,38 @@ def _trial(config: dict, *, sweep: SweepJob, threads: int) -> None:
     result = run_train_student(student_job(sweep, dict(config["point"]), threads=threads), progress=False,
                                on_epoch=report_early)
     report(result["record"])
+
+
+def _watchdog(timeout_s: float):
+    """A Tune callback that ends the experiment when trials wait `timeout_s` seconds while none runs:
+    Tune waits forever for a trial it cannot place. `.stalled` is then true."""
+    import time
+
+    from ray import tune
+    from ray.tune.experiment import Trial
+
+    class Watchdog(tune.Callback):
+        def __init__(self):
+            self.stalled, self.since = 0, time.monotonic()
+            watchdog = self
+
+            class Stop(tune.Stopper):
+                def __call__(self, trial_id, result):
+                    return False
+
+                def stop_all(self):
+                    return bool(watchdog.stalled)
+
+            self.stopper = Stop()
+
+        def on_step_begin(self, iteration, trials, **info):
+            waiting = sum(t.status == Trial.PENDING for t in trials)
+            if not waiting or any(t.status == Trial.RUNNING for t in trials):
+                self.since = time.monotonic()
+            elif time.monotonic() - self.since > timeout_s:
+                self.stalled = waiting
+
+    return Watchdog()
 
 
 STATUS_NAME = "trial.json"
@@ -267,7 +315,9 @@ def _prepare(sweep: SweepJob, out: Path) -> None:
         if not saved.is_file():
             raise InputError(f"{out}: nothing to resume (no {CONFIG_NAME})")
         before = json.loads(saved.read_text())
-        changed = sorted(k for k in config if k != "resume" and before.get(k) != config[k])
+        defaults = {f.name: f.default for f in dataclasses.fields(SweepJob)}  # sweeps saved before a field
+        changed = sorted(k for k in config if k not in ("resume", "stall_timeout_s")
+                         and before.get(k, defaults[k]) != config[k])
         if changed:
             raise InputError(f"cannot resume {out}: {', '.join(changed)} differ from the sweep there")
         return

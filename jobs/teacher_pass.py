@@ -120,9 +120,7 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
         return
     cpus = float(cluster["resources"].get("CPU", os.cpu_count() or 1))
     threads = job.threads_per_worker or max(1, int(cpus // job.workers))
-    # Leave room for Ray Data's read task: an actor pool holding every CPU
-    # deadlocks it on a small machine (seen with 2 actors of 1 CPU on 2 CPUs).
-    actor_cpus = min(1.0, max(cpus - 0.5, 0.1) / job.workers)
+    actor_cpus = _actor_request(job)["CPU"]
     ds = ray.data.from_items([{"source": s, "shard": n} for s, n in pending])
     ds = ds.map_batches(
         ShardWorker, batch_size=1, batch_format="numpy",
@@ -154,6 +152,24 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
     bar.close()
 
 
+def _actor_request(job: TeacherPassJob) -> dict:
+    """One teacher actor's resources, refused at once (one line) when no node can hold them.
+
+    An actor runs on one node: its CPUs are a share that lets the pool's actors
+    fit the nodes at once, and leave room for Ray Data's read task (an actor
+    pool holding every CPU deadlocks it on a small machine: seen with 2 actors
+    of 1 CPU on 2 CPUs).
+    """
+    from mcad.jobs.ray_cluster import node_resources, require_fit, share_that_fits
+
+    nodes = node_resources()
+    total = sum(float(node.get("CPU", 0.0)) for node in nodes)
+    cpus = min(1.0, max(total - 0.5, 0.1) / job.workers, share_that_fits(nodes, "CPU", job.workers) or 1.0)
+    request = {"CPU": cpus, "GPU": job.gpus_per_worker}
+    require_fit(request, "teacher-pass actor", nodes=nodes)
+    return request
+
+
 def _finished(ds) -> Iterator[dict]:
     """Each shard's result as soon as its worker returns it. `iter_rows` prefetches:
     it held a finished shard back until the next one finished, so a crash lost it."""
@@ -171,6 +187,7 @@ def _calibrate(job: TeacherPassJob, sources: list[str], proj_path) -> tuple[dict
 
     from mcad.jobs.ray_cluster import get_one_line
 
+    _actor_request(job)  # a pass whose actors can never be placed is refused before any teacher runs
     task = ray.remote(num_cpus=1, num_gpus=job.gpus_per_worker or None)(_calibrate_task)
     return get_one_line(task.remote(job, sources, str(proj_path)), "teacher pass")
 

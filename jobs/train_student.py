@@ -38,10 +38,13 @@ class StudentJob:
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 0           # torch threads per Ray Train worker (each holds <= 1 CPU); 0: 1
     ray_address: str | None = None        # an existing cluster; None: a local one when workers > 1
+    stall_timeout_s: float = 600.0        # Ray Train: fail when the workers cannot be placed for this long
 
     def __post_init__(self):
         if self.workers < 1:
             raise InputError(f"workers must be at least 1, got {self.workers}")
+        if self.stall_timeout_s <= 0:
+            raise InputError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if self.gpus_per_worker < 0:
             raise InputError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
 
@@ -116,14 +119,18 @@ def _train_on_ray(job: StudentJob, *, progress: bool) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mcad.jobs.ray_cluster import ray_session
+    from mcad.jobs.ray_cluster import node_resources, ray_session, require_fit, share_that_fits, wait_for_room
 
     run = Path(job.out).resolve()
-    with ray_session(job.ray_address) as cluster:
-        cpus = float(cluster["resources"].get("CPU", 1.0))
-        per_worker = {"CPU": min(1.0, cpus / job.workers)}
+    with ray_session(job.ray_address):
+        # Ray Train places all ranks at once, each on one node: refuse what the nodes can never
+        # hold, and fail in one line what they cannot hold within the stall timeout.
+        nodes = node_resources()
+        per_worker = {"CPU": min(1.0, share_that_fits(nodes, "CPU", job.workers) or 1.0)}
         if job.gpus_per_worker:
             per_worker["GPU"] = job.gpus_per_worker
+        require_fit(per_worker, "train-student worker", copies=job.workers, nodes=nodes)
+        wait_for_room([per_worker] * job.workers, f"train-student's {job.workers} workers", job.stall_timeout_s)
         trainer = TorchTrainer(
             _train_worker, train_loop_config={"job": job, "progress": progress},
             scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,

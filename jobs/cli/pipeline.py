@@ -104,8 +104,10 @@ Examples:
 @STUDENT("--threads-per-worker", type=int, help="torch threads per rank (0: 1).")
 @STUDENT("--ray-address", type=str,
          help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
+@STUDENT("--stall-timeout", "stall_timeout_s", type=float,
+         help="With --workers > 1: fail when the ranks cannot be placed for this many seconds.")
 def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume,
-                  workers, gpus_per_worker, threads_per_worker, ray_address, **train):
+                  workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, **train):
     """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
 
     Streams each shard's tar beside its signals file. Writes RUN/checkpoints/,
@@ -119,7 +121,7 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
                      init=init, tokenizer_from=tokenizer_from, val_data=val_data,
                      online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume,
                      workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
-                     ray_address=ray_address)
+                     ray_address=ray_address, stall_timeout_s=stall_timeout_s)
     result = run_train_student(job)
     rsum = result["record"].get("val_rsum")
     click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))
@@ -141,10 +143,15 @@ Examples:
                    "setting, or preset).")
 @SWEEP("--epochs", type=int, help="Epochs per trial (ASHA's horizon).")
 @SWEEP("--parallel", type=int, help="Trials at once (the CPUs are shared).")
+@SWEEP("--cpus-per-trial", type=float,
+       help="CPUs each trial asks, at most the largest node's (0: a share that lets --parallel trials fit).")
 @SWEEP("--grace-epochs", type=int, help="Epochs before ASHA may stop a trial.")
 @SWEEP("--ray-address", type=str, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
+@SWEEP("--stall-timeout", "stall_timeout_s", type=float,
+       help="Fail when trials wait this many seconds and none can start.")
 @click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished trials are skipped.")
-def sweep(store, data, val_data, out, grid_specs, epochs, parallel, grace_epochs, ray_address, resume):
+def sweep(store, data, val_data, out, grid_specs, epochs, parallel, cpus_per_trial, grace_epochs, ray_address,
+          stall_timeout_s, resume):
     """Train a grid of students from one signal store on Ray Tune; export the best.
 
     Every trial reads the same store (no teacher runs again), reports its
@@ -155,7 +162,8 @@ def sweep(store, data, val_data, out, grid_specs, epochs, parallel, grace_epochs
     from mcad.jobs.sweep import SweepJob, format_table, parse_grid, run_sweep
 
     result = run_sweep(SweepJob(store=store, data=data, val_data=val_data, out=out, grid=parse_grid(grid_specs),
-                                epochs=epochs, parallel=parallel, grace_epochs=grace_epochs,
-                                ray_address=ray_address, resume=resume))
+                                epochs=epochs, parallel=parallel, cpus_per_trial=cpus_per_trial,
+                                grace_epochs=grace_epochs, ray_address=ray_address, resume=resume,
+                                stall_timeout_s=stall_timeout_s))
     click.echo(format_table(result["table"]))
     click.echo(f"results -> {result['results']}; best student -> {result['best'] or '(no trial finished)'}")

@@ -18,6 +18,20 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture
+def cpus_held(ray_local):
+    """Every CPU of the session's local cluster held by an idle actor, as another job would hold them."""
+    @ray_local.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray_local.get(holder.ready.remote(), timeout=120)
+    yield
+    ray_local.kill(holder)
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """The shapes benchmark at toy size: train in 3 shards of 20 samples."""

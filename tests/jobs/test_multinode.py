@@ -5,6 +5,8 @@ with a temporary folder of their own; the mcad commands run as subprocesses
 (as a user would run them against a cluster), shipping mcad's code with a
 runtime environment. The worker node is killed in the middle of a teacher
 pass: its shard is retried elsewhere and the store still ends complete.
+Each node has one CPU: the sweep after the pass places one trial per node,
+and requests no node can hold are refused at once in one line.
 """
 from __future__ import annotations
 
@@ -76,9 +78,9 @@ class TwoNodes:
 
     def start(self) -> None:
         common = ["--disable-usage-stats", "--include-dashboard=false"]
-        # Logical CPUs: 3 on the head, 1 on the worker; the pass's 2 actors (1 CPU each, spread)
-        # put one on each node, and the head has room to restart the worker's lost actor.
-        self._ray("start", "--head", f"--port={self.port}", "--num-cpus=3", f"--temp-dir={self.root}",
+        # One logical CPU per node, as small as a node gets: every job must ask only what one node
+        # has (a sweep trial asking the cluster's 2 CPUs waited forever here before).
+        self._ray("start", "--head", f"--port={self.port}", "--num-cpus=1", f"--temp-dir={self.root}",
                   "--node-manager-port", str(_free_port()), *common)
         self.start_worker()
 
@@ -176,3 +178,17 @@ def test_teacher_pass_survives_losing_a_worker_node_then_a_sweep_runs(two_nodes,
     rows = (sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and all(",finished," in r for r in rows[1:])
     assert (sweep / "best" / "config.json").is_file()
+
+    # What no node can hold is refused at once, in one line: nothing waits for it.
+    started = time.time()
+    too_big = two_nodes.mcad("pipeline", "sweep", "--store", str(store), "--data", str(wide_data / "train"),
+                             "--val-data", str(wide_data / "val"), "--out", str(tmp_path / "sweep2"),
+                             "--grid", "alpha=0,1", "--parallel", "1", "--cpus-per-trial", "2")
+    no_gpu = two_nodes.mcad("pipeline", "train-student", "--store", str(store), "--data", str(wide_data / "train"),
+                            "--out", str(tmp_path / "run"), "--workers", "2", "--gpus-per-worker", "1")
+    for job, line in ((too_big, "each sweep trial asks 2 CPUs; the largest node has 1 (2 nodes)"),
+                      (no_gpu, "each train-student worker asks 1 GPU; the largest node has 0 (2 nodes)")):
+        output, _ = job.communicate(timeout=120)
+        assert job.returncode == 2 and output.strip().splitlines()[-1] == f"mcad: error: {line}", output
+        assert "Traceback" not in output
+    assert time.time() - started < 60

@@ -78,3 +78,18 @@ def test_sweep_refuses_a_non_empty_out_and_a_changed_grid(tiny_store, shapes_dat
     assert result.exit_code == 2 and "is not empty" in result.output
     result = CliRunner().invoke(main, base + ["--resume"])
     assert result.exit_code == 2 and "nothing to resume" in result.output
+
+
+@pytest.mark.ray
+def test_a_sweep_whose_trials_cannot_be_placed_fails_in_one_line(tiny_store, shapes_data, tmp_path, cpus_held):
+    from helpers import invoke
+
+    out = tmp_path / "sweep"
+    result = invoke("pipeline", "sweep", "--store", tiny_store, "--data", shapes_data / "train",
+                    "--val-data", shapes_data / "val", "--out", out, "--grid", "alpha=0,1",
+                    "--grid", "preset=smoke", "--epochs", "1", "--stall-timeout", "3")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines() == [  # Tune's own table of trials is on stdout
+        "mcad: error: sweep stalled: no trial could start within the stall timeout (3 s; each asks 2 CPUs, "
+        "other jobs may hold them); 2 of 2 trials not run, rerun with --resume"], result.stderr
+    assert not list((out / "trials").glob("*/trial.json"))  # no trial is recorded as done: --resume runs them

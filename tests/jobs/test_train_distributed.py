@@ -63,3 +63,12 @@ def test_two_workers_on_ray_train_train_and_export(tiny_store, shapes_data, tmp_
     model = CLIPModel.from_pretrained(run / "model")
     assert json.loads((run / "model" / "mcad_student.json").read_text())["workers"] == 2
     assert not any("head_" in k for k in model.state_dict())
+
+
+def test_ranks_that_cannot_be_placed_fail_in_one_line(tiny_store, shapes_data, tmp_path, cpus_held):
+    from helpers import assert_one_line_error, invoke
+
+    result = invoke("pipeline", "train-student", "--store", tiny_store, "--data", shapes_data / "train",
+                    "--out", tmp_path / "run", "--preset", "smoke", "--workers", "2", "--stall-timeout", "3")
+    assert_one_line_error(result, "train-student's 2 workers could not be placed within the stall timeout (3 s)",
+                          "2 x 1 CPU asked, 0 CPUs free")
