@@ -8,8 +8,12 @@ then times the reader delivering pools as torch tensors. Run:
 
 Figures: bytes_per_sample (signals Parquet bytes / rows), raw_payload_bytes
 (see `raw_payload_bytes`), reader_rows_per_s (replay: `iter_pools`, each pool
-turned into torch tensors), remix_rows_per_s (`iter_rows`, batches of one
-pool's size, shuffled), writer_rows_per_s. Ratio: bytes_over_raw_payload.
+turned into torch tensors; page checksums verified and each file hashed
+against the manifest on its first open, as a student reads), the same
+without either (reader_unverified_rows_per_s), verify_files_s (hashing
+every signals and rejects file once), remix_rows_per_s (`iter_rows`,
+batches of one pool's size, shuffled), writer_rows_per_s. Ratios:
+bytes_over_raw_payload, verified_over_unverified (reader rows/s).
 Random float16 does not compress, so the ratio says how much the layout
 (keys, footer, row groups) costs over the numbers themselves.
 """
@@ -153,6 +157,12 @@ def time_reader(root: Path, cfg: StoreBenchConfig) -> dict[str, float]:
 
     store = open_store(root)
 
+    def fresh(verify: bool = True):
+        # A new Store per pass: each pass pays for hashing every file on its first open.
+        opened = open_store(root)
+        opened.verify = verify
+        return opened
+
     def consume(batches) -> int:
         rows = 0
         with warnings.catch_warnings():
@@ -173,9 +183,18 @@ def time_reader(root: Path, cfg: StoreBenchConfig) -> dict[str, float]:
                 raise RuntimeError(f"reader delivered {rows} rows of {store.num_rows}")
         return max(rates)
 
+    digest_s = []
+    for _ in range(cfg.passes):
+        t0 = time.perf_counter()
+        fresh().verify_files()
+        digest_s.append(time.perf_counter() - t0)
+    verified = best(lambda e: fresh().iter_pools(epoch=e))
+    unverified = best(lambda e: fresh(verify=False).iter_pools(epoch=e))
     return {
-        "reader_rows_per_s": best(lambda e: store.iter_pools(epoch=e)),
-        "remix_rows_per_s": best(lambda e: store.iter_rows(batch_size=cfg.pool_size, epoch=e)),
+        "reader_rows_per_s": verified,
+        "reader_unverified_rows_per_s": unverified,
+        "verify_files_s": min(digest_s),
+        "remix_rows_per_s": best(lambda e: fresh().iter_rows(batch_size=cfg.pool_size, epoch=e)),
     }
 
 
@@ -193,7 +212,8 @@ def run_store_bench(cfg: StoreBenchConfig, *, workdir: str | None = None, progre
     bytes_per_sample = signal_bytes / cfg.rows
     return {
         "bench": "store",
-        "ratios": {"bytes_over_raw_payload": bytes_per_sample / raw},
+        "ratios": {"bytes_over_raw_payload": bytes_per_sample / raw,
+                   "verified_over_unverified": speeds["reader_rows_per_s"] / speeds["reader_unverified_rows_per_s"]},
         "figures": {
             **speeds,
             "bytes_per_sample": bytes_per_sample,

@@ -24,6 +24,9 @@ def test_bench_store_smoke(tmp_path):
     assert fig["raw_payload_bytes"] == raw_payload_bytes(d=256, f=256, k=32) == 2828
     assert got["ratios"]["bytes_over_raw_payload"] == pytest.approx(fig["bytes_per_sample"] / fig["raw_payload_bytes"])
     assert fig["reader_rows_per_s"] > 0 and fig["remix_rows_per_s"] > 0 and fig["rows"] == 200
+    assert got["ratios"]["verified_over_unverified"] == pytest.approx(
+        fig["reader_rows_per_s"] / fig["reader_unverified_rows_per_s"])
+    assert fig["verify_files_s"] > 0
     assert {"cpus", "platform", "torch_threads"} <= set(got["machine"])
     assert list(tmp_path.iterdir()) == [out]  # the temporary store is gone
 
