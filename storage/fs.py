@@ -105,13 +105,14 @@ def listdir(location: str | os.PathLike) -> list[str]:
     return [join(location, i.base_name) for i in infos]
 
 
-def require_empty(location: str | os.PathLike, advice: str) -> None:
+def require_empty(location: str | os.PathLike, advice: str, *, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to start a new output in a folder (or URI prefix) that holds anything.
 
     The one guard of every job that writes a folder: a job calls it unless it
     continues what is there (resume). InputError "<location> is not empty; <advice>".
+    `ignore`: entry names that do not count (the job's own lock file).
     """
-    if listdir(location):
+    if [p for p in listdir(location) if name(p) not in ignore]:
         raise InputError(f"{location} is not empty; {advice}")
 
 

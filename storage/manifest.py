@@ -31,6 +31,8 @@ MANIFEST_NAME = "manifest.json"
 SIGNALS_DIR = "signals"
 REJECTS_DIR = "rejects"
 FUSION_PROJ_NAME = "fusion_proj.safetensors"
+PASS_CONFIG_NAME = "teacher_pass_config.json"  # the resolved teacher-pass job (jobs/teacher_pass.py)
+LOCK_NAME = "pass.lock"  # held by the one teacher pass writing the store (storage/lock.py)
 
 # Pass parameters every reader needs; the rest of `params` is free-form.
 PARAM_POOL_SIZE, PARAM_K, PARAM_D, PARAM_F = "pool_size", "k", "d", "f"

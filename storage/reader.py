@@ -41,6 +41,7 @@ from mcad.storage import fs
 from mcad.storage import schema
 from mcad.storage.atomic import TMP_PREFIX
 from mcad.storage.errors import InputError, error_line
+from mcad.storage.lock import incomplete_line
 from mcad.storage.manifest import (
     FILE_DIGEST_FIELDS, FUSION_PROJ_NAME, MTIME, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K,
     PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS,
@@ -60,15 +61,15 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "S
     """
     path = path if fs.is_uri(path) else Path(path)
     manifest = Manifest.load(path)
+    unfinished = sorted(n for n, e in manifest.shards.items() if e.get(STATUS) != STATUS_DONE)
+    # "incomplete: N of M shards done; finish it with ..." (the pass records every planned shard at its
+    # start); also when a pass has only just begun and has no params yet.
+    if unfinished and (not allow_incomplete or not manifest.params):
+        raise InputError(incomplete_line(path, manifest))
     params = manifest.params
     for key in REQUIRED_PARAMS:
         if not isinstance(params.get(key), int) or params[key] < 1:
             raise InputError(f"{path}: manifest params need a positive integer {key!r}, got {params.get(key)!r}")
-    unfinished = sorted(n for n, e in manifest.shards.items() if e.get(STATUS) != STATUS_DONE)
-    if unfinished and not allow_incomplete:
-        first = unfinished[0]
-        raise InputError(f"{path}: shard {first} has status {manifest.shards[first].get(STATUS)!r}, "
-                         f"not {STATUS_DONE!r} ({len(unfinished)} unfinished; rerun the teacher pass)")
     on_disk = {fs.name(p)[: -len(".parquet")] for p in fs.listdir(store_file(path, SIGNALS_DIR))
                if fs.name(p).endswith(".parquet") and not fs.name(p).startswith(TMP_PREFIX)}
     orphans = sorted(on_disk - set(manifest.shards))

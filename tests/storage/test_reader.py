@@ -265,7 +265,8 @@ def test_refuses_row_count_mismatch(store_dir):
 
 def test_refuses_unfinished_shard_unless_asked(store_dir):
     _edit_manifest(store_dir, lambda m: m["shards"]["00001"].update(status="running"))
-    with pytest.raises(InputError, match="shard 00001 has status 'running'"):
+    with pytest.raises(InputError, match=r"incomplete: 2 of 3 shards done; finish it with "
+                                         r"mcad pipeline teacher-pass \.\.\. --out .* --resume$"):
         open_store(store_dir)
     assert open_store(store_dir, allow_incomplete=True).shards == ("00000", "00002")
 
