@@ -242,11 +242,15 @@ class _Group:
     unsafe: list = field(default_factory=list)
 
 
-def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Sample | Reject]:
+def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               digest=None) -> Iterator[Sample | Reject]:
     """Stream one shard: a Sample or a Reject per sample, in tar order.
 
     Raises InputError only when the file itself cannot be opened (missing,
-    unreadable); everything wrong inside it becomes a Reject.
+    unreadable); everything wrong inside it becomes a Reject. `digest` (a
+    hashlib object, e.g. sha256) is fed every byte of the file as it is read,
+    in the same single read: once the iterator is exhausted it holds the
+    whole file's digest (the bytes after the tar's end marker are read too).
     """
     path = os.fspath(path)
     name = shard_name(path)
@@ -255,14 +259,34 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     except OSError as exc:
         raise InputError(f"cannot read shard {path}: {getattr(exc, 'strerror', None) or exc}") from None
     with fh:
+        src = fh if digest is None else _Hashing(fh, digest)
         try:
-            tf = tarfile.open(fileobj=fh, mode="r|*", tarinfo=_WatchedTarInfo)
+            tf = tarfile.open(fileobj=src, mode="r|*", tarinfo=_WatchedTarInfo)
         except _TAR_ERRORS as exc:
             yield Reject(name, NOT_A_TAR, f"{path}: {exc}")
-            return
-        seen: set[str] = set()
-        for group in _read_groups(tf, name):
-            yield group if isinstance(group, Reject) else _to_item(group, seen, max_pixels)
+        else:
+            seen: set[str] = set()
+            for group in _read_groups(tf, name):
+                yield group if isinstance(group, Reject) else _to_item(group, seen, max_pixels)
+        if digest is not None:
+            src.drain()
+
+
+class _Hashing:
+    """A read-only stream that feeds what is read through it to a hashlib object."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read (and hash) what is left: the tar's padding after its end marker, or what a break left."""
+        while self.read(1 << 20):
+            pass
 
 
 def _read_groups(tf: tarfile.TarFile, shard: str) -> Iterator[_Group | Reject]:

@@ -2,24 +2,61 @@
 
 A store keeps signals, not images: each student step reads the pass's input
 tars again, beside their signals files. This module holds the data side of
-that join: each shard's kept samples in order, and the check that `--data`
-names the very shards (same size and mtime) the store was made from.
+that join: each shard's kept samples in order, the check that `--data`
+names the very shards (same size and mtime) the store was made from, and
+(`--verify-data`) the same samples with each tar's bytes checked against the
+sha256 the teacher pass took of it.
 
     check_data_matches(store, "data/shapes/train")
     pools = store.iter_joined_pools(kept_samples, ...)
+    pools = store.iter_joined_pools(verified_samples(store), ...)
 """
 from __future__ import annotations
 
-from typing import Iterator
+import hashlib
+from typing import Callable, Iterator
 
 from mcad.pipeline.shards import Sample, iter_shard, list_shards, shard_name
 from mcad.storage.errors import InputError
-from mcad.storage.manifest import same_source, source_identity
+from mcad.storage.manifest import SOURCE, SOURCE_SHA256, same_source, source_identity
 
 
 def kept_samples(source: str) -> Iterator[tuple[str, Sample]]:
     """(key, Sample) of one tar in order; the store's reader skips what the pass rejected."""
     return ((s.key, s) for s in iter_shard(source) if isinstance(s, Sample))
+
+
+def verified_samples(store) -> Callable[[str], Iterator[tuple[str, Sample]]]:
+    """kept_samples that also hash each tar as it streams (the one read the student makes anyway)
+    and, when the tar has been read to its end, compare the digest with the one the teacher pass
+    recorded: a mismatch raises InputError naming the shard.
+
+    The check comes at the end of each shard, not before its first batch: the digest covers the
+    whole file, and knowing it first would take a second read of every tar. A changed tar has
+    then fed at most its own shard's batches into the epoch that stops. Refuses at once a store
+    whose manifest records no input digests (its pass ran before mcad recorded them).
+    """
+    entries = {store.manifest.shards[n][SOURCE]: (n, store.manifest.shards[n].get(SOURCE_SHA256))
+               for n in store.shards}
+    missing = sorted(name for name, want in entries.values() if not want)
+    if missing:
+        raise InputError(f"--verify-data: the store records no sha256 for shard {missing[0]} ({len(missing)} "
+                         f"such: its teacher pass predates input digests); rerun the pass with --overwrite "
+                         f"or train without --verify-data")
+
+    def samples(source: str) -> Iterator[tuple[str, Sample]]:
+        name, want = entries[source]
+        digest = hashlib.sha256()
+        for item in iter_shard(source, digest=digest):
+            if isinstance(item, Sample):
+                yield item.key, item
+        got = digest.hexdigest()
+        if got != want:
+            raise InputError(f"--verify-data: shard {name} ({source}) has sha256 {got[:16]}..., the teacher "
+                             f"pass read {want[:16]}...: the tar changed since the pass (its size and mtime "
+                             f"did not); rerun the teacher pass on it")
+
+    return samples
 
 
 def check_data_matches(store, data: str) -> None:
