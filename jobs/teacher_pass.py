@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Iterator
 
@@ -22,10 +23,12 @@ from mcad.jobs.ray_cluster import ray_session
 from mcad.jobs.teacher_pass_job import TeacherPassJob
 from mcad.storage import fs
 from mcad.storage.manifest import FUSION_PROJ_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K, PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, POOLS, REJECTED, REJECTS_BYTES, REJECTS_DIR, REJECTS_SHA256, ROWS, SECONDS, SIGNALS_BYTES, SIGNALS_DIR, SIGNALS_SHA256, STATUS, STATUS_DONE, file_digest, manifest_path, same_source, signals_path, source_identity, store_file
+from mcad.storage.manifest import LOCK_NAME, PASS_CONFIG_NAME, SOURCE_SHA256, STATUS_PENDING
+from mcad.storage.lock import acquire
 from mcad.storage.atomic import sweep_temporaries
 from mcad.storage.errors import InputError, error_line
 
-CONFIG_NAME = "teacher_pass_config.json"
+CONFIG_NAME = PASS_CONFIG_NAME
 ERROR = "error"  # the per-shard result field saying why a shard could not be done
 
 
@@ -57,22 +60,27 @@ class ShardWorker:
                                  source=source, shard=shard)
         except (InputError, OSError) as exc:
             return {"shard": shard, "source": source, "rows": 0, "rejected": 0, "pools": 0, "bytes": 0,
-                    "seconds": 0.0, SIGNALS_SHA256: "", SIGNALS_BYTES: 0, REJECTS_SHA256: "", REJECTS_BYTES: 0,
+                    "seconds": 0.0, SOURCE_SHA256: "", SIGNALS_SHA256: "", SIGNALS_BYTES: 0, REJECTS_SHA256: "", REJECTS_BYTES: 0,
                     ERROR: error_line(exc)}
 
 
 def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
-    """Teachers over one shard -> signals/<shard>.parquet + rejects; returns its summary."""
+    """Teachers over one shard -> signals/<shard>.parquet + rejects; returns its summary
+    (with the input tar's sha256, hashed as the shard is read: no second read)."""
+    import hashlib
+
     from mcad.pipeline.shards import iter_shard
     from mcad.pipeline.signals import shard_signals
     from mcad.storage.writer import write_shard
 
     start = time.perf_counter()
-    columns, rejects, _ = shard_signals(dual, single, iter_shard(source), shard=shard,
+    digest = hashlib.sha256()
+    columns, rejects, _ = shard_signals(dual, single, iter_shard(source, digest=digest), shard=shard,
                                         config=cfg, projection=projection)
     info = write_shard(job.out, shard, columns, rejects, d=dual.dim, f=single.dim_fused,
                        k=cfg.topk, pool_size=cfg.pool_size)
-    return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start, ERROR: ""}
+    return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start,
+            SOURCE_SHA256: digest.hexdigest(), ERROR: ""}
 
 
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
@@ -87,12 +95,31 @@ def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     _check_unique(sources, names)
     job = dataclasses.replace(job, out=fs.absolute(job.out))  # workers may run elsewhere
     out = job.out
+    # One writer per store, for the whole run (released on failure too; a SIGKILL leaves it).
+    lock = acquire(out, take_dead=job.mode in ("resume", "overwrite"), break_lock=job.break_lock, say=_say)
+    try:
+        return _locked_pass(job, out, sources, names, progress)
+    finally:
+        lock.release()
+
+
+def _say(line: str) -> None:
+    print(f"mcad: {line}", file=sys.stderr, flush=True)
+
+
+def _locked_pass(job: TeacherPassJob, out: str, sources: list[str], names: list[str], progress: bool) -> dict:
     manifest = _prepare_store(job, out)
     pending = [(s, n) for s, n in zip(sources, names) if not _is_done(manifest, out, s, n)]
     started = time.perf_counter()
     with ray_session(job.ray_address, stall_timeout_s=job.stall_timeout_s) as cluster:
         proj_path = store_file(out, FUSION_PROJ_NAME)
         try:
+            # Every planned shard is in the manifest before any runs, so a reader can tell N of M done.
+            for source, name in pending:
+                manifest.record_shard(name, {**source_identity(source), ROWS: 0, REJECTED: 0, POOLS: 0,
+                                             SECONDS: 0.0, STATUS: STATUS_PENDING})
+            if pending:
+                manifest.save(out)
             if not manifest.teachers:  # a new store, or one that crashed before its first save
                 manifest.teachers, measured = _calibrate(job, sources, proj_path)
                 manifest.params = {**_params(job, proj_path), **measured}
@@ -140,7 +167,7 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
                              f"rerun with --resume once the cause is fixed")
         entry = {**identity[str(row["source"])], ROWS: int(row["rows"]),
                  REJECTED: int(row["rejected"]), POOLS: int(row["pools"]),
-                 SECONDS: float(row["seconds"]), STATUS: STATUS_DONE,
+                 SECONDS: float(row["seconds"]), STATUS: STATUS_DONE, SOURCE_SHA256: str(row[SOURCE_SHA256]),
                  SIGNALS_SHA256: str(row[SIGNALS_SHA256]), SIGNALS_BYTES: int(row[SIGNALS_BYTES]),
                  REJECTS_SHA256: str(row[REJECTS_SHA256]), REJECTS_BYTES: int(row[REJECTS_BYTES])}
         manifest.record_shard(str(row["shard"]), entry)
@@ -239,7 +266,8 @@ def _prepare_store(job: TeacherPassJob, out: str) -> Manifest:
             fs.remove_tree(store_file(out, sub))
         has_store = False
     elif not has_store:
-        fs.require_empty(out, "it holds no signal store to continue; choose an empty or new folder")
+        fs.require_empty(out, "it holds no signal store to continue; choose an empty or new folder",
+                         ignore=(LOCK_NAME,))
     fs.makedirs(out)
     manifest = Manifest.load(out) if fs.exists(manifest_path(out)) else Manifest()
     if has_store:

@@ -30,6 +30,7 @@ class TeacherPassJob:
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 0     # torch threads per worker; 0: the node's CPUs / workers
     mode: str = "fresh"             # fresh | resume | overwrite
+    break_lock: bool = False        # take the store's lock from a pass on another host (storage/lock.py)
     ray_address: str | None = None
     stall_timeout_s: float = 600.0
 

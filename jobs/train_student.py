@@ -39,6 +39,7 @@ class StudentJob:
     threads_per_worker: int = 0           # torch threads per Ray Train worker (each holds <= 1 CPU); 0: 1
     ray_address: str | None = None        # an existing cluster; None: a local one when workers > 1
     stall_timeout_s: float = 600.0        # Ray Train: fail when the workers cannot be placed for this long
+    verify_data: bool = False             # hash each tar as it streams; refuse one the pass read otherwise
 
     def __post_init__(self):
         if self.workers < 1:
@@ -57,12 +58,14 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     parallel on Ray Train (see `_train_on_ray`). The checks and the run folder
     are done here, in the driver, before any worker starts.
     """
-    from mcad.pipeline.store_data import check_data_matches
+    from mcad.pipeline.store_data import check_data_matches, verified_samples
     from mcad.storage.reader import open_store
 
     store = open_store(job.store)
     store.verify_files()  # every file against its manifest sha256, once (fit reuses this Store)
     check_data_matches(store, job.data)
+    if job.verify_data:
+        verified_samples(store)  # a store without input digests is refused before the run starts
     dual_dir = job.tokenizer_from or store.manifest.teachers.get("dual", {}).get("path")
     if not dual_dir or not Path(dual_dir).is_dir():
         raise InputError(f"no tokenizer: the store's dual teacher {dual_dir!r} is not here; "
@@ -80,7 +83,7 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
         on_epoch: Callable[[dict], None] | None = None) -> dict:
     """The training itself, in this process (one rank of `world_size`); rank 0 exports the model."""
     from mcad.pipeline.online import online_signals
-    from mcad.pipeline.store_data import kept_samples
+    from mcad.pipeline.store_data import kept_samples, verified_samples
     from mcad.storage.reader import fingerprint_digest, open_store
     from mcad.student.data import steps_per_epoch, student_batches, teacher_logit_scale
     from mcad.student.models import build_student, export_hf
@@ -91,8 +94,9 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
     student, processor = build_student(None if job.init else job.preset, tokenizer_from=job.tokenizer_from,
                                        teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
     signals = online_signals(store, *job.online_teachers) if job.online_teachers else None
+    samples = verified_samples(store) if job.verify_data else kept_samples
     record = train(job.train, student=student,
-                   batches=lambda epoch: student_batches(store, job.train, processor, samples=kept_samples,
+                   batches=lambda epoch: student_batches(store, job.train, processor, samples=samples,
                                                          epoch=epoch, signals=signals, rank=rank,
                                                          world_size=world_size),
                    steps_per_epoch=steps_per_epoch(store, job.train, world_size),

@@ -23,6 +23,7 @@ Examples:
   mcad pipeline teacher-pass --data data/shapes/train --dual teachers/dual \\
       --single teachers/single --out store/
   mcad pipeline teacher-pass ... --out store/ --resume          continue after a crash
+  mcad pipeline teacher-pass ... --out store/ --resume --break-lock   ... whose driver ran on a host now gone
   mcad pipeline teacher-pass ... --workers 4 --gpus-per-worker 1 --ray-address auto
 """)
 @click.option("--data", required=True,
@@ -44,6 +45,9 @@ Examples:
 @PASS("--stall-timeout", "stall_timeout_s", type=float, help="Fail when no shard finishes for this many seconds.")
 @click.option("--resume", "mode", flag_value="resume", help="Continue a store: skip finished shards.")
 @click.option("--overwrite", "mode", flag_value="overwrite", help="Replace an existing store.")
+@click.option("--break-lock", is_flag=True,
+              help="Take the store's lock from a pass on another host that is gone (one pass writes a store "
+                   "at a time; --resume takes over the lock of a dead pass on this host by itself).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the summary here.")
 def teacher_pass(json_path, mode, **options):
     """Run the dual and single teachers once over the shards and write the signal store.
@@ -98,6 +102,9 @@ Examples:
 @click.option("--online-teachers", nargs=2, type=click.Path(exists=True, file_okay=False),
               metavar="DUAL SINGLE", help="Compute the targets with these teachers in the loop.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--verify-data", is_flag=True,
+              help="Hash each data tar as it streams and refuse one whose sha256 differs from the one the "
+                   "teacher pass read (checked at the end of each shard; catches changes that keep size and mtime).")
 @STUDENT("--workers", type=int,
          help="Data-parallel ranks on Ray Train (each streams its own shards); 1: this process.")
 @STUDENT("--gpus-per-worker", type=float, help="GPUs per rank (nccl); 0: CPU (gloo).")
@@ -106,7 +113,7 @@ Examples:
          help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
 @STUDENT("--stall-timeout", "stall_timeout_s", type=float,
          help="With --workers > 1: fail when the ranks cannot be placed for this many seconds.")
-def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume,
+def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume, verify_data,
                   workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, **train):
     """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
 
@@ -120,6 +127,7 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
     job = StudentJob(store=store, data=data, out=out, train=TrainConfig(**train), preset=preset,
                      init=init, tokenizer_from=tokenizer_from, val_data=val_data,
                      online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume,
+                     verify_data=verify_data,
                      workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
                      ray_address=ray_address, stall_timeout_s=stall_timeout_s)
     result = run_train_student(job)

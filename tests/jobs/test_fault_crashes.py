@@ -3,9 +3,11 @@
 End to end through a real `mcad` process, store and student (real Ray, pyarrow,
 DuckDB and HF models; nothing mocked):
 
-- the teacher pass: the driver SIGKILLed mid-run then --resume; a Ray worker
-  SIGKILLed mid-shard (slow); a full disk (slow, needs `unshare -m`); a read-only
-  output folder; replaced teacher files refused on --resume;
+- the teacher pass: the driver SIGKILLed mid-run (the store then says it is
+  incomplete to a student and to validate, and its lock is taken over) then
+  --resume; two passes started at the same moment (one refused, naming the
+  other); a Ray worker SIGKILLed mid-shard (slow); a full disk (slow, needs
+  `unshare -m`); a read-only output folder; replaced teacher files refused on --resume;
 - the student: SIGKILLed mid-epoch then --resume; stores that do not match refused.
 
 The crash cases drive a real `mcad` process: a small driver script starts Ray
@@ -33,8 +35,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mcad.storage.manifest import MANIFEST_NAME, Manifest, REJECTS_DIR, ROWS, SIGNALS_DIR, rejects_path, signals_path
 from helpers import assert_one_line_error, invoke, leftovers, write_manifest
+from mcad.storage.manifest import LOCK_NAME, MANIFEST_NAME, Manifest, REJECTS_DIR, ROWS, SIGNALS_DIR, rejects_path, signals_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTION = "a small red circle left of a large blue square"
@@ -107,17 +109,18 @@ main(sys.argv[3:], prog_name="mcad")
 class MisbehavingDriver:
     """`mcad ARGS` in its own session and Ray temp folder, with a fault `mode` in its workers."""
 
-    def __init__(self, tmp: Path, mode: str, args: list, prefix: tuple = ()):
+    def __init__(self, tmp: Path, mode: str, args: list, prefix: tuple = (), script: str = DRIVER,
+                 name: str = "driver"):
         self.mark = tmp / f"{mode}.mark"
-        script = tmp / "driver.py"
-        script.write_text(DRIVER)
+        path = tmp / f"{name}.py"
+        path.write_text(script)
         # A short path: Ray's socket names must stay under the OS limit.
         self.ray_tmp = tempfile.mkdtemp(prefix="mcad-fm-")
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(RAY_TMPDIR=self.ray_tmp, RAY_BACKEND_LOG_LEVEL="fatal",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-        self.log = open(tmp / "driver.log", "w+")
-        self.proc = subprocess.Popen([*prefix, sys.executable, str(script), mode, str(self.mark), *map(str, args)],
+        self.log = open(tmp / f"{name}.log", "w+")
+        self.proc = subprocess.Popen([*prefix, sys.executable, str(path), mode, str(self.mark), *map(str, args)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -161,8 +164,8 @@ class MisbehavingDriver:
 def misbehaving(tmp_path):
     started: list[MisbehavingDriver] = []
 
-    def start(mode: str, *args, prefix: tuple = ()) -> MisbehavingDriver:
-        started.append(MisbehavingDriver(tmp_path, mode, list(args), prefix))
+    def start(mode: str, *args, prefix: tuple = (), **kwargs) -> MisbehavingDriver:
+        started.append(MisbehavingDriver(tmp_path, mode, list(args), prefix, **kwargs))
         return started[-1]
 
     yield start
@@ -194,15 +197,70 @@ def test_driver_killed_mid_run_then_resume_matches_an_uninterrupted_run(
     os.kill(driver.proc.pid, signal.SIGKILL)  # the driver only; its Ray goes down with it
     assert driver.wait() == -signal.SIGKILL
     driver.clean_up()
-    done = Manifest.load(out).done_shards()
+    manifest = Manifest.load(out)
+    done = manifest.done_shards()
     assert len(done) == 1 and leftovers(out), done  # killed mid-run, with a shard in flight
+    assert sorted(manifest.shards) == ["000000", "000001", "000002"]  # all planned at the start
+    assert (out / LOCK_NAME).is_file()  # a SIGKILLed driver leaves its lock
+
+    # A student and validate say how far the pass got and how to finish it, naming the dead holder.
+    incomplete = ("incomplete: 1 of 3 shards done (the pass that held its lock is gone: "
+                  f"pid {driver.proc.pid} on ", "; finish it with mcad pipeline teacher-pass --data ")
+    assert_one_line_error(invoke(*student_args(out, shapes_data / "train", tmp_path / "run")), *incomplete)
+    assert_one_line_error(invoke("signals", "validate", out), *incomplete)
 
     result = invoke(*args, "--resume")
     assert result.exit_code == 0, result.output
     assert f"({len(done)} already done" in result.output
+    assert f"took over the lock of a teacher pass that is gone (pid {driver.proc.pid} on " in result.output
+    assert not (out / LOCK_NAME).exists()
     assert_same_data(out, tiny_store)
     assert leftovers(out) == []
     assert Manifest.load(out).done_shards() == ["000000", "000001", "000002"]
+
+
+RACER = r'''
+"""A real `mcad` process that waits for a start file (shared by two racers), then runs its command."""
+import os, sys, time
+
+MODE, START = sys.argv[1], sys.argv[2]
+from mcad.jobs.cli import main
+import mcad.jobs.teacher_pass  # what the pass imports, before the start
+
+open(f"{START}.{os.getpid()}.ready", "w").close()
+while not os.path.exists(START):
+    time.sleep(0.001)  # both racers leave within a few milliseconds of each other
+main(sys.argv[3:], prog_name="mcad")
+'''
+
+
+@pytest.mark.ray
+def test_two_passes_started_at_the_same_moment_one_is_refused_naming_the_holder(
+        misbehaving, tiny_store, shapes_data, tiny_teachers, tiny_pass, tmp_path):
+    out = tmp_path / "store"
+    args = pass_args(shapes_data, tiny_teachers, tiny_pass, out)
+    # Two settings that change no signal (the stall timeout), to tell the passes apart in the store.
+    racers = [misbehaving("race", *args, "--stall-timeout", timeout, script=RACER, name=f"racer{timeout}")
+              for timeout in (600, 601)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("race.mark.*.ready"))) < 2 and time.time() < deadline:
+        assert all(r.proc.poll() is None for r in racers), [r.output() for r in racers]
+        time.sleep(0.05)
+    racers[0].mark.touch()  # the start line
+    codes = [r.wait() for r in racers]
+    assert sorted(codes) == [0, 2], [r.output()[-3000:] for r in racers]
+    winner, loser = (racers[0], racers[1]) if codes[0] == 0 else (racers[1], racers[0])
+    lines = [line for line in loser.output().splitlines() if line.strip()]
+    assert len(lines) == 1, loser.output()
+    assert lines[0].startswith(f"mcad: error: {out} is being written by another teacher pass "
+                               f"(pid {winner.proc.pid} on "), lines[0]
+    assert ", since " in lines[0] and "wait for it to finish" in lines[0]
+    # The store is the winner's alone, whole and valid; the lock is gone.
+    assert invoke("signals", "validate", out, "--data", shapes_data / "train").exit_code == 0
+    assert_same_data(out, tiny_store)
+    saved = json.loads((out / "teacher_pass_config.json").read_text())
+    assert saved["stall_timeout_s"] == (600 if winner is racers[0] else 601)
+    assert not (out / LOCK_NAME).exists() and leftovers(out) == []
 
 
 @pytest.mark.slow  # a whole pass in a Ray cluster of its own, one actor started twice (about 30 s)
@@ -289,7 +347,7 @@ def test_read_only_output_fails_in_one_line_and_a_later_run_resumes(
     manifest.save(out)
     for path in (signals_path(out, "000002"), rejects_path(out, "000002")):
         path.unlink()
-    before = (out / MANIFEST_NAME).read_bytes()
+    before = Manifest.load(out)
     args = pass_args(shapes_data, tiny_teachers, tiny_pass, out) + ["--resume"]
 
     undo = _make_read_only(out / SIGNALS_DIR)
@@ -299,7 +357,10 @@ def test_read_only_output_fails_in_one_line_and_a_later_run_resumes(
         undo()
     line = assert_one_line_error(result, "shard 000002", "signals/000002.parquet", "--resume")
     assert "not permitted" in line or "denied" in line or "Read-only" in line
-    assert (out / MANIFEST_NAME).read_bytes() == before  # the manifest still says two shards
+    # The manifest still says two shards done; the third is planned (pending) since the run began.
+    after = Manifest.load(out)
+    assert after.done_shards() == ["000000", "000001"] and after.shards["000002"]["status"] == "pending"
+    assert {n: after.shards[n] for n in after.done_shards()} == {n: before.shards[n] for n in before.done_shards()}
     assert not signals_path(out, "000002").exists() and not rejects_path(out, "000002").exists()
     assert leftovers(out) == []
 
@@ -318,7 +379,7 @@ def test_read_only_store_folder_fails_before_any_work(tiny_store, shapes_data, t
         result = invoke(*pass_args(shapes_data, tiny_teachers, tiny_pass, out), "--resume")
     finally:
         undo()
-    assert_one_line_error(result, str(out / "teacher_pass_config.json"))
+    assert_one_line_error(result, str(out / LOCK_NAME))  # the lock, the pass's first write
     assert leftovers(out) == []
 
 
