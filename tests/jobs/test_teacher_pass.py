@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from mcad.jobs.cli import main
 from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+from mcad.storage.errors import InputError
 from mcad.storage.manifest import FUSION_PROJ_NAME, Manifest, POOLS, REJECTED, ROWS, SIGNALS_DIR, signals_path
 from mcad.storage.reader import open_store
 
@@ -61,6 +62,24 @@ def test_resume_skips_done_shards_and_redoes_the_rest(one_worker_store, make_job
     assert before.keys() == after.keys()
     for name in before:
         assert before[name].equals(after[name]), name
+
+
+def test_resume_refuses_an_input_shard_rewritten_since(one_worker_store, make_job, shapes_data, tmp_path):
+    """An input tar changed after the pass (same size, new mtime) is not silently kept as done."""
+    import dataclasses
+    import os
+    import shutil
+
+    out, data = tmp_path / "store", tmp_path / "train"
+    shutil.copytree(one_worker_store[0], out)
+    shutil.copytree(shapes_data / "train", data)  # copy2: same sizes and mtimes as the pinned ones
+    job = dataclasses.replace(make_job(out, mode="resume"), data=str(data))
+    assert run_teacher_pass(job, progress=False)["shards_skipped"] == 3
+    rewritten = data / "000001.tar"
+    stat = rewritten.stat()
+    os.utime(rewritten, (stat.st_atime, stat.st_mtime + 5))
+    with pytest.raises(InputError, match="000001.tar changed since it was processed"):
+        run_teacher_pass(job, progress=False)
 
 
 def test_two_workers_give_identical_data(one_worker_store, make_job, tmp_path):

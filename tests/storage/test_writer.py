@@ -20,7 +20,7 @@ from mcad.storage import writer
 from mcad.storage.atomic import TMP_PREFIX, sweep_temporaries
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import (
-    MANIFEST_NAME, STATUS_DONE, Manifest, file_digest, rejects_path, signals_path, source_identity,
+    MANIFEST_NAME, STATUS_DONE, Manifest, file_digest, rejects_path, same_source, signals_path, source_identity,
 )
 from mcad.storage.writer import write_shard
 
@@ -253,3 +253,18 @@ def test_source_identity_and_file_digest(tmp_path):
         source_identity(tmp_path / "missing.tar")
     with pytest.raises(InputError):
         file_digest(tmp_path / "missing.bin")
+
+
+def test_same_source_needs_the_same_size_and_mtime(tmp_path):
+    src = tmp_path / "0.tar"
+    src.write_bytes(b"abc")
+    os.utime(src, (1000.0, 1000.0))
+    pinned = source_identity(src)
+    assert same_source(pinned, source_identity(src))
+    assert same_source(pinned, {**pinned, "mtime": 1000.0004})  # an object listing's precision
+    os.utime(src, (1001.0, 1001.0))  # rewritten in place: same size, new mtime
+    assert not same_source(pinned, source_identity(src))
+    os.utime(src, (1000.0, 1000.0))
+    src.write_bytes(b"abcd")
+    os.utime(src, (1000.0, 1000.0))  # same mtime, other size
+    assert not same_source(pinned, source_identity(src))

@@ -54,14 +54,18 @@ def _student(clip_dir):
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, tmp_path):
+    """Killed mid-epoch 1, resumed in a fresh process: it starts at epoch 1 from the checkpoint's
+    weights (never epoch 0 again), sees epoch 1's own data, and ends where the uninterrupted run
+    ended. Each epoch has different batches, so a resume that ignored the checkpoint or replayed
+    another epoch's data order would end with other weights."""
     cfg = TrainConfig(w_dist=0.0, w_feat=0.0, epochs=3, lr=1e-3, log_every=1)
     reference, processor = _student(tiny_clip_dir)
-    batches = _batches(processor)
-    train(cfg, student=reference, batches=lambda epoch: iter(batches), steps_per_epoch=3,
+    per_epoch = [_batches(processor, seed=epoch) for epoch in range(cfg.epochs)]
+    train(cfg, student=reference, batches=lambda epoch: iter(per_epoch[epoch]), steps_per_epoch=3,
           teacher_logit_scale=10.0, run=tmp_path / "ref", progress=False)
 
     def crashing(epoch):
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(per_epoch[epoch]):
             if epoch == 1 and i == 2:
                 raise KeyboardInterrupt("killed mid-epoch")
             yield batch
@@ -71,14 +75,39 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_clip_dir, tmp_pa
         train(cfg, student=crashed, batches=crashing, steps_per_epoch=3, teacher_logit_scale=10.0,
               run=tmp_path / "run", progress=False)
     resumed, _ = _student(tiny_clip_dir)  # a fresh process: weights come from the checkpoint
-    record = train(cfg, student=resumed, batches=lambda epoch: iter(batches), steps_per_epoch=3,
+    asked = []
+
+    def recorded(epoch):
+        asked.append(epoch)
+        return iter(per_epoch[epoch])
+
+    record = train(cfg, student=resumed, batches=recorded, steps_per_epoch=3,
                    teacher_logit_scale=10.0, run=tmp_path / "run", resume=True, progress=False)
+    assert asked == [1, 2]  # epoch 0 is done: it is not trained again
     assert record["epoch"] == 2 and record["step"] == 9
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "step"]
     assert steps == sorted(set(steps)) and steps[-1] == 9  # no step logged twice after the resume
+
+
+def test_resume_restores_the_checkpoint_weights(tiny_clip_dir, tmp_path):
+    """load_checkpoint puts the saved weights into a fresh model (not only the progress state)."""
+    from mcad.student.checkpoint import load_checkpoint
+
+    cfg = TrainConfig(w_dist=0.0, w_feat=0.0, epochs=1, lr=1e-2)
+    trained, processor = _student(tiny_clip_dir)
+    batches = _batches(processor)
+    train(cfg, student=trained, batches=lambda epoch: iter(batches), steps_per_epoch=3,
+          teacher_logit_scale=10.0, run=tmp_path, progress=False)
+    fresh, _ = _student(tiny_clip_dir)
+    changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained.state_dict()[k])]
+    assert changed  # training moved the weights, so the check below can tell
+    state = load_checkpoint(tmp_path / "checkpoints", model=fresh)
+    assert state is not None and state["epoch"] == 0
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, trained.state_dict()[name]), name
 
 
 def test_checkpoint_loads_without_pickle(tiny_clip_dir, tmp_path):
