@@ -96,7 +96,6 @@ def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray
             rejected = pf.metadata.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{where}: unreadable Parquet file ({error_line(exc)})") from None
-    schema.check_version(schema.version_of(arrow_schema), f"{where} (signals file)")
     dims = schema.validate(arrow_schema.empty_table(), where=f"{where} (signals file)")
     want = {"d": params[PARAM_D], "f": params[PARAM_F], "k": params[PARAM_K]}
     if dims != want:
