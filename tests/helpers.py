@@ -24,6 +24,7 @@ Damage and deliberate edits (a store's integrity checks: manifest digests, page 
 - `write_manifest(store, raw)` -> manifest.json from its raw fields, with its own digest recomputed
   (a deliberate edit, so that the check under test fires, not the digest's)
 - `record_digests(store, *shards)` -> the manifest records the shards' files as they now are
+- `strip_digests(store)` -> the store's manifest as written before the digests (none recorded)
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from PIL import Image
 from mcad.jobs.cli import main
 from mcad.storage.atomic import TMP_PREFIX
 from mcad.storage.manifest import (
-    MANIFEST_NAME, MANIFEST_SHA256, REJECTS_DIR, SIGNALS_DIR, Manifest, file_record, manifest_digest, store_file,
+    DIGEST_FIELDS, MANIFEST_NAME, MANIFEST_SHA256, REJECTS_DIR, SIGNALS_DIR, Manifest, file_record, manifest_digest, store_file,
 )
 
 # A tqdm progress bar's counter and clock, e.g. "3/3 [00:01<00:00": not part of a message.
@@ -162,6 +163,16 @@ def write_manifest(store: Path, raw: dict) -> None:
     """Write manifest.json from its raw fields with its own digest recomputed (a deliberate edit)."""
     fields = {key: value for key, value in raw.items() if key != MANIFEST_SHA256}
     (Path(store) / MANIFEST_NAME).write_text(json.dumps({**fields, MANIFEST_SHA256: manifest_digest(fields)}))
+
+
+def strip_digests(store: Path) -> None:
+    """Make a store look written before the digests: no file digests, no manifest_sha256."""
+    raw = json.loads((Path(store) / MANIFEST_NAME).read_text())
+    for entry in raw["shards"].values():
+        for field in DIGEST_FIELDS:
+            entry.pop(field, None)
+    raw.pop(MANIFEST_SHA256, None)
+    (Path(store) / MANIFEST_NAME).write_text(json.dumps(raw))
 
 
 def record_digests(store: Path, *shards: str) -> None:

@@ -16,10 +16,10 @@ import pytest
 
 from mcad.storage import schema
 from mcad.storage.manifest import (
-    DIGEST_FIELDS, FUSION_PROJ_NAME, MANIFEST_NAME, MANIFEST_SHA256, SIGNALS_DIR, store_file,
+    FUSION_PROJ_NAME, MANIFEST_NAME, MANIFEST_SHA256, SIGNALS_DIR, store_file,
 )
 
-from helpers import assert_one_line_error, flip_byte, flip_in_pages, invoke, write_manifest
+from helpers import assert_one_line_error, flip_byte, flip_in_pages, invoke, strip_digests, write_manifest
 
 pytestmark = pytest.mark.ray  # tiny_store is a real teacher pass
 SHARD = "000000"
@@ -95,12 +95,7 @@ def test_ray_train_and_a_sweep_refuse_a_damaged_store(store, shapes_data, tmp_pa
 def test_a_store_without_digests_reads_and_its_pages_are_still_checked(store, shapes_data, tmp_path):
     """A store from before the digests: it reads, validate says what it cannot check, and a
     page checksum failure still stops the student's reader in one line."""
-    raw = json.loads((store / MANIFEST_NAME).read_text())
-    for entry in raw["shards"].values():
-        for field in DIGEST_FIELDS:
-            del entry[field]
-    del raw[MANIFEST_SHA256]
-    (store / MANIFEST_NAME).write_text(json.dumps(raw))
+    strip_digests(store)
     result = invoke("signals", "validate", store)
     assert result.exit_code == 0, result.output
     assert "note: this store records no manifest digest, no file digests" in result.output

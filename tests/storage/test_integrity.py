@@ -1,8 +1,6 @@
 """Integrity: page checksums, file digests in the manifest, the manifest's own digest (real files)."""
 from __future__ import annotations
 
-import json
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -10,11 +8,11 @@ from mcad.storage import schema
 from mcad.storage.errors import InputError
 from mcad.storage.integrity import NO_FILE, check_integrity
 from mcad.storage.manifest import (
-    DIGEST_FIELDS, MANIFEST_NAME, MANIFEST_SHA256, REJECTS_DIR, SIGNALS_DIR, Manifest, file_digest, signals_path,
+    MANIFEST_NAME, REJECTS_DIR, SIGNALS_DIR, Manifest, file_digest, signals_path,
 )
 from mcad.storage.reader import open_store
 
-from helpers import flip_byte, flip_in_pages, invoke
+from helpers import flip_byte, flip_in_pages, invoke, strip_digests
 
 
 @pytest.fixture
@@ -50,12 +48,7 @@ def test_the_reader_checks_digests_once_and_pages_when_no_digest_is_recorded(sto
     assert sum(len(p[schema.KEY]) for p in store.iter_pools()) == 307
     assert store._verified == {("00000", SIGNALS_DIR), ("00001", SIGNALS_DIR)}  # hashed on first open
     # With the digests gone (a store from before them), the page checksum still stops the reader.
-    raw = json.loads((store_dir / MANIFEST_NAME).read_text())
-    for entry in raw["shards"].values():
-        for field in DIGEST_FIELDS:
-            del entry[field]
-    del raw[MANIFEST_SHA256]
-    (store_dir / MANIFEST_NAME).write_text(json.dumps(raw))
+    strip_digests(store_dir)
     flip_in_pages(signals_path(store_dir, "00000"), schema.FUSED, row_group=1)
     old = open_store(store_dir)
     assert not old.has_digests and not old.manifest.sealed and not old.verify_files()
