@@ -22,8 +22,13 @@ import numpy as np
 from mcad.jobs.ray_cluster import ray_session
 from mcad.jobs.teacher_pass_job import TeacherPassJob
 from mcad.storage import fs
-from mcad.storage.manifest import FUSION_PROJ_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K, PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, POOLS, REJECTED, REJECTS_BYTES, REJECTS_DIR, REJECTS_SHA256, ROWS, SECONDS, SIGNALS_BYTES, SIGNALS_DIR, SIGNALS_SHA256, STATUS, STATUS_DONE, file_digest, manifest_path, same_source, signals_path, source_identity, store_file
-from mcad.storage.manifest import LOCK_NAME, PASS_CONFIG_NAME, SOURCE_SHA256, STATUS_PENDING
+from mcad.storage.manifest import (
+    FUSION_PROJ_NAME, LOCK_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K,
+    PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, PASS_CONFIG_NAME, POOLS, REJECTED, REJECTS_BYTES, REJECTS_DIR,
+    REJECTS_SHA256, ROWS, SECONDS, SIGNALS_BYTES, SIGNALS_DIR, SIGNALS_SHA256, SOURCE_SHA256, STATUS,
+    STATUS_DONE, STATUS_PENDING, file_digest, manifest_path, same_source, signals_path, source_identity,
+    store_file, verify_projection,
+)
 from mcad.storage.lock import acquire
 from mcad.storage.atomic import sweep_temporaries
 from mcad.storage.errors import InputError, error_line
@@ -124,6 +129,8 @@ def _locked_pass(job: TeacherPassJob, out: str, sources: list[str], names: list[
                 manifest.teachers, measured = _calibrate(job, sources, proj_path)
                 manifest.params = {**_params(job, proj_path), **measured}
                 manifest.save(out)
+            else:  # resumed: the shards still to run use the stored W, the one the manifest records
+                verify_projection(out, manifest)
             summaries = list(_run_shards(job, pending, manifest, out, proj_path, cluster, progress))
         except OSError as exc:  # the driver's own writes: the manifest on a full disk
             raise InputError(f"teacher pass stopped: {error_line(exc)}; the shards its manifest records "

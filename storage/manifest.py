@@ -193,3 +193,22 @@ def file_digest(path: str | os.PathLike) -> str:
         while chunk := fh.read(_DIGEST_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verify_projection(store: str | os.PathLike, manifest: Manifest) -> bool:
+    """Check the store's fusion_proj.safetensors against the manifest's fusion_proj_sha256.
+
+    False when the manifest records none (a store from before it did); InputError
+    when the file is missing or its digest differs.
+    """
+    pinned = manifest.params.get(PARAM_FUSION_PROJ_SHA256)
+    if pinned is None:
+        return False
+    path = store_file(store, FUSION_PROJ_NAME)
+    if not fs.is_file(path):
+        raise InputError(f"{store}: {FUSION_PROJ_NAME} is missing (the manifest records its digest)")
+    if file_digest(path) != pinned:
+        raise InputError(f"{store}: {FUSION_PROJ_NAME} does not match the manifest's "
+                         f"{PARAM_FUSION_PROJ_SHA256}: the file is damaged or was replaced; "
+                         f"restore it or rerun the teacher pass")
+    return True

@@ -43,9 +43,9 @@ from mcad.storage.atomic import TMP_PREFIX
 from mcad.storage.errors import InputError, error_line
 from mcad.storage.lock import incomplete_line
 from mcad.storage.manifest import (
-    FILE_DIGEST_FIELDS, FUSION_PROJ_NAME, MTIME, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K,
-    PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS, ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS,
-    STATUS_DONE, Manifest, file_digest, rejects_path, signals_path, store_file,
+    FILE_DIGEST_FIELDS, MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS,
+    ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, file_digest, rejects_path,
+    signals_path, store_file, verify_projection,
 )
 
 Batch = dict[str, Any]
@@ -262,17 +262,7 @@ class Store:
 
     def verify_projection(self) -> bool:
         """Check fusion_proj.safetensors against the manifest's fusion_proj_sha256; False when none is recorded."""
-        pinned = self.manifest.params.get(PARAM_FUSION_PROJ_SHA256)
-        if pinned is None:
-            return False
-        path = store_file(self.path, FUSION_PROJ_NAME)
-        if not fs.is_file(path):
-            raise InputError(f"{self.path}: {FUSION_PROJ_NAME} is missing (the manifest records its digest)")
-        if file_digest(path) != pinned:
-            raise InputError(f"{self.path}: {FUSION_PROJ_NAME} does not match the manifest's "
-                             f"{PARAM_FUSION_PROJ_SHA256}: the file is damaged or was replaced; "
-                             f"restore it or rerun the teacher pass")
-        return True
+        return verify_projection(self.path, self.manifest)
 
     # --- replay and remix ------------------------------------------------
 

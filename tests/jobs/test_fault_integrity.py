@@ -81,6 +81,11 @@ def test_a_damaged_fusion_projection_is_caught(store, shapes_data, tiny_teachers
     assert_one_line_error(invoke("signals", "validate", store), want)
     assert_one_line_error(_student(store, shapes_data, tmp_path / "run", "--online-teachers",
                                    *map(str, tiny_teachers)), want)
+    # A resumed pass would score its remaining shards with the damaged W: it refuses too.
+    dual, single = tiny_teachers
+    assert_one_line_error(invoke("pipeline", "teacher-pass", "--data", shapes_data / "train", "--dual", dual,
+                                 "--single", single, "--out", store, "--pool", "8", "--topk", "3",
+                                 "--pair-batch", "16", "--calibration-rows", "24", "--resume"), want)
 
 
 def test_ray_train_and_a_sweep_refuse_a_damaged_store(store, shapes_data, tmp_path):
