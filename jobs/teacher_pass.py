@@ -65,8 +65,8 @@ class ShardWorker:
                                  source=source, shard=shard)
         except (InputError, OSError) as exc:
             return {"shard": shard, "source": source, "rows": 0, "rejected": 0, "pools": 0, "bytes": 0,
-                    "seconds": 0.0, SOURCE_SHA256: "", SIGNALS_SHA256: "", SIGNALS_BYTES: 0, REJECTS_SHA256: "", REJECTS_BYTES: 0,
-                    ERROR: error_line(exc)}
+                    "seconds": 0.0, SOURCE_SHA256: "", SIGNALS_SHA256: "", SIGNALS_BYTES: 0,
+                    REJECTS_SHA256: "", REJECTS_BYTES: 0, ERROR: error_line(exc)}
 
 
 def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
