@@ -43,7 +43,7 @@ ensure_env() {
     fi
     echo "dev.sh: installing mcad and its dependencies into $VENV (once)" >&2
     install_torch
-    "$VENV/bin/python" -m pip install -q -e ".[test,export]"
+    "$VENV/bin/python" -m pip install -q -e ".[test,export,tensorboard]"
     echo "$want" > "$stamp"
 }
 

@@ -42,6 +42,7 @@ class DemoConfig:
     beta: float | None = None     # None: the beta the shipped teachers' combined score was tuned with
     teacher_epochs: int = 10
     ray_address: str | None = None  # where the teacher pass and the students run; None: a local cluster
+    report_to: tuple[str, ...] = ()  # ("tensorboard",): each student run writes its tensorboard/
 
     @classmethod
     def make(cls, *, quick: bool, **kw) -> "DemoConfig":
@@ -161,7 +162,8 @@ def _student_job(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: di
     train = TrainConfig(**{"alpha": cfg.alpha, "beta": cfg.beta, "epochs": cfg.epochs,
                            "seed": cfg.seed, **losses})
     return StudentJob(store=str(store), data=str(data / "train"), out=str(run), train=train,
-                      preset=cfg.preset, val_data=str(data / "val"))
+                      preset=cfg.preset, val_data=str(data / "val"), report_to=tuple(cfg.report_to),
+                      hparams={"student": run.name, "seed": cfg.seed, **losses} if cfg.report_to else None)
 
 
 def train_side_by_side(jobs: dict, *, ray_address: str | None = None, echo=print,

@@ -49,6 +49,7 @@ class SweepJob:
     ray_address: str | None = None
     resume: bool = False
     stall_timeout_s: float = 600.0              # fail when trials wait this long and none runs
+    report_to: tuple[str, ...] = ()             # ("tensorboard",): each trial's run writes its tensorboard/
 
     def __post_init__(self):
         if self.cpus_per_trial < 0 or self.stall_timeout_s <= 0:
@@ -111,7 +112,8 @@ def student_job(sweep: SweepJob, config: dict, *, threads: int = 0):
     train = TrainConfig(**{k: v for k, v in config.items() if k != "preset"}, epochs=sweep.epochs)
     return StudentJob(store=sweep.store, data=sweep.data, out=str(run), train=train,
                       preset=config.get("preset", "s"), val_data=sweep.val_data,
-                      online_teachers=sweep.online_teachers, resume=resume, threads_per_worker=threads)
+                      online_teachers=sweep.online_teachers, resume=resume, threads_per_worker=threads,
+                      report_to=tuple(sweep.report_to), hparams=dict(config))
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -130,7 +132,9 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     from mcad.jobs.ray_cluster import node_resources, ray_session, require_fit, share_that_fits
     from mcad.pipeline.store_data import check_data_matches
     from mcad.storage.reader import open_store
+    from mcad.student.tensorboard import require
 
+    require(sweep.report_to)  # a missing tensorboard package: one line, before any trial
     store = open_store(sweep.store)  # refuse a bad store or data before any trial starts
     store.verify_files()  # every file against its manifest sha256 (each trial's reader checks again)
     check_data_matches(store, sweep.data)
@@ -316,7 +320,7 @@ def _prepare(sweep: SweepJob, out: Path) -> None:
             raise InputError(f"{out}: nothing to resume (no {CONFIG_NAME})")
         before = json.loads(saved.read_text())
         defaults = {f.name: f.default for f in dataclasses.fields(SweepJob)}  # sweeps saved before a field
-        changed = sorted(k for k in config if k not in ("resume", "stall_timeout_s")
+        changed = sorted(k for k in config if k not in ("resume", "stall_timeout_s", "report_to")
                          and before.get(k, defaults[k]) != config[k])
         if changed:
             raise InputError(f"cannot resume {out}: {', '.join(changed)} differ from the sweep there")

@@ -40,6 +40,8 @@ class StudentJob:
     ray_address: str | None = None        # an existing cluster; None: a local one when workers > 1
     stall_timeout_s: float = 600.0        # Ray Train: fail when the workers cannot be placed for this long
     verify_data: bool = False             # hash each tar as it streams; refuse one the pass read otherwise
+    report_to: tuple[str, ...] = ()       # ("tensorboard",): rank 0 also writes RUN/tensorboard/
+    hparams: dict | None = None           # written with the tensorboard run (a sweep's grid point)
 
     def __post_init__(self):
         if self.workers < 1:
@@ -48,6 +50,9 @@ class StudentJob:
             raise InputError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if self.gpus_per_worker < 0:
             raise InputError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        from mcad.student.tensorboard import check_names
+
+        check_names(self.report_to)
 
 
 def run_train_student(job: StudentJob, *, progress: bool = True,
@@ -60,7 +65,9 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     """
     from mcad.pipeline.store_data import check_data_matches, verified_samples
     from mcad.storage.reader import open_store
+    from mcad.student.tensorboard import require
 
+    require(job.report_to)  # a missing tensorboard package: one line, before anything runs
     store = open_store(job.store)
     store.verify_files()  # every file against its manifest sha256, once (fit reuses this Store)
     check_data_matches(store, job.data)
@@ -102,7 +109,7 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
                    steps_per_epoch=steps_per_epoch(store, job.train, world_size),
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
                    validate=_validator(job.val_data, processor), resume=job.resume, progress=progress,
-                   device=device, on_epoch=on_epoch)
+                   device=device, on_epoch=on_epoch, report_to=job.report_to, hparams=job.hparams)
     if rank == 0:
         export_hf(student.cpu(), processor, run / MODEL_DIR,
                   extra={"train": dataclasses.asdict(job.train), "preset": job.preset, "workers": world_size,

@@ -11,7 +11,8 @@ METRICS_FILE, CURVE_FILE = "metrics.jsonl", "loss_curve.png"
 class MetricsLog:
     """Appends records to RUN/metrics.jsonl; a resumed run keeps the lines before its checkpoint."""
 
-    def __init__(self, run: str | os.PathLike, *, keep_until_step: int | None = None):
+    def __init__(self, run: str | os.PathLike, *, keep_until_step: int | None = None,
+                 report_to: tuple[str, ...] = (), hparams: dict | None = None):
         self.path = Path(run) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None and self.path.exists():
@@ -19,10 +20,22 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif keep_until_step is None:
             self.path.unlink(missing_ok=True)
+        self.tensorboard = None
+        if "tensorboard" in report_to:  # student/tensorboard.py; a resumed run drops the events after its checkpoint
+            from mcad.student.tensorboard import TensorBoardLog
+
+            self.tensorboard = TensorBoardLog(run, hparams=hparams, purge_step=None if keep_until_step is None
+                                              else keep_until_step + 1)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

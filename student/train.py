@@ -31,7 +31,8 @@ from mcad.student.targets import mcad_targets
 def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]], steps_per_epoch: int,
           teacher_logit_scale: float, run: Path, validate: Callable | None = None,
           resume: bool = False, progress: bool = True, device: str | torch.device = "cpu",
-          on_epoch: Callable[[dict], None] | None = None) -> dict:
+          on_epoch: Callable[[dict], None] | None = None, report_to: tuple[str, ...] = (),
+          hparams: dict | None = None) -> dict:
     """Train `student` for cfg.epochs; checkpoint every epoch; return the last epoch's record.
 
     Data parallel when torch.distributed is initialised (jobs/ sets it up, on
@@ -40,6 +41,8 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
     with fewer batches join early (torch's Join), and only rank 0 validates,
     logs and checkpoints. `on_epoch(record)` is called on every rank after
     each epoch (a sweep reports the record to its scheduler there).
+    `report_to=("tensorboard",)`: rank 0 also writes RUN/tensorboard/ (student/tensorboard.py),
+    with `hparams` (a sweep's grid point) when given.
     """
     from tqdm import tqdm
 
@@ -53,11 +56,13 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
     state = load_checkpoint(run / "checkpoints", model=student, optimizer=optimizer,
                             scheduler=scheduler) if resume else None
     start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
-    log = MetricsLog(run, keep_until_step=step if state else None) if world.main else None
+    log = MetricsLog(run, keep_until_step=step if state else None, report_to=report_to,
+                     hparams=hparams) if world.main else None
     record: dict = dict(state.get("record", {})) if state else {}
     for epoch in range(start_epoch, cfg.epochs):
         student.train()
         started, seen = time.perf_counter(), 0
+        last_log = (started, 0)  # samples/s of a step record: since the previous one
         bar = tqdm(batches(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="step", disable=not (progress and world.main), leave=False)
         with world.join(model):
@@ -72,8 +77,12 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
                 step, seen = step + 1, seen + len(batch[INPUT_IDS])
                 if log and (step % cfg.log_every == 0 or step == 1):
                     values = metrics_to_floats(metrics)  # floats only here: each one waits for the device
+                    now = time.perf_counter()
+                    # Data parallel: rank 0's rate times the ranks (the epoch record counts them all).
+                    rate = (seen - last_log[1]) * world.size / (now - last_log[0]) if now > last_log[0] else 0.0
+                    last_log = (now, seen)
                     log.write({"kind": "step", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                               **values})
+                               **values, "samples_per_s": rate})
                     bar.set_postfix(loss=f"{values['loss']:.3f}")
         seconds = time.perf_counter() - started
         seen, step = world.total(seen), world.maximum(step)
@@ -93,6 +102,8 @@ def train(cfg: TrainConfig, *, student, batches: Callable[[int], Iterable[dict]]
         record = world.share(record)
         if on_epoch is not None:
             on_epoch(record)
+    if log is not None:
+        log.close()
     return record
 
 

@@ -88,6 +88,7 @@ class ReportConfig:
     teachers: str = str(DEMO_TEACHERS)   # a folder with dual/, single/ and teacher_recall.json
     skip_speed: bool = False
     ray_address: str | None = None  # where the passes and students run; None: a local cluster
+    report_to: tuple[str, ...] = ()  # ("tensorboard",): every student run writes its tensorboard/
     # Benchmark sizes; None: the demo's (or its quick ones). Python only (tests shrink them).
     train: int | None = None
     val: int | None = None
@@ -113,7 +114,7 @@ class ReportConfig:
                  if getattr(self, k) is not None}
         return DemoConfig.make(quick=self.quick, out=str(Path(self.out) / f"seed_{seed}"), seed=seed,
                                teachers=self.teachers, preset=self.preset, ray_address=self.ray_address,
-                               **sizes)
+                               report_to=tuple(self.report_to), **sizes)
 
 
 # ------------------------------------------------------------------ quality
@@ -279,8 +280,10 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
     from mcad.jobs.demo import shipped_teachers
     from mcad.storage.atomic import atomic_write_json
     from mcad.student.models import get_preset
+    from mcad.student.tensorboard import require
 
     get_preset(cfg.preset)
+    require(cfg.report_to)  # a missing tensorboard package: one line, before any work
     shipped_teachers(cfg.demo_config(0))  # no teachers: fail before any work
     check_config(cfg)
     out = Path(cfg.out)

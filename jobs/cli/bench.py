@@ -10,7 +10,7 @@ import functools
 
 import click
 
-from mcad.jobs.cli.options import field_option
+from mcad.jobs.cli.options import field_option, report_to_option
 
 STORE = functools.partial(field_option, "mcad.jobs.bench.store:StoreBenchConfig")
 STUDENT = functools.partial(field_option, "mcad.jobs.bench.student:StudentBenchConfig")
@@ -196,10 +196,11 @@ Examples:
 @click.option("--skip-speed", is_flag=True, help="Quality and cost only: no speed benches.")
 @ray_address_option("Run the teacher passes and the students on this cluster ('auto', 'ray://host:port'); "
                     "default: a local one.")
-def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address):
+@report_to_option("every student run, OUT/seed_N/runs/<student>/tensorboard/ (tensorboard --logdir OUT)")
+def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address, report_to):
     """Quality over seeds (teachers and five students), speed ratios and cost, as JSON, markdown and plots."""
     from mcad.jobs.bench.report import ReportConfig, run_report
 
     cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
-                       skip_speed=skip_speed, ray_address=ray_address)
+                       skip_speed=skip_speed, ray_address=ray_address, report_to=report_to)
     run_report(cfg, echo=click.echo)

@@ -50,3 +50,10 @@ def field_option(config: str, *decls: str, field: str | None = None, **kwargs) -
     """click.option(*decls, **kwargs) with the default of `config`'s field (the option's name,
     or `field`); `type` is required."""
     return click.option(*decls, cls=FieldOption, config=config, field=field, **kwargs)
+
+
+def report_to_option(where: str) -> Callable:
+    """`--report-to tensorboard`: the runs' metrics also as TensorBoard event files (`where` says which)."""
+    return click.option(
+        "--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard"]),
+        help=f"Also log to TensorBoard: {where} (needs the tensorboard package: pip install 'mcad[tensorboard]').")

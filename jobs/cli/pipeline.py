@@ -5,7 +5,7 @@ import functools
 
 import click
 
-from mcad.jobs.cli.options import field_option
+from mcad.jobs.cli.options import field_option, report_to_option
 
 PASS = functools.partial(field_option, "mcad.jobs.teacher_pass_job:TeacherPassJob")
 STUDENT = functools.partial(field_option, "mcad.jobs.train_student:StudentJob")
@@ -113,8 +113,9 @@ Examples:
          help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
 @STUDENT("--stall-timeout", "stall_timeout_s", type=float,
          help="With --workers > 1: fail when the ranks cannot be placed for this many seconds.")
+@report_to_option("RUN/tensorboard/ (data parallel: rank 0 writes)")
 def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume, verify_data,
-                  workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, **train):
+                  workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, report_to, **train):
     """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
 
     Streams each shard's tar beside its signals file. Writes RUN/checkpoints/,
@@ -129,7 +130,7 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
                      online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume,
                      verify_data=verify_data,
                      workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
-                     ray_address=ray_address, stall_timeout_s=stall_timeout_s)
+                     ray_address=ray_address, stall_timeout_s=stall_timeout_s, report_to=report_to)
     result = run_train_student(job)
     rsum = result["record"].get("val_rsum")
     click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))
@@ -158,8 +159,10 @@ Examples:
 @SWEEP("--stall-timeout", "stall_timeout_s", type=float,
        help="Fail when trials wait this many seconds and none can start.")
 @click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished trials are skipped.")
+@report_to_option("one run per trial, SWEEP/trials/<trial>/tensorboard/, its grid point as hparams "
+                  "(tensorboard --logdir SWEEP/trials)")
 def sweep(store, data, val_data, out, grid_specs, epochs, parallel, cpus_per_trial, grace_epochs, ray_address,
-          stall_timeout_s, resume):
+          stall_timeout_s, resume, report_to):
     """Train a grid of students from one signal store on Ray Tune; export the best.
 
     Every trial reads the same store (no teacher runs again), reports its
@@ -172,6 +175,6 @@ def sweep(store, data, val_data, out, grid_specs, epochs, parallel, cpus_per_tri
     result = run_sweep(SweepJob(store=store, data=data, val_data=val_data, out=out, grid=parse_grid(grid_specs),
                                 epochs=epochs, parallel=parallel, cpus_per_trial=cpus_per_trial,
                                 grace_epochs=grace_epochs, ray_address=ray_address, resume=resume,
-                                stall_timeout_s=stall_timeout_s))
+                                stall_timeout_s=stall_timeout_s, report_to=report_to))
     click.echo(format_table(result["table"]))
     click.echo(f"results -> {result['results']}; best student -> {result['best'] or '(no trial finished)'}")
