@@ -59,3 +59,31 @@ def test_validate_accepts_and_refuses():
 def test_rejects_schema():
     assert schema.REJECTS_SCHEMA.names == [schema.REJECT_KEY, schema.REJECT_REASON, schema.REJECT_DETAIL]
     assert schema.version_of(schema.REJECTS_SCHEMA) == schema.SCHEMA_VERSION
+
+
+def test_the_format_is_pinned():
+    # Stores on disk are read by later versions: the column names and types, the version
+    # key, the padding index and the rejects columns are the format, spelled out here.
+    f16, f32, i32 = pa.float16(), pa.float32(), pa.int32()
+    version = {b"mcad.schema_version": b"1"}
+
+    def per_direction(dr):
+        return [(f"{dr}_idx", pa.list_(i32, 4)), (f"{dr}_dual", pa.list_(f32, 4)),
+                (f"{dr}_itm", pa.list_(f32, 4)), (f"{dr}_dual_lse", f32)]
+
+    expected = pa.schema(
+        [("key", pa.string()), ("shard", pa.string()), ("row", i32), ("pool", i32),
+         ("img_emb", pa.list_(f16, 2)), ("txt_emb", pa.list_(f16, 2)), ("fused", pa.list_(f16, 3)),
+         ("fused_proj", pa.list_(f16, 2)), ("itm_pos", f32)] + per_direction("i2t") + per_direction("t2i"),
+        metadata=version)
+    assert schema.signal_schema(d=2, f=3, k=4).equals(expected, check_metadata=True)
+    assert schema.SIGNAL_COLUMNS == tuple(expected.names)
+    rejects = pa.schema([("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())], metadata=version)
+    assert schema.REJECTS_SCHEMA.equals(rejects, check_metadata=True)
+    assert schema.PAD_IDX == -1
+    assert schema.DATA == "data"  # the decoded samples' key in joined batches
+
+
+def test_validate_names_a_table_by_default():
+    with pytest.raises(InputError, match="^table: "):
+        schema.validate(schema.signal_schema(d=1, f=1, k=1).remove_metadata().empty_table())
