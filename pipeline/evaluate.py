@@ -202,8 +202,8 @@ def _itm_of_candidates(single: SingleTeacher, shards: list[str], split: _Split, 
                 sl = slice(c, min(c + step, b))
                 local = torch.from_numpy(pair_img[sl] - lo).to(states.device)
                 rows = torch.from_numpy(pair_txt[sl])
-                _, m = single.match_tokens(states[local], {k: v[rows.to(v.device)] for k, v in tokens.items()},
-                                           batch_size=step)
+                _, m = single.match_tokens(states, {k: v[rows.to(v.device)] for k, v in tokens.items()},
+                                           image_index=local, batch_size=step)
                 itm[sl] = m.double().cpu().numpy()
             bar.update(len(batch))
     if start != n_images:

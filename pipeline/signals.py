@@ -175,7 +175,8 @@ def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, 
 
     Returns M (P, P) with m_ij at scored pairs (NaN elsewhere), fused (P, F),
     and the number of pairs scored. Pairs named by both directions (at least
-    the positives) are scored once; each image goes through the vision tower once.
+    the positives) are scored once; each image goes through the vision tower once,
+    and its cross-attention keys and values are projected once per pair batch.
     """
     p = len(images)
     own = torch.arange(p)[:, None]
@@ -192,9 +193,8 @@ def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, 
         ids = pair_ids[lo:lo + batch]
         bi, bt = ids // p, ids % p
         f, m = single.match_tokens(
-            states[bi.to(states.device)],
-            {name: tok[bt.to(tok.device)] for name, tok in tokens.items()},
-            batch_size=len(ids))
+            states, {name: tok[bt.to(tok.device)] for name, tok in tokens.items()},
+            image_index=bi, batch_size=len(ids))
         itm[bi, bt] = m.cpu()
         diag = bi == bt
         fused[bi[diag]] = f.cpu()[diag]

@@ -7,6 +7,8 @@ calls the MCAD maths in `pipeline/signals.py` needs:
     dual = DualTeacher.load(dir)        v = dual.encode_images(imgs); t = dual.encode_texts(caps)
     single = SingleTeacher.load(dir)    h = single.encode_images(imgs)        # once per image
                                         f, m = single.match(h[idx], texts)    # any pairs
+                                        f, m = single.match_tokens(h, single.tokenize(texts), image_index=idx)
+                                        #   the same, each image's cross-attention keys/values once
 
 Both run on CUDA in float16 when a GPU is present, else on the CPU in float32
 (shipped float16 weights are upcast there). Outputs used as signals are
@@ -14,6 +16,7 @@ float32 on the model's device; gradients are never tracked.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -223,28 +226,56 @@ class SingleTeacher(_Teacher):
         """input_ids and attention_mask (n, T), padded to the longest text."""
         return self._tokens(texts, self.model.config.text_config.max_position_embeddings)
 
+    # Cross-attention keys and values of each image computed once and reused by all
+    # its pairs (`itm_forward_cached`); False: projected again for every pair, as
+    # BlipForImageTextRetrieval does (the bench's "uncached" side).
+    cross_kv_cache = True
+    # Most bytes of projected keys and values held at once (one pair batch's images).
+    kv_cache_bytes = 1 << 30
+
     @torch.no_grad()
     def match_tokens(self, image_states: torch.Tensor, tokens: dict[str, torch.Tensor], *,
-                     batch_size: int = 256,
+                     image_index: torch.Tensor | None = None, batch_size: int = 256,
                      progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score pair r = (image_states[r], tokens[r]) for every r.
+        """Score pair r = (image_states[r], tokens[r]) for every r, or with `image_index`,
+        r = (image_states[image_index[r]], tokens[r]): states once per image, any pairs of them.
 
         Returns fused (m, F) float32, the multimodal [CLS] state, and itm (m,)
-        float32 = logit(match) - logit(no match) of the ITM head on it.
+        float32 = logit(match) - logit(no match) of the ITM head on it. With
+        `image_index`, each image's cross-attention keys and values are projected
+        once per pair batch and shared by its pairs (`cross_kv_cache`).
         """
-        m = image_states.shape[0]
-        if tokens["input_ids"].shape[0] != m:
-            raise ValueError(f"{m} image states but {tokens['input_ids'].shape[0]} texts")
+        m = tokens["input_ids"].shape[0]
+        if image_index is None and image_states.shape[0] != m:
+            raise ValueError(f"{image_states.shape[0]} image states but {m} texts")
+        if image_index is not None and image_index.shape[0] != m:
+            raise ValueError(f"{image_index.shape[0]} image indices but {m} texts")
         fused, itm = [], []
         for sl in _batched(m, batch_size):
-            states = image_states[sl].to(self.device, self.dtype)
-            cls_state, logits = itm_forward(self.model, tokens["input_ids"][sl], tokens["attention_mask"][sl],
-                                            states)
-            fused.append(cls_state.float())
-            itm.append(itm_logit(logits))
+            ids, mask = tokens["input_ids"][sl], tokens["attention_mask"][sl]
+            if image_index is None:
+                parts = [itm_forward(self.model, ids, mask, image_states[sl].to(self.device, self.dtype))]
+            elif not self.cross_kv_cache:
+                rows = image_index[sl].to(image_states.device)
+                parts = [itm_forward(self.model, ids, mask, image_states[rows].to(self.device, self.dtype))]
+            else:
+                parts = [itm_forward_cached(self.model, ids[part], mask[part],
+                                            image_states[uniq.to(image_states.device)].to(self.device, self.dtype),
+                                            local.to(self.device))
+                         for part, uniq, local in _image_groups(image_index[sl], self._images_per_cache(image_states))]
+            for cls_state, logits in parts:
+                fused.append(cls_state.float())
+                itm.append(itm_logit(logits))
             if progress is not None:
                 progress(sl.stop - sl.start)
         return torch.cat(fused), torch.cat(itm)
+
+    def _images_per_cache(self, image_states: torch.Tensor) -> int:
+        """Images whose keys and values of every cross-attention layer fit kv_cache_bytes."""
+        cfg = self.model.config.text_config
+        per_image = (2 * cfg.num_hidden_layers * image_states.shape[1] * cfg.hidden_size
+                     * torch.empty((), dtype=self.dtype).element_size())
+        return max(1, self.kv_cache_bytes // per_image)
 
     def match(self, image_states: torch.Tensor, texts: Sequence[str], *,
               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +294,87 @@ def itm_forward(blip, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=image_states.device)
     out = blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
                             encoder_hidden_states=image_states, encoder_attention_mask=mask)
+    cls_state = out.last_hidden_state[:, 0, :]
+    return cls_state, blip.itm_head(cls_state)
+
+
+@functools.cache
+def _pair_kv_layer():
+    """The cache layer class, made on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PairKV(DynamicLayer):
+        """One cross-attention layer's keys and values, projected once per image
+        (n, heads, L, head_dim) and gathered to pair order (m, heads, L, head_dim)
+        when the layer reads them, so only one layer's gathered copy lives at a time.
+
+        A read-only transformers cache layer: BlipTextSelfAttention reads
+        `cache.cross_attention_cache.layers[i].keys / .values` once `is_updated[i]`.
+        """
+
+        is_initialized = True
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
+            # No super().__init__(): it would assign keys and values, read-only here.
+            self._keys, self._values, self._index = keys, values, index
+
+        @property
+        def keys(self) -> torch.Tensor:
+            return self._keys.index_select(0, self._index)
+
+        @property
+        def values(self) -> torch.Tensor:
+            return self._values.index_select(0, self._index)
+
+        def get_seq_length(self) -> int:
+            return self._keys.shape[-2]
+
+    return PairKV
+
+
+def _image_groups(image_index: torch.Tensor, max_images: int):
+    """Split pairs (in their order) into runs naming at most `max_images` distinct images;
+    per run: (slice of pairs, its distinct images, each pair's row among them)."""
+    index = image_index.tolist()
+    lo, seen = 0, {}
+    for r, i in enumerate(index + [None]):
+        if i is not None and (i in seen or len(seen) < max_images):
+            seen.setdefault(i, len(seen))
+            continue
+        yield (slice(lo, r), torch.tensor(list(seen), dtype=torch.long),
+               torch.tensor([seen[j] for j in index[lo:r]], dtype=torch.long))
+        lo, seen = r, {i: 0}
+
+
+def itm_forward_cached(blip, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       image_states: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`itm_forward` on pairs r = (image_states[image_index[r]], text r), each image's
+    cross-attention keys and values projected once (image_states: (n, L, H), one row per image).
+
+    The projections fill transformers' own EncoderDecoderCache, marked as
+    already updated, so every BLIP text layer reads them instead of projecting
+    the pair's image states again; equal to `itm_forward` on the gathered states
+    (tests/pipeline/test_teachers.py checks it against the plain HF forward).
+    """
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.cache_utils import Cache
+
+    n, length = image_states.shape[:2]
+    layers = []
+    for layer in blip.text_encoder.encoder.layer:
+        att = layer.crossattention.self
+        shape = (n, length, -1, att.attention_head_size)
+        layers.append(_pair_kv_layer()(att.key(image_states).view(shape).transpose(1, 2),
+                              att.value(image_states).view(shape).transpose(1, 2), image_index))
+    cache = EncoderDecoderCache(DynamicCache(), Cache(layers=layers))
+    for i in range(len(layers)):
+        cache.is_updated[i] = True
+    m = image_index.shape[0]
+    # Only its shape is read (masks, the cross-attention switch): keys and values come from the cache.
+    stand_in = image_states[:1].expand(m, -1, -1)
+    mask = torch.ones((m, length), dtype=torch.long, device=image_states.device)
+    out = blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=stand_in,
+                            encoder_attention_mask=mask, cache=cache, use_cache=True)
     cls_state = out.last_hidden_state[:, 0, :]
     return cls_state, blip.itm_head(cls_state)
 

@@ -129,3 +129,76 @@ def test_refuses_missing_tokenizer_and_corrupt_weights(dirs, tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(InputError, match="cannot load"):
         SingleTeacher.load(corrupt)
+
+
+def test_cached_match_equals_plain_pairs(dirs, teachers):
+    """image_index: each image's cross-attention keys and values once, shared by its pairs;
+    the same fused [CLS] and ITM logits as the full HF forward on every pair's pixels."""
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    _, single = teachers
+    images = _images(3, seed=2)
+    states = single.encode_images(images)
+    img_of = torch.tensor([0, 1, 0, 2, 1, 0])
+    texts = [CAPTIONS[r % 4] for r in range(6)]
+    tokens = single.tokenize(texts)
+    fused, itm = single.match_tokens(states, tokens, image_index=img_of, batch_size=4)
+    plain = single.match_tokens(states[img_of], tokens, batch_size=4)
+    torch.testing.assert_close((fused, itm), plain, atol=1e-5, rtol=1e-5)
+
+    model = BlipForImageTextRetrieval.from_pretrained(dirs[1]).eval()
+    inputs = AutoProcessor.from_pretrained(dirs[1])(images=[images[i] for i in img_of], text=texts,
+                                                     padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, use_itm_head=True)
+    torch.testing.assert_close(itm, out.itm_score[:, 1] - out.itm_score[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, out.question_embeds[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_groups_respect_the_memory_cap(dirs, teachers, monkeypatch):
+    # One image's keys and values per cached forward: every pair still scored, in order.
+    _, single = teachers
+    states = single.encode_images(_images(3, seed=3))
+    img_of = torch.tensor([2, 2, 0, 1, 1, 0])
+    tokens = single.tokenize([CAPTIONS[r % 4] for r in range(6)])
+    want = single.match_tokens(states, tokens, image_index=img_of)
+    monkeypatch.setattr(single, "kv_cache_bytes", 1)
+    torch.testing.assert_close(single.match_tokens(states, tokens, image_index=img_of), want,
+                               atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(single, "cross_kv_cache", False)
+    torch.testing.assert_close(single.match_tokens(states, tokens, image_index=img_of), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+class _StatesIn(torch.nn.Module):
+    """A vision tower stand-in that returns its input as the last hidden state."""
+
+    def forward(self, pixel_values, **_):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(last_hidden_state=pixel_values)
+
+
+def test_cached_itm_equals_hf_forward_at_base_size():
+    """BLIP base (BlipConfig(): 12 text layers, 577 image tokens), random weights, float32:
+    the cached path against BlipForImageTextRetrieval(..., use_itm_head=True) on pairs
+    from three images; the HF forward's vision tower is fed the same states."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    torch.manual_seed(0)
+    model = BlipForImageTextRetrieval(BlipConfig()).eval()
+    single = SingleTeacher(model, None, None)
+    cfg = model.config
+    states = torch.randn(3, (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1,
+                         cfg.vision_config.hidden_size)
+    img_of = torch.tensor([0, 0, 1, 2, 2, 0])
+    ids = torch.randint(1000, 2000, (6, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = mask[4, 5:] = 0
+    fused, itm = single.match_tokens(states, {"input_ids": ids, "attention_mask": mask}, image_index=img_of)
+
+    model.vision_model = _StatesIn()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=states[img_of], use_itm_head=True)
+    assert (itm - (out.itm_score[:, 1] - out.itm_score[:, 0])).abs().max() < 1e-4
+    assert (fused - out.question_embeds[:, 0]).abs().max() < 1e-4
