@@ -129,6 +129,7 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from mcad.jobs.progress import RunProgress
     from mcad.jobs.ray_cluster import node_resources, ray_session, require_fit, share_that_fits
     from mcad.pipeline.store_data import check_data_matches
     from mcad.storage.reader import open_store
@@ -163,7 +164,11 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
                 run_config=tune.RunConfig(storage_path=str(out / TUNE_DIR), name=f"run-{_runs(out)}",
                                           verbose=1 if progress else 0, callbacks=[watchdog],
                                           stop=watchdog.stopper))
-            for result in tuner.fit():
+            # Each trial's progress on the driver, tailed from its run's metrics.jsonl (jobs/progress.py).
+            runs = {trial_name(p): _trial_dir(sweep, p) for p in pending}
+            with RunProgress(runs, steps=_trial_steps(sweep, store, pending), epochs=sweep.epochs, enabled=progress):
+                results = tuner.fit()
+            for result in results:
                 started = result.config is not None and (result.metrics or result.error)
                 if started or not watchdog.stalled:
                     _record(sweep, result)  # a trial that never started stays to run
@@ -196,6 +201,15 @@ def _trial(config: dict, *, sweep: SweepJob, threads: int) -> None:
     result = run_train_student(student_job(sweep, dict(config["point"]), threads=threads), progress=False,
                                on_epoch=report_early)
     report(result["record"])
+
+
+def _trial_steps(sweep: SweepJob, store, points: list[dict]) -> dict[str, int]:
+    """Each trial's total steps (a grid of pools_per_batch or batch_size changes them)."""
+    from mcad.student.config import TrainConfig
+    from mcad.student.data import steps_per_epoch
+
+    return {trial_name(p): sweep.epochs * steps_per_epoch(
+        store, TrainConfig(**{k: v for k, v in p.items() if k != "preset"}, epochs=sweep.epochs)) for p in points}
 
 
 def _watchdog(timeout_s: float):

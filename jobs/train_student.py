@@ -80,7 +80,7 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     job = dataclasses.replace(job, tokenizer_from=str(dual_dir))
     _prepare_run(job, Path(job.out), store)
     if job.workers > 1 or job.ray_address:
-        record = _train_on_ray(job, progress=progress)
+        record = _train_on_ray(job, progress=progress, store=store)
     else:
         record = fit(job, store=store, progress=progress, on_epoch=on_epoch)
     return {"run": job.out, "model": str(Path(job.out) / MODEL_DIR), "record": record}
@@ -117,7 +117,7 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
     return record
 
 
-def _train_on_ray(job: StudentJob, *, progress: bool) -> dict:
+def _train_on_ray(job: StudentJob, *, progress: bool, store) -> dict:
     """Data parallel on Ray Train: `job.workers` ranks (gloo on CPU, nccl on GPU), one split each.
 
     Each rank streams its own shards of the store (the reader deals whole
@@ -125,12 +125,15 @@ def _train_on_ray(job: StudentJob, *, progress: bool) -> dict:
     computes the loss on its own batches and DDP averages the gradients: the
     effective batch is workers x pools-per-batch pools, and the distribution
     KL is still formed per pool, inside one rank. The run folder must be on
-    storage every node sees.
+    storage every node sees. The driver shows rank 0's progress from RUN/metrics.jsonl (jobs/progress.py):
+    the workers' own output is not forwarded.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mcad.jobs.progress import RunProgress
     from mcad.jobs.ray_cluster import node_resources, ray_session, require_fit, share_that_fits, wait_for_room
+    from mcad.student.data import steps_per_epoch
 
     run = Path(job.out).resolve()
     with ray_session(job.ray_address):
@@ -147,7 +150,10 @@ def _train_on_ray(job: StudentJob, *, progress: bool) -> dict:
             scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.gpus_per_worker > 0,
                                          resources_per_worker=per_worker),
             run_config=RunConfig(storage_path=str(run / "ray_train"), name="train"))
-        trainer.fit()
+        total = job.train.epochs * steps_per_epoch(store, job.train, job.workers)
+        with RunProgress({"train-student": run}, steps={"train-student": total}, epochs=job.train.epochs,
+                         enabled=progress):
+            trainer.fit()
     return last_epoch_record(run)
 
 

@@ -177,6 +177,10 @@ def test_teacher_pass_survives_losing_a_worker_node_then_a_sweep_runs(two_nodes,
     assert job.returncode == 0, output
     rows = (sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and all(",finished," in r for r in rows[1:])
+    # Each trial's progress reached the driver (tailed from its metrics.jsonl on the shared run folder).
+    for trial in ("alpha=0.0,preset=smoke", "alpha=1.0,preset=smoke"):
+        assert any(line.startswith(trial) and "samples/s" in line and "val rsum " in line
+                   for line in output.replace("\r", "\n").splitlines()), output
     assert (sweep / "best" / "config.json").is_file()
 
     # What no node can hold is refused at once, in one line: nothing waits for it.

@@ -34,9 +34,20 @@ def test_sweep_ranks_trials_exports_the_best_and_resumes(tiny_store, shapes_data
     out = tmp_path / "sweep"
     args = ["pipeline", "sweep", "--store", str(tiny_store), "--data", str(shapes_data / "train"),
             "--val-data", str(shapes_data / "val"), "--out", str(out), "--grid", "alpha=0,1",
-            "--grid", "preset=smoke", "--epochs", "2", "--parallel", "2"]
+            "--grid", "preset=smoke", "--epochs", "2", "--parallel", "2", "--report-to", "tensorboard"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
+    # Each trial's progress on the driver (tailed from its metrics.jsonl) ...
+    lines = result.stderr.replace("\r", "\n").splitlines()
+    for trial in ("alpha=0.0,preset=smoke", "alpha=1.0,preset=smoke"):
+        assert any(line.startswith(trial) and "samples/s" in line and "val rsum " in line
+                   and "val rsum -" not in line for line in lines), result.stderr
+        # ... and in TensorBoard: one run per trial, its grid point as hparams.
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "trials" / trial / "tensorboard"))
+        events.Reload()
+        assert events.Scalars("val/rsum") and "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert sorted(r["trial"] for r in rows) == ["alpha=0.0,preset=smoke", "alpha=1.0,preset=smoke"]
     rsums = [float(r["val_rsum"]) for r in rows]

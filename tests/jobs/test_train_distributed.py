@@ -49,8 +49,12 @@ def test_two_workers_on_ray_train_train_and_export(tiny_store, shapes_data, tmp_
     result = CliRunner().invoke(main, [
         "pipeline", "train-student", "--store", str(tiny_store), "--data", str(shapes_data / "train"),
         "--out", str(run), "--preset", "smoke", "--epochs", "2", "--workers", "2",
-        "--val-data", str(shapes_data / "val")])
+        "--val-data", str(shapes_data / "val"), "--report-to", "tensorboard"])
     assert result.exit_code == 0, result.output
+    # The workers' output is not forwarded; the driver draws rank 0's progress from metrics.jsonl.
+    last = result.stderr.replace("\r", "\n").strip().splitlines()
+    assert any(line.startswith("train-student") and "12/" in line and "epoch 2/2" in line and "samples/s" in line
+               and "val rsum" in line and "val rsum -" not in line for line in last), result.stderr
     store = open_store(tiny_store)
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["kind"] == "epoch"]
@@ -59,6 +63,15 @@ def test_two_workers_on_ray_train_train_and_export(tiny_store, shapes_data, tmp_
     # Shards are dealt whole (2 + 1 of 3 shards of 3 pools): the longer rank sets the step count.
     assert epochs[0]["step"] == 6 and epochs[1]["step"] == 12
     assert all(0 <= r["val_rsum"] <= 600 for r in epochs)
+    # Rank 0 wrote the TensorBoard run: the same validation rsum per epoch.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/rsum")] == [
+        (r["step"], pytest.approx(r["val_rsum"], rel=1e-6)) for r in epochs]
+    assert len(events.Scalars("train/loss")) == sum(1 for line in (run / "metrics.jsonl").read_text().splitlines()
+                                                    if json.loads(line)["kind"] == "step")
     assert (run / "checkpoints" / "last").is_dir()
     model = CLIPModel.from_pretrained(run / "model")
     assert json.loads((run / "model" / "mcad_student.json").read_text())["workers"] == 2
