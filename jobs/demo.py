@@ -250,6 +250,9 @@ def _table_rows(results: dict) -> dict[str, dict]:
 
 
 def _bar_chart(results: dict, path: Path) -> None:
+    """R@1 both ways per teacher (T) and student (S), each bar labelled with its value. The y axis
+    starts just below the smallest bar (marked as broken on the axis), so a few points of difference
+    are visible; the legend sits above the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,15 +261,29 @@ def _bar_chart(results: dict, path: Path) -> None:
     rows = [(f"T:{k}", v) for k, v in results["teachers"].items()]
     rows += [(f"S:{k}", v) for k, v in results["students"].items()]
     names = [n for n, _ in rows]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.4
     xs = range(len(rows))
-    ax.bar([x - width / 2 for x in xs], [r["i2t"]["R@1"] for _, r in rows], width, label="image→text R@1")
-    ax.bar([x + width / 2 for x in xs], [r["t2i"]["R@1"] for _, r in rows], width, label="text→image R@1")
+    values = []
+    for off, d, label in ((-width / 2, "i2t", "image→text R@1"), (width / 2, "t2i", "text→image R@1")):
+        heights = [r[d]["R@1"] for _, r in rows]
+        values += heights
+        bars = ax.bar([x + off for x in xs], heights, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+    low, high = min(values), max(values)
+    bottom = max(0.0, 5.0 * ((low - max(2.0, 0.1 * (high - low))) // 5.0))  # a round value under the lowest bar
+    ax.set_ylim(bottom, high + 0.12 * (high - bottom))
+    if bottom > 0:  # the axis does not start at 0: the usual break marks on the y axis
+        ax.plot([0, 0], [0.035, 0.06], transform=ax.transAxes, color="white", lw=3, clip_on=False)
+        for y in (0.035, 0.06):
+            ax.plot([-0.012, 0.012], [y - 0.012, y + 0.012], transform=ax.transAxes, color="black", lw=1,
+                    clip_on=False)
+        ax.set_ylabel(f"R@1 (%), axis from {bottom:g}")
+    else:
+        ax.set_ylabel("R@1 (%)")
     ax.set_xticks(list(xs), names, rotation=20)
-    ax.set_ylabel("R@1 (%)")
-    ax.set_title("shapes test split: teachers (T) and students (S)")
-    ax.legend(fontsize=8)
+    ax.set_title("shapes test split: teachers (T) and students (S)", pad=24)
+    ax.legend(fontsize=8, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

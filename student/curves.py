@@ -43,8 +43,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+TERMS = ("loss", "con", "dist", "feat")  # the total, then each MCAD term (student/losses.py)
+
+
 def plot_curves(run: str | os.PathLike) -> Path | None:
-    """Loss terms per step and validation rsum per epoch, as RUN/loss_curve.png."""
+    """RUN/loss_curve.png: one panel per loss term that was logged (the total, con, dist, feat), each on
+    a log y axis (the distillation term is scaled by T² and would flatten the others on one linear
+    axis), then the validation rsum per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,13 +61,16 @@ def plot_curves(run: str | os.PathLike) -> Path | None:
     records = read_metrics(path)
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch" and "val_rsum" in r]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in ("loss", "con", "dist", "feat"):
-        points = [(r["step"], r[name]) for r in steps if name in r]
-        if points:
-            ax_loss.plot(*zip(*points), label=name, lw=1)
-    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
-    ax_loss.legend(fontsize=8)
+    terms = {name: [(r["step"], r[name]) for r in steps if r.get(name, 0) > 0] for name in TERMS}
+    terms = {name: points for name, points in terms.items() if points}
+    fig, axes = plt.subplots(1, len(terms) + 1, figsize=(3.2 * (len(terms) + 1), 3.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], terms.items()):
+        ax.plot(*zip(*points), lw=1, marker="." if len(points) < 20 else None)
+        ax.set_yscale("log")
+        ax.set(xlabel="step", title="total loss" if name == "loss" else f"{name} term")
+    if terms:
+        axes[0][0].set_ylabel("loss (log)")
+    ax_val = axes[0][-1]
     if epochs:
         ax_val.plot([r["epoch"] + 1 for r in epochs], [r["val_rsum"] for r in epochs], marker="o")
     ax_val.set(xlabel="epoch", ylabel="rsum (%)", title="validation recall sum")

@@ -181,6 +181,59 @@ def ablation(evals: dict[str, list[dict]]) -> dict:
     return out
 
 
+# Two-sided 95 % quantile t(0.975, df) of Student's t, df = 1 .. 30 (no scipy here).
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+        2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+        2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
+PAIRED_REFERENCES = ("baseline", "dual_kd")  # each student minus the same seed's run of these
+
+
+def t975(df: int) -> float:
+    """t(0.975, df); above 30 the Cornish-Fisher expansion around the normal 1.96 (error < 1e-4)."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired_interval(diffs: list[float]) -> dict:
+    """Mean of paired differences and its 95 % interval over seeds: mean ± t(0.975, n-1) * sd / sqrt(n).
+    With one seed there is no interval (low = high = None); `significant`: the interval excludes 0."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"mean": mean, "n": n, "low": None, "high": None, "significant": None}
+    half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"mean": mean, "n": n, "low": mean - half, "high": mean + half,
+            "significant": not (mean - half <= 0.0 <= mean + half)}
+
+
+def paired_differences(per_seed: dict) -> dict:
+    """reference -> student -> metric -> paired_interval of (student - reference) over the seeds both ran.
+
+    per_seed: report.json's "per_seed" (seed -> {"students": {name: EVAL}}); works on reports written
+    before this function existed. Metrics: i2t_R@1, t2i_R@1, rsum."""
+    out: dict = {}
+    blocks = [per_seed[k]["students"] for k in sorted(per_seed, key=int)]
+    names = [n for n in STUDENTS if any(n in b for b in blocks)]
+    for ref in PAIRED_REFERENCES:
+        out[ref] = {}
+        for name in names:
+            if name == ref:
+                continue
+            pairs = [(b[name], b[ref]) for b in blocks if name in b and ref in b]
+            if not pairs:
+                continue
+            out[ref][name] = {
+                "i2t_R@1": paired_interval([r["i2t"]["R@1"] - b["i2t"]["R@1"] for r, b in pairs]),
+                "t2i_R@1": paired_interval([r["t2i"]["R@1"] - b["t2i"]["R@1"] for r, b in pairs]),
+                "rsum": paired_interval([r["rsum"] - b["rsum"] for r, b in pairs]),
+            }
+    return out
+
+
 # ------------------------------------------------------------------ speed and cost
 
 def speed_benches(cfg: ReportConfig) -> dict:
@@ -308,6 +361,7 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
                      for s, r in sorted(per_seed.items())},
         "summary": summarize(evals),
         "ablation_vs_baseline": ablation(evals),
+        "paired_differences": paired_differences({str(k): v for k, v in per_seed.items()}),
         "speed": ({name: {k: b[k] for k in ("bench", "ratios", "figures", "machine", "config", "command") if k in b}
                    for name, b in speed.items()} if speed else None),
         "cost": cost(per_seed, online),
@@ -317,10 +371,11 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
         "skipped_seeds": skipped,
     }
     atomic_write_json(out / "report.json", report)
-    from mcad.jobs.bench.report_render import curves_plot, markdown, quality_text, recall_plot
+    from mcad.jobs.bench.report_render import curves_plot, markdown, paired_plot, quality_text, recall_plot
 
     (out / "report.md").write_text(markdown(report))
     recall_plot(report, out / "recall.png")
+    paired_plot(report, out / "paired.png")
     for method in STUDENTS:
         curves_plot(out, method, sorted(per_seed), out / f"curves_{method}.png")
     echo(quality_text(report))

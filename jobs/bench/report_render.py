@@ -82,6 +82,7 @@ def markdown(report: dict) -> str:
     for method, a in report["ablation_vs_baseline"].items():
         rows.append([report["labels"][method], _pm(a["i2t_R@1"]), _pm(a["t2i_R@1"]), _pm(a["rsum"])])
     lines += [*_md_table(rows), ""]
+    lines += paired_markdown(report)
     lines += ["## Speed", ""]
     speed = report["speed"]
     if speed is None:
@@ -125,9 +126,39 @@ def markdown(report: dict) -> str:
                   f"captions/s: batches of {p['config']['batch']}, model forward only; latency: one text query "
                   f"(tokenize, encode, score against precomputed normalised gallery embeddings, top-10), median "
                   f"of {p['config']['queries']} queries. {p['figures']['single']['latency_note']}.", ""]
-    lines += ["## Plots", "", "![recall](recall.png)", ""]
+    lines += ["## Plots", "", "![recall](recall.png)", "", "![paired differences](paired.png)", ""]
     lines += [f"![{s}](curves_{s}.png)" for s in report["students"]]
     return "\n".join(lines) + "\n"
+
+
+def _paired(report: dict) -> dict:
+    """report.json's paired differences; computed from per_seed for a report written before they were."""
+    from mcad.jobs.bench.report import paired_differences
+
+    return report.get("paired_differences") or paired_differences(report["per_seed"])
+
+
+def _ci(c: dict, digits: int = 1) -> str:
+    if c["low"] is None:
+        return f"{c['mean']:+.{digits}f} (1 seed: no interval)"
+    text = f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
+    return text if c["significant"] else text + " not significant"
+
+
+def paired_markdown(report: dict) -> list[str]:
+    paired = _paired(report)
+    n = len(report["seeds"])
+    lines = ["## Paired differences, 95 % interval over seeds", "",
+             f"Each student minus the same seed's reference student (same data, same store): mean and its 95 % "
+             f"interval over the {n} seeds, mean ± t(0.975, n−1)·sd/√n. \"not significant\": the interval "
+             f"covers 0. Chart: `paired.png`.", ""]
+    for ref, students in paired.items():
+        lines += [f"Against {report['labels'].get(ref, ref)}:", ""]
+        rows = [["student", "Δ i2t R@1", "Δ t2i R@1", "Δ rsum"]]
+        rows += [[report["labels"].get(m, m), _ci(d["i2t_R@1"]), _ci(d["t2i_R@1"]), _ci(d["rsum"])]
+                 for m, d in students.items()]
+        lines += [*_md_table(rows), ""]
+    return lines
 
 
 def _num(x, digits: int) -> str:
@@ -185,11 +216,50 @@ def curves_plot(out: Path, method: str, seeds: list[int], path: Path) -> None:
             ax_loss.plot(*zip(*steps), lw=1, marker="." if len(steps) < 20 else None, label=f"seed {seed}")
         if epochs:
             ax_val.plot(*zip(*epochs), marker="o", label=f"seed {seed}")
-    ax_loss.set(xlabel="step", ylabel="loss", title=f"{method}: training loss")
+    ax_loss.set(xlabel="step", ylabel="loss (log)", title=f"{method}: training loss", yscale="log")
     ax_val.set(xlabel="epoch", ylabel="rsum (%)", title=f"{method}: validation recall sum")
     for a in (ax_loss, ax_val):
         if a.lines:
             a.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def paired_plot(report: dict, path: Path) -> None:
+    """Each student minus its seed's baseline (top) and dual-only KD (bottom): the mean difference with its
+    95 % interval over seeds, R@1 both ways (left) and rsum (right); a 0 line; "n.s." where it covers 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paired = _paired(report)
+    fig, axes = plt.subplots(len(paired), 2, figsize=(11, 1.2 + 1.9 * len(paired)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    panels = ((("i2t_R@1", "image→text R@1", "tab:blue", -0.15), ("t2i_R@1", "text→image R@1", "tab:orange", 0.15)),
+              (("rsum", "rsum", "tab:gray", 0.0),))
+    for row, (ref, students) in zip(axes, paired.items()):
+        names = list(students)
+        for ax, series in zip(row, panels):
+            ax.axvline(0.0, color="black", lw=0.8)
+            for key, label, color, off in series:
+                for y, name in enumerate(names):
+                    c = students[name][key]
+                    err = None if c["low"] is None else [[c["mean"] - c["low"]], [c["high"] - c["mean"]]]
+                    ax.errorbar(c["mean"], y + off, xerr=err, fmt="o", color=color, capsize=3, ms=4,
+                                label=label if y == 0 else None)
+                    if c["significant"] is False:
+                        ax.annotate("n.s.", (c["high"], y + off), xytext=(4, -3), textcoords="offset points",
+                                    fontsize=7, color="dimgray")
+            ax.set_yticks(range(len(names)), names)
+            ax.set_ylim(len(names) - 0.5, -0.5)
+            ax.grid(axis="x", alpha=0.3)
+        row[0].set_title(f"R@1 − {ref} (same seed), points", fontsize=9)
+        row[1].set_title(f"rsum − {ref} (same seed), points", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"paired differences: mean and 95 % interval over {len(report['seeds'])} seed(s)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

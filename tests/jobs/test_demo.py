@@ -62,3 +62,15 @@ def test_a_failing_student_is_one_line_and_stops_the_others(tiny_store, shapes_d
     assert "Traceback" not in str(err.value) and "\n" not in str(err.value)
     # The good student was stopped long before its 50 epochs: no model exported.
     assert not (tmp_path / "good" / "model").exists()
+
+
+def test_recall_chart_from_stored_results(tmp_path):
+    """The demo's chart from a seed of docs/results/report.json (its axis starts near the lowest bar)."""
+    from pathlib import Path
+
+    from mcad.jobs.demo import _bar_chart
+
+    block = json.loads((Path(__file__).parents[2] / "docs" / "results" / "report.json").read_text())["per_seed"]["0"]
+    _bar_chart({"teachers": block["teachers"], "students": {k: block["students"][k] for k in ("baseline", "dual_kd", "mcad")}},
+               tmp_path / "recall.png")
+    assert (tmp_path / "recall.png").stat().st_size > 5000

@@ -101,7 +101,10 @@ def test_report_markdown_and_plots(toy_report):
     assert "## Ablations" in md and "break-even" in md and "n * (r - 1) * S >= T" in md
     assert f"{report['machine']['cpus']} CPUs" in md
     assert f"distillation temperature {report['mcad_train']['kd_temperature']}" in md
-    assert (out / "recall.png").stat().st_size > 5000
+    assert (out / "recall.png").stat().st_size > 5000 and (out / "paired.png").stat().st_size > 5000
+    assert "## Paired differences, 95 % interval over seeds" in md
+    d = report["paired_differences"]["baseline"]["mcad"]["rsum"]
+    assert f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" in md
     for method in STUDENTS:
         assert (out / f"curves_{method}.png").stat().st_size > 5000
     assert json.loads((out / "report_config.json").read_text())["seeds"] == 2
@@ -191,3 +194,29 @@ def test_report_cli_rejects_bad_input(tmp_path):
     assert not (tmp_path / "r").exists()
     result = CliRunner().invoke(main, ["bench", "report", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
+
+
+def test_paired_interval_is_mean_plus_minus_t_sd_over_root_n():
+    from mcad.jobs.bench.report import paired_interval, t975
+
+    assert t975(1) == 12.7062 and t975(2) == 4.3027
+    assert t975(40) == pytest.approx(2.0211, abs=1e-4) and t975(1000) == pytest.approx(1.9623, abs=1e-4)
+    c = paired_interval([1.0, 2.0, 3.0])  # sd 1, n 3: half width 4.3027 / sqrt(3)
+    assert c["mean"] == 2.0 and c["high"] - 2.0 == pytest.approx(4.3027 / math.sqrt(3))
+    assert c["low"] < 0 < c["high"] and c["significant"] is False
+    assert paired_interval([2.0, 2.5, 3.0])["significant"] is True
+    assert paired_interval([4.0]) == {"mean": 4.0, "n": 1, "low": None, "high": None, "significant": None}
+
+
+def test_paired_chart_and_table_from_a_report_written_before_them(tmp_path):
+    """docs/results/report.json has no paired_differences: they are computed from its per_seed."""
+    from pathlib import Path
+
+    from mcad.jobs.bench.report_render import paired_markdown, paired_plot
+
+    report = json.loads((Path(__file__).parents[3] / "docs" / "results" / "report.json").read_text())
+    report.pop("paired_differences", None)
+    md = "\n".join(paired_markdown(report))
+    assert md.count("| student: full MCAD |") == 2  # against the baseline and against dual-only KD
+    paired_plot(report, tmp_path / "paired.png")
+    assert (tmp_path / "paired.png").stat().st_size > 5000
