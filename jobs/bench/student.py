@@ -57,7 +57,7 @@ class StudentBenchConfig:
     preset: str = "s"           # student size (student.models.PRESETS)
     steps: int = 20             # timed steps per variant
     warmup: int = 2             # untimed steps per variant first
-    size: str = "demo"          # teacher size of a built store (pipeline.shapes.teacher_models.SIZES)
+    size: str = "demo"          # teacher size of a built store (pipeline.shapes.teacher_models.TEACHER_SIZES)
     samples: int = 512          # training samples of a built store
     pool_size: int = 64
     topk: int = 16
@@ -90,13 +90,13 @@ def build_store(root: Path, cfg: StudentBenchConfig, *, ray_address: str | None 
     """Shapes data, random teachers and a teacher pass under root; (store, train dir, teachers)."""
     from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
     from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
-    from mcad.pipeline.shapes.teacher_models import get_size, make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import check_teacher_size, make_teachers
 
-    get_size(cfg.size)  # an unknown size fails before any data is written
+    check_teacher_size(cfg.size)  # an unknown size fails before any data is written
     # Two whole pools per shard: every pool is full, so every batch has the same size.
     synth = SynthConfig(train=cfg.samples, val=2, test=2, shard_size=2 * cfg.pool_size, seed=cfg.seed)
     summary = write_benchmark(synth, root / "data")
-    dual, single = make_tiny_teachers(root / "teachers", [" ".join(summary["vocabulary"])],
+    dual, single = make_teachers(root / "teachers", [" ".join(summary["vocabulary"])],
                                       size=cfg.size, seed=cfg.seed)
     train = root / "data" / "train"
     run_teacher_pass(TeacherPassJob(data=str(train), dual=str(dual), single=str(single),

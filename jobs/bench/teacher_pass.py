@@ -52,7 +52,7 @@ COVERS = {
 class TeacherPassBenchConfig:
     """One bench run; P and K default below the job's (256, 32) to keep a CPU run to minutes."""
 
-    size: str = "demo"          # teacher size (pipeline.shapes.teacher_models.SIZES)
+    size: str = "demo"          # teacher size (pipeline.shapes.teacher_models.TEACHER_SIZES)
     samples: int = 512          # training samples, split evenly over the shards
     shards: int = 4
     pool_size: int = 128
@@ -79,13 +79,13 @@ class TeacherPassBenchConfig:
 def make_inputs(root: Path, cfg: TeacherPassBenchConfig) -> tuple[Path, str, str]:
     """Shapes train shards and random teachers of cfg.size under root; (train dir, dual, single)."""
     from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
-    from mcad.pipeline.shapes.teacher_models import get_size, make_tiny_teachers
+    from mcad.pipeline.shapes.teacher_models import check_teacher_size, make_teachers
 
-    get_size(cfg.size)  # an unknown size fails before any data is written
+    check_teacher_size(cfg.size)  # an unknown size fails before any data is written
     synth = SynthConfig(train=cfg.samples, val=2, test=2, image_size=cfg.image_size,
                         shard_size=cfg.shard_size, seed=cfg.seed)
     summary = write_benchmark(synth, root / "data")
-    dual, single = make_tiny_teachers(root / "teachers", [" ".join(summary["vocabulary"])],
+    dual, single = make_teachers(root / "teachers", [" ".join(summary["vocabulary"])],
                                       size=cfg.size, seed=cfg.seed)
     return root / "data" / "train", str(dual), str(single)
 

@@ -18,7 +18,7 @@ TEACHER_PASS = functools.partial(field_option, "mcad.jobs.bench.teacher_pass:Tea
 PRESETS = functools.partial(field_option, "mcad.jobs.bench.presets:PresetsBenchConfig")
 SWEEP = functools.partial(field_option, "mcad.jobs.bench.sweep:SweepBenchConfig")
 REPORT = functools.partial(field_option, "mcad.jobs.bench.report:ReportConfig")
-SIZES = click.Choice(["smoke", "demo"])  # pipeline.shapes.teacher_models.SIZES
+SIZES = click.Choice(["smoke", "demo", "base", "large"])  # pipeline.shapes.teacher_models.TEACHER_SIZES
 
 # Options several benches take.
 json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
@@ -109,7 +109,8 @@ Examples:
   mcad bench teacher-pass --size smoke --samples 40 --pool 8 --topk 3
 """)
 @json_option
-@TEACHER_PASS("--size", type=SIZES, help="Teacher size (random weights): demo is the realistic width.")
+@TEACHER_PASS("--size", type=SIZES, help="Teacher size (random weights): demo is the shipped teachers' width; "
+              "base and large the public CLIP ViT-B/16 + BLIP ITM base, CLIP ViT-L/14 + BLIP ITM large.")
 @TEACHER_PASS("--samples", type=click.IntRange(min=1), help="Samples in the synthetic data.")
 @TEACHER_PASS("--shards", type=click.IntRange(min=1), help="Input shards the samples are split over.")
 @TEACHER_PASS("--pool", "pool_size", type=click.IntRange(min=2), help="Pool size P of the pass.")

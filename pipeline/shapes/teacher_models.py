@@ -249,6 +249,100 @@ def make_tiny_teachers(out_dir: str | Path, captions: Iterable[str], size: str =
     return save_teacher(clip, clip_proc, out / "dual"), save_teacher(blip, blip_proc, out / "single")
 
 
+# ------------------------------------------------- real-size architectures
+
+# The public checkpoints' shapes (their config.json), explicit; weights random.
+# CLIP: openai/clip-vit-base-patch16, openai/clip-vit-large-patch14 (224 px).
+# BLIP ITM: Salesforce/blip-itm-base-coco, Salesforce/blip-itm-large-coco (384 px).
+CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=8, max_position_embeddings=77)
+BLIP_TEXT = dict(vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=512)
+ARCHITECTURES: dict[str, dict] = {
+    "clip-vit-b16": dict(kind="clip", projection_dim=512, text=CLIP_TEXT,
+                         vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, image_size=224, patch_size=16)),
+    "clip-vit-l14": dict(kind="clip", projection_dim=768,
+                         text={**CLIP_TEXT, "hidden_size": 768, "intermediate_size": 3072,
+                               "num_attention_heads": 12},
+                         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=224, patch_size=14)),
+    "blip-itm-base": dict(kind="blip", projection_dim=512, image_text_hidden_size=256,
+                          text={**BLIP_TEXT, "encoder_hidden_size": 768},
+                          vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, image_size=384, patch_size=16)),
+    "blip-itm-large": dict(kind="blip", projection_dim=512, image_text_hidden_size=256,
+                           text={**BLIP_TEXT, "encoder_hidden_size": 1024},
+                           vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=384, patch_size=16)),
+}
+# Teacher sizes beyond SIZES: (dual architecture, single architecture).
+REAL_SIZES: dict[str, tuple[str, str]] = {"base": ("clip-vit-b16", "blip-itm-base"),
+                                          "large": ("clip-vit-l14", "blip-itm-large")}
+TEACHER_SIZES = (*SIZES, *REAL_SIZES)  # what the benches' --size takes
+
+
+def check_teacher_size(size: str) -> None:
+    if size not in SIZES and size not in REAL_SIZES:
+        raise InputError(f"unknown teacher size {size!r}; choose from {', '.join(TEACHER_SIZES)}")
+
+
+def architecture_config(name: str, tokenizer):
+    """The transformers config of a registry architecture, special ids from `tokenizer`
+    (whose vocabulary may be smaller than the architecture's: the embedding table keeps its size)."""
+    from transformers import CLIPConfig
+
+    arch = ARCHITECTURES[name]
+    if len(tokenizer) > arch["text"]["vocab_size"]:
+        raise InputError(f"{name}: tokenizer has {len(tokenizer)} tokens, the architecture {arch['text']['vocab_size']}")
+    if arch["kind"] == "clip":
+        text = {**arch["text"], "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id, "projection_dim": arch["projection_dim"]}
+        vision = {**arch["vision"], "projection_dim": arch["projection_dim"]}
+        return CLIPConfig(text_config=text, vision_config=vision, projection_dim=arch["projection_dim"])
+    # is_decoder builds the cross-attention layers (as build_blip does).
+    text = {**arch["text"], "is_decoder": True, "projection_dim": arch["projection_dim"],
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id, "sep_token_id": tokenizer.sep_token_id}
+    return BlipConfig(text_config=text, vision_config={**arch["vision"], "projection_dim": arch["projection_dim"]},
+                      projection_dim=arch["projection_dim"], image_text_hidden_size=arch["image_text_hidden_size"])
+
+
+def make_real_teachers(out_dir: str | Path, captions: Iterable[str], size: str = "base", seed: int = 0, *,
+                       dtype: torch.dtype | None = None) -> tuple[Path, Path]:
+    """Random teachers of a registry size (REAL_SIZES) saved as `out_dir/dual` and `out_dir/single`:
+    ordinary `from_pretrained` directories (config, safetensors, processor, tokenizer), as a
+    downloaded checkpoint of the same architecture is. The tokenizers are built from `captions`
+    offline (a subset of the architecture's vocabulary); images are processed at its resolution."""
+    if size not in REAL_SIZES:
+        raise InputError(f"unknown real teacher size {size!r}; choose from {', '.join(REAL_SIZES)}")
+    out = Path(out_dir)
+    dual_arch, single_arch = REAL_SIZES[size]
+    clip_tok, blip_tok = build_tokenizers(captions, max_length=CLIP_TEXT["max_position_embeddings"])
+    blip_tok.model_max_length = BLIP_TEXT["max_position_embeddings"]
+    clip_px = ARCHITECTURES[dual_arch]["vision"]["image_size"]
+    blip_px = ARCHITECTURES[single_arch]["vision"]["image_size"]
+    clip_proc = CLIPProcessor(image_processor=CLIPImageProcessorPil(
+        size={"shortest_edge": clip_px}, crop_size={"height": clip_px, "width": clip_px}), tokenizer=clip_tok)
+    blip_proc = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": blip_px, "width": blip_px}),
+                              tokenizer=blip_tok)
+    torch.manual_seed(seed)
+    dual = save_teacher(CLIPModel(architecture_config(dual_arch, clip_tok)), clip_proc, out / "dual", dtype=dtype)
+    torch.manual_seed(seed + 1)
+    single = save_teacher(BlipForImageTextRetrieval(architecture_config(single_arch, blip_tok)), blip_proc,
+                          out / "single", dtype=dtype)
+    return dual, single
+
+
+def make_teachers(out_dir: str | Path, captions: Iterable[str], size: str = "smoke",
+                  seed: int = 0) -> tuple[Path, Path]:
+    """Random teachers of any teacher size: SIZES (small) or REAL_SIZES (public shapes)."""
+    check_teacher_size(size)
+    if size in REAL_SIZES:
+        return make_real_teachers(out_dir, captions, size, seed)
+    return make_tiny_teachers(out_dir, captions, size, seed)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

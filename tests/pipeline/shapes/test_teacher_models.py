@@ -165,3 +165,84 @@ def test_shipped_demo_teachers_load_and_see_colours():
                                    padding=True)).itm_score
         assert dual.logits_per_image[0].argmax() == k
         assert (itm[:, 1] - itm[:, 0]).argmax() == k
+
+
+# ------------------------------------------------- real-size architectures
+
+def test_registry_has_the_public_shapes():
+    """Architecture, not weights: the numbers of the public checkpoints' config.json."""
+    from transformers import BertTokenizer
+
+    from mcad.pipeline.shapes.teacher_models import ARCHITECTURES, REAL_SIZES, TEACHER_SIZES, architecture_config
+
+    assert TEACHER_SIZES == ("smoke", "demo", "base", "large")
+    assert REAL_SIZES == {"base": ("clip-vit-b16", "blip-itm-base"), "large": ("clip-vit-l14", "blip-itm-large")}
+    clip_tok, blip_tok = build_tokenizers(["a red circle"])
+    want = {  # name: (vision hidden, layers, image px, patch, text hidden, projection)
+        "clip-vit-b16": (768, 12, 224, 16, 512, 512), "clip-vit-l14": (1024, 24, 224, 14, 768, 768),
+        "blip-itm-base": (768, 12, 384, 16, 768, 512), "blip-itm-large": (1024, 24, 384, 16, 768, 512)}
+    for name, (vh, vl, px, patch, th, proj) in want.items():
+        cfg = architecture_config(name, clip_tok if name.startswith("clip") else blip_tok)
+        v, t = cfg.vision_config, cfg.text_config
+        assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size, t.hidden_size,
+                cfg.projection_dim) == (vh, vl, px, patch, th, proj), name
+        assert t.vocab_size == ARCHITECTURES[name]["text"]["vocab_size"]
+    blip = architecture_config("blip-itm-large", blip_tok).text_config
+    assert blip.is_decoder and blip.encoder_hidden_size == 1024 and blip.vocab_size == 30524
+    with pytest.raises(InputError, match="tokenizer has"):
+        architecture_config("blip-itm-base", BertTokenizer(vocab={f"w{i}": i for i in range(30600)}))
+
+
+def _shrunk(monkeypatch):
+    """Registry entries cut to one thin layer (same kinds, same build and save code): seconds, not GBs."""
+    from mcad.pipeline.shapes import teacher_models
+
+    thin = {}
+    for name, arch in teacher_models.ARCHITECTURES.items():
+        small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+        text = {**arch["text"], **small, "vocab_size": 1024}
+        if "encoder_hidden_size" in text:
+            text["encoder_hidden_size"] = 32
+        thin[name] = {**arch, "projection_dim": 32, "text": text,
+                      "vision": {**arch["vision"], **small, "image_size": 32, "patch_size": 8}}
+    monkeypatch.setattr(teacher_models, "ARCHITECTURES", thin)
+
+
+def test_registry_dirs_load_like_any_checkpoint(tmp_path, monkeypatch):
+    """A registry-built dir goes through load_teachers and its checks exactly as a
+    checkpoint saved by plain transformers (as the Hub's are) does."""
+    from mcad.pipeline.shapes.teacher_models import make_real_teachers
+    from mcad.pipeline.teachers import load_teachers
+
+    _shrunk(monkeypatch)
+    dual_dir, single_dir = make_real_teachers(tmp_path / "reg", ["a red circle", "a blue square"], "base")
+    dual, single = load_teachers(dual_dir, single_dir)
+    # The same models saved the plain way: model.save_pretrained + processor.save_pretrained.
+    plain = tmp_path / "plain"
+    for teacher, name in ((dual, "dual"), (single, "single")):
+        teacher.model.save_pretrained(plain / name)
+        teacher.processor.save_pretrained(plain / name)
+    dual2, single2 = load_teachers(plain / "dual", plain / "single")
+    for a, b in ((dual, dual2), (single, single2)):
+        ia, ib = a.identity(), b.identity()
+        assert (ia["kind"], ia["architecture"]) == (ib["kind"], ib["architecture"])
+        assert ia["weights_sha256"] == ib["weights_sha256"]
+    image = Image.new("RGB", (40, 30), (200, 30, 30))
+    torch.testing.assert_close(dual.encode_images([image]), dual2.encode_images([image]))
+    assert single.encode_images([image]).shape[1] == (32 // 8) ** 2 + 1
+    # The loader's refusals hold for registry dirs too.
+    (single_dir / "vocab.txt").unlink(missing_ok=True)
+    (single_dir / "tokenizer.json").unlink(missing_ok=True)
+    with pytest.raises(InputError, match="no tokenizer files"):
+        load_teachers(dual_dir, single_dir)
+
+
+@pytest.mark.slow
+def test_base_registry_teachers_load(tmp_path):
+    """The full-size base teachers (about 1.4 GB on disk) build, save and load."""
+    from mcad.pipeline.shapes.teacher_models import make_real_teachers
+    from mcad.pipeline.teachers import load_teachers
+
+    dual, single = load_teachers(*make_real_teachers(tmp_path, ["a red circle"], "base"))
+    assert dual.model.config.vision_config.image_size == 224 and dual.dim == 512
+    assert single.encode_images([Image.new("RGB", (48, 48))]).shape == (1, 577, 768)
