@@ -19,6 +19,7 @@ column constants of storage/schema.py.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -139,31 +140,69 @@ def candidate_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]
     exp(max(l) - lse); entropy lse - sum(exp(x - lse) * x). Means are None
     when the store has no rows.
     """
-    names = [(dr, short, schema.col(dr, fld)) for dr in schema.DIRECTIONS for short, fld in LOGIT_FIELDS.items()]
-    a = {c: f"{dr}_{short}" for dr, short, c in names}  # SQL aliases
-    lists = ", ".join(f"list_filter({c}::DOUBLE[], lambda x: isfinite(x)) AS {a[c]}_l" for c in a)
+    rows, aliases = _per_row_sql()
     lses = ", ".join(f"{schema.col(dr, schema.DUAL_LSE)} AS {dr}_pool_lse" for dr in schema.DIRECTIONS)
-    maxes = ", ".join(f"list_max({x}_l) AS {x}_m" for x in a.values())
-    row_lse = ", ".join(f"{x}_m + ln(list_sum(list_transform({x}_l, lambda x: exp(x - {x}_m)))) AS {x}_lse"
-                        for x in a.values())
-    means = []
-    for x in a.values():
-        means.append(f"avg(exp({x}_m - {x}_lse)) AS {x}_top1")
-        means.append(f"avg({x}_lse - list_sum(list_transform({x}_l, lambda x: exp(x - {x}_lse) * x))) "
-                     f"AS {x}_entropy")
-    for dr in schema.DIRECTIONS:
-        means.append(f"avg(exp({dr}_dual_lse - {dr}_pool_lse)) AS {dr}_topk_mass")
-    query = (f"WITH l AS (SELECT {lists}, {lses} FROM {SIGNALS_VIEW}), "
-             f"m AS (SELECT *, {maxes} FROM l), "
-             f"e AS (SELECT *, {row_lse} FROM m) "
-             f"SELECT {', '.join(means)} FROM e")
-    got = _rows(con.sql(query))[0]
+    means = [f"avg({x}_{v}) AS {x}_{v}" for x in aliases for v in ("top1", "entropy")]
+    means += [f"avg(exp({dr}_dual_lse - {dr}_pool_lse)) AS {dr}_topk_mass" for dr in schema.DIRECTIONS]
+    got = _rows(con.sql(f"{rows.format(extra=', ' + lses)} SELECT {', '.join(means)} FROM e"))[0]
     out: dict[str, dict[str, Any]] = {}
     for dr in schema.DIRECTIONS:
         out[dr] = {short: {"top1": got[f"{dr}_{short}_top1"], "entropy": got[f"{dr}_{short}_entropy"]}
                    for short in LOGIT_FIELDS}
         out[dr]["topk_mass"] = got[f"{dr}_topk_mass"]
     return out
+
+
+def _per_row_sql(temperature: float = 1.0) -> tuple[str, list[str]]:
+    """The CTEs (`WITH l, m, e`) that give, per row of `signals` and per direction and logit column
+    (alias "<direction>_<dual|itm>"), the softmax of the finite candidate logits / T:
+    `<alias>_top1` (top-1 probability), `<alias>_entropy` (nats) and `<alias>_lse` in `e`.
+    `{extra}` in the text takes more columns of `signals` into `l` (str.format)."""
+    t = float(temperature)
+    names = [(dr, short, schema.col(dr, fld)) for dr in schema.DIRECTIONS for short, fld in LOGIT_FIELDS.items()]
+    a = {c: f"{dr}_{short}" for dr, short, c in names}  # SQL aliases
+    lists = ", ".join(f"list_transform(list_filter({c}::DOUBLE[], lambda x: isfinite(x)), lambda x: x / {t!r}) "
+                      f"AS {a[c]}_l" for c in a)
+    maxes = ", ".join(f"list_max({x}_l) AS {x}_m" for x in a.values())
+    row_lse = ", ".join(f"{x}_m + ln(list_sum(list_transform({x}_l, lambda x: exp(x - {x}_m)))) AS {x}_lse"
+                        for x in a.values())
+    values = ", ".join(f"exp({x}_m - {x}_lse) AS {x}_top1, "
+                       f"{x}_lse - list_sum(list_transform({x}_l, lambda x: exp(x - {x}_lse) * x)) AS {x}_entropy"
+                       for x in a.values())
+    rows = (f"WITH l AS (SELECT {lists}{{extra}} FROM {SIGNALS_VIEW}), "
+            f"m AS (SELECT *, {maxes} FROM l), "
+            f"r AS (SELECT *, {row_lse} FROM m), "
+            f"e AS (SELECT *, {values} FROM r)")
+    return rows, list(a.values())
+
+
+def candidate_histograms(con: duckdb.DuckDBPyConnection, *, k: int, temperatures: Iterable[float] = (1.0,),
+                         bins: int = 20) -> dict[str, Any]:
+    """Histograms over rows of the top-1 probability and the entropy of each candidate softmax at each
+    temperature T (logits / T, as the student's distillation sees them at that T).
+
+    {"bins", "edges": {"top1": [0 .. 1], "entropy": [0 .. ln k]},
+     "T=<t>": {direction: {"dual"|"itm": {"top1": [counts], "entropy": [counts]}}}}; rows without a
+    finite candidate are not counted. One scan of `signals` per temperature."""
+    hi = {"top1": 1.0, "entropy": math.log(max(k, 2))}
+    out: dict[str, Any] = {"bins": bins, "edges": {v: [hi[v] * i / bins for i in range(bins + 1)] for v in hi}}
+    for t in temperatures:
+        rows, aliases = _per_row_sql(t)
+        hists = ", ".join(f"histogram(least({bins - 1}, greatest(0, floor({x}_{v} / {hi[v]!r} * {bins})::INTEGER))) "
+                          f"AS {x}_{v}" for x in aliases for v in hi)
+        got = _rows(con.sql(f"{rows.format(extra='')} SELECT {hists} FROM e"))[0]
+        out[f"T={t:g}"] = {dr: {short: {v: _counts(got[f"{dr}_{short}_{v}"], bins) for v in hi}
+                                for short in LOGIT_FIELDS} for dr in schema.DIRECTIONS}
+    return out
+
+
+def _counts(histogram: dict | None, bins: int) -> list[int]:
+    """DuckDB's histogram() map (bin -> count, as a dict or (bin, count) pairs; None over no rows)
+    as a list of `bins` counts."""
+    counts = [0] * bins
+    for b, n in dict(histogram or {}).items():
+        counts[int(b)] = int(n)
+    return counts
 
 
 # --- validation -------------------------------------------------------------

@@ -14,6 +14,7 @@ STATS_EPILOG = """\b
 Examples:
   mcad signals stats out/store
   mcad signals stats out/store --json out/store-stats.json
+  mcad signals stats out/store --plot store-stats.png     histograms of top-1 and entropy, rejects
 """
 VALIDATE_EPILOG = """\b
 Examples:
@@ -51,14 +52,26 @@ def signals():
 @click.argument("store", type=click.Path(file_okay=False))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the figures as JSON to this file.")
-def stats(store: str, json_path: str | None):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw histograms of the top-1 probability and entropy per teacher and direction, at "
+                   "T = 1 and at the default distillation temperature, and the rejects by reason, as a PNG.")
+def stats(store: str, json_path: str | None, plot_path: str | None):
     """Per-shard counts, rejects by reason, teachers, and how peaked the stored candidate
     distributions are (mean top-1 probability and entropy, per direction)."""
     from mcad.storage.atomic import atomic_write_json
-    from mcad.storage.query import store_stats
+    from mcad.storage.query import candidate_histograms, connect, store_stats
 
     result = store_stats(store)
     click.echo(format_stats(result))
+    if plot_path:
+        from mcad.jobs.signals_plot import plot_signal_stats
+        from mcad.storage.reader import open_store
+        from mcad.student.config import TrainConfig
+
+        opened = open_store(store, allow_incomplete=True)
+        result["histograms"] = candidate_histograms(connect(opened), k=opened.dims["k"],
+                                                    temperatures=(1.0, TrainConfig.kd_temperature))
+        click.echo(f"plot -> {plot_signal_stats(result, result['histograms'], plot_path)}")
     if json_path:
         atomic_write_json(json_path, result)
 
