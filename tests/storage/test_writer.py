@@ -268,3 +268,57 @@ def test_same_source_needs_the_same_size_and_mtime(tmp_path):
     src.write_bytes(b"abcd")
     os.utime(src, (1000.0, 1000.0))  # same mtime, other size
     assert not same_source(pinned, source_identity(src))
+
+
+def test_the_store_layout_and_manifest_names_are_pinned(tmp_path, make_store):
+    # Stores on disk are read by later versions and by other tools: the file names and the
+    # manifest's keys and status words are the format, spelled out here.
+    from mcad.storage import manifest as mf
+
+    store = make_store(tmp_path / "store", shards=1)
+    assert sorted(p.name for p in store.iterdir()) == ["manifest.json", "rejects", "signals"]
+    assert [p.name for p in (store / "signals").iterdir()] == ["00000.parquet"]
+    raw = json.loads((store / "manifest.json").read_text())
+    body = {k: v for k, v in raw.items() if k != "manifest_sha256"}
+    assert raw["manifest_sha256"] == hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert raw["params"]["logit_scale"] > 0
+    entry = raw["shards"]["00000"]
+    assert entry["status"] == "done"
+    assert {"source", "size", "mtime", "rows", "rejected", "pools", "seconds",
+            "signals_sha256", "signals_bytes", "rejects_sha256", "rejects_bytes"} <= set(entry)
+    assert entry["rejects_sha256"] == file_digest(store / "rejects" / "00000.parquet")
+    assert entry["rejects_bytes"] == (store / "rejects" / "00000.parquet").stat().st_size
+    names = (mf.FUSION_PROJ_NAME, mf.PASS_CONFIG_NAME, mf.LOCK_NAME, mf.PARAM_LOGIT_SCALE,
+             mf.PARAM_FUSION_PROJ_SHA256, mf.STATUS_PENDING, mf.SOURCE_SHA256)
+    assert names == ("fusion_proj.safetensors", "teacher_pass_config.json", "pass.lock", "logit_scale",
+                     "fusion_proj_sha256", "pending", "source_sha256")
+
+
+def test_a_new_manifest_is_empty_unsealed_and_names_this_mcad(monkeypatch):
+    import mcad
+    from mcad.storage import manifest as mf
+
+    fresh = Manifest()
+    assert (fresh.teachers, fresh.params, fresh.shards) == ({}, {}, {})
+    assert fresh.sealed is False  # only a manifest loaded with its own digest is sealed
+    assert fresh.schema_version == schema.SCHEMA_VERSION and fresh.mcad_version == mcad.__version__
+
+    def not_installed(name):
+        raise mf.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(mf.importlib.metadata, "version", not_installed)
+    assert Manifest().mcad_version == "0+unknown"
+
+
+def test_same_source_refuses_a_whole_millisecond_and_folder_digests_are_pinned(tmp_path):
+    at = {"source": "/d/0.tar", "size": 3, "mtime": 0.0}
+    assert not same_source(at, {**at, "mtime": 0.001})  # "to the millisecond": 1 ms is a change
+    # A folder's digest (a teacher directory's, pinned in manifests): sha256 over "NAME\0SHA256\n"
+    # of each file, in sorted relative-path order.
+    (tmp_path / "t" / "sub").mkdir(parents=True)
+    (tmp_path / "t" / "b.json").write_bytes(b"{}")
+    (tmp_path / "t" / "sub" / "a.bin").write_bytes(b"abc")
+    lines = "".join(f"{name}\0{hashlib.sha256(data).hexdigest()}\n"
+                    for name, data in (("b.json", b"{}"), ("sub/a.bin", b"abc")))
+    assert file_digest(tmp_path / "t") == hashlib.sha256(lines.encode()).hexdigest()
