@@ -11,7 +11,7 @@ import pytest
 
 from mcad.storage import schema
 from mcad.storage.errors import InputError
-from mcad.storage.manifest import MANIFEST_NAME, Manifest, rejects_path, signals_path
+from mcad.storage.manifest import MANIFEST_NAME, Manifest, file_digest, rejects_path, signals_path
 from mcad.storage.reader import fingerprint_digest, open_store
 
 from helpers import record_digests, write_manifest
@@ -315,3 +315,47 @@ def test_fingerprint_pins_sources_teachers_and_params(store_dir):
     _edit_manifest(store_dir, lambda m: m["teachers"]["dual"].update(path="/moved/elsewhere"))
     assert open_store(store_dir).fingerprint() == fp
     assert Manifest.load(store_dir).teachers["dual"]["path"] == "/moved/elsewhere"
+
+
+def test_open_store_accepts_the_smallest_store_and_stray_non_parquet_files(tmp_path, make_store):
+    # Every required param may be 1; a file in signals/ that is not a .parquet is no shard.
+    root = make_store(tmp_path / "tiny", shards=1, rows_per_shard=(1,), pool=1, d=1, f=1, k=1)
+    (root / "signals" / "NOTES.txt").write_text("copied by hand")
+    store = open_store(root)
+    assert list(store.shards) == ["00000"] and store.num_rows == 1
+
+
+def test_a_bad_signals_file_is_named_as_such(store_dir):
+    path = signals_path(store_dir, "00001")
+    pq.write_table(pq.read_table(path).replace_schema_metadata({}), path)
+    with pytest.raises(InputError, match=r"shard 00001 \(signals file\): signal schema version None"):
+        open_store(store_dir)
+
+
+def test_fingerprint_digest_ignores_key_order():
+    assert fingerprint_digest({"a": 1, "b": {"c": 2, "d": 3}}) == fingerprint_digest({"b": {"d": 3, "c": 2}, "a": 1})
+
+
+def test_unreadable_column_message():
+    from mcad.storage.reader import unreadable_column
+
+    exc = OSError("Corrupt page\n  at offset 12")
+    tail = "unreadable (Corrupt page); the file is damaged: restore it or rerun the teacher pass"
+    assert str(unreadable_column("S: shard 0", "itm_pos", exc)) == f"S: shard 0: column itm_pos: {tail}"
+    assert str(unreadable_column("S: shard 0", None, exc)) == f"S: shard 0: {tail}"
+
+
+def test_verify_projection_checks_the_pinned_digest(store_dir):
+    from mcad.storage.manifest import FUSION_PROJ_NAME
+
+    assert open_store(store_dir).verify_projection() is False  # nothing pinned
+    proj = store_dir / FUSION_PROJ_NAME
+    proj.write_bytes(b"W of the pass")
+    _edit_manifest(store_dir, lambda m: m["params"].update(fusion_proj_sha256=file_digest(proj)))
+    assert open_store(store_dir).verify_projection() is True
+    proj.write_bytes(b"W of another pass")
+    with pytest.raises(InputError, match="fusion_proj.safetensors does not match the manifest's fusion_proj_sha256"):
+        open_store(store_dir).verify_projection()
+    proj.unlink()
+    with pytest.raises(InputError, match="fusion_proj.safetensors is missing"):
+        open_store(store_dir).verify_projection()
