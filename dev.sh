@@ -3,6 +3,7 @@
 #   ./dev.sh demo [ARGS]   the whole flow on the embedded shapes benchmark (`mcad demo`)
 #   ./dev.sh test [ARGS]   the test suite (pytest; ARGS go to pytest)
 #   ./dev.sh mcad [ARGS]   any other mcad command inside the project's environment
+#   ./dev.sh mutate [MODULE...]  mutation testing of the pure core (mutmut; README "Tests")
 # The environment is ./.venv (override with MCAD_VENV). Installing is skipped
 # when nothing changed since the last install, so a second run starts at once.
 set -euo pipefail
@@ -47,11 +48,73 @@ ensure_env() {
     echo "$want" > "$stamp"
 }
 
+# Mutation testing (mutmut 2.x, the `mutate` extra): each core module of
+# mutmut_config.py's PAIRS (all by default) against its paired test files.
+# mutmut edits the module in place, so this refuses a module with uncommitted
+# changes and puts every module back on exit, Ctrl-C included.
+mutate() {
+    ensure_env
+    "$VENV/bin/python" -c "import mutmut" 2>/dev/null ||
+        "$VENV/bin/python" -m pip install -q -e ".[test,export,tensorboard,mutate]"
+    local py mods m tests rc start
+    py=$(cd "$(dirname "$VENV/bin/python")" && pwd)/python
+    if [ $# -gt 0 ]; then mods=("$@"); else read -ra mods <<< "$("$py" mutmut_config.py modules)"; fi
+    for m in "${mods[@]}"; do
+        "$py" mutmut_config.py tests "$m" >/dev/null || exit 2
+    done
+    git rev-parse --git-dir >/dev/null 2>&1 || { echo "dev.sh mutate: needs a git checkout (it restores the modules from git)" >&2; exit 2; }
+    if [ -n "$(git status --porcelain -- "${mods[@]}")" ]; then
+        echo "dev.sh mutate: uncommitted changes in $(git status --porcelain -- "${mods[@]}" | cut -c4- | tr '\n' ' ')" >&2
+        echo "  mutmut edits these files in place: commit or stash the changes first" >&2
+        exit 2
+    fi
+    MUTATE_MODS=("${mods[@]}")
+    trap mutate_restore EXIT
+    trap 'exit 130' INT TERM
+    for m in "${mods[@]}"; do
+        tests=$("$py" mutmut_config.py tests "$m")
+        rm -f "$(dirname "$m")/__pycache__/$(basename "$m" .py)".*.pyc
+        echo "== $m: tests $tests" >&2
+        start=$SECONDS rc=0
+        # pytest.main in the runner process: any failure (a failing test, a module that no
+        # longer imports) counts as killed, and mutmut's timeout kills pytest itself.
+        "$VENV/bin/mutmut" run --paths-to-mutate "$m" --simple-output --no-progress \
+            --runner "$py -c 'import sys, pytest; sys.exit(pytest.main(sys.argv[1:]) != 0)' -x -q -p no:cacheprovider $tests" \
+            >/dev/null || rc=$?
+        [ $((rc & 1)) -eq 0 ] || { echo "dev.sh mutate: mutmut failed on $m (the tests must pass unmutated)" >&2; exit 1; }
+        echo "== $m: $("$py" mutmut_config.py counts "$m") ($((SECONDS - start)) s)" >&2
+    done
+    mutate_restore
+    local left id n=0
+    for m in "${mods[@]}"; do
+        left=$("$py" mutmut_config.py left "$m")
+        [ -n "$left" ] || continue
+        echo "---- $m: not killed: $left"
+        for id in $left; do
+            n=$((n + 1))
+            echo "# mutant ${id%%:*} (${id#*:})"
+            "$VENV/bin/mutmut" show "${id%%:*}"
+        done
+    done
+    echo "dev.sh mutate: $n mutants not killed in ${mods[*]}"
+    echo "  (results stay in .mutmut-cache: a rerun tests only new mutants unless tests/ changed; rm it to start over)"
+}
+
+mutate_restore() {
+    local m
+    for m in "${MUTATE_MODS[@]}"; do
+        [ -f "$m.bak" ] && mv -f "$m.bak" "$m"
+        git diff --quiet -- "$m" || git checkout -q -- "$m"
+    done
+    return 0
+}
+
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     demo) ensure_env; exec "$VENV/bin/mcad" demo "$@" ;;
     test) ensure_env; exec "$VENV/bin/python" -m pytest "$@" ;;
     mcad) ensure_env; exec "$VENV/bin/mcad" "$@" ;;
-    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    mutate) mutate "$@" ;;
+    *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
