@@ -107,6 +107,8 @@ def student_bench(json_path, store, data, teachers, preset, steps, size, threads
 Examples:
   mcad bench teacher-pass --json bench-teacher-pass.json     demo teachers, 512 samples, 4 shards
   mcad bench teacher-pass --size smoke --samples 40 --pool 8 --topk 3
+  mcad bench teacher-pass --profile --size base --samples 16 --shards 1 --pool 16 --topk 12
+                                                         seconds and FLOPs per stage, ITM cache on/off
 """)
 @json_option
 @TEACHER_PASS("--size", type=SIZES, help="Teacher size (random weights): demo is the shipped teachers' width; "
@@ -115,14 +117,24 @@ Examples:
 @TEACHER_PASS("--shards", type=click.IntRange(min=1), help="Input shards the samples are split over.")
 @TEACHER_PASS("--pool", "pool_size", type=click.IntRange(min=2), help="Pool size P of the pass.")
 @TEACHER_PASS("--topk", type=click.IntRange(min=1), help="Candidates K per sample and direction.")
+@click.option("--profile", is_flag=True,
+              help="Instead of the Ray comparison: seconds, share and FLOPs per stage of the bare loop, "
+                   "with the single teacher's cross-attention cache and without it (no Ray).")
 @dir_option("data, teachers and stores")
 @ray_address_option("Ray cluster to join (default: a local cluster started on the spot). The "
                     "comparison with the bare loop only holds when that cluster is this machine.")
-def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, workdir, ray_address):
-    """Samples/s of the Ray teacher pass against a bare loop on the same cores, and 2 workers against 1."""
+def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, profile, workdir, ray_address):
+    """Samples/s of the Ray teacher pass against a bare loop on the same cores, and 2 workers against 1;
+    with --profile, where the pass's time goes."""
     from mcad.jobs.bench.teacher_pass import TeacherPassBenchConfig, format_table, run_teacher_pass_bench
 
     cfg = TeacherPassBenchConfig(size=size, samples=samples, shards=shards, pool_size=pool_size, topk=topk)
+    if profile:
+        from mcad.jobs.bench.teacher_profile import format_profile, run_profile
+
+        result = run_profile(cfg, workdir=workdir)
+        _emit(format_profile(result), result, json_path)
+        return
     result = run_teacher_pass_bench(cfg, workdir=workdir, ray_address=ray_address)
     _emit(format_table(result), result, json_path)
 
