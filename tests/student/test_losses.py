@@ -247,3 +247,35 @@ def test_targets_to_loss_end_to_end_gradients_are_finite():
     loss.backward()
     assert all(math.isfinite(x) for x in metrics_to_floats(metrics).values())
     assert all(torch.isfinite(x.grad).all() for x in (u, w, scale))
+
+
+def test_contrastive_accuracies_count_each_direction():
+    # logits = image @ text.T with image = I: rows 0, 1 pick their own text, row 2 picks text 0;
+    # every column (text) picks its own image.
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [4.0, 0.0, 1.0]])
+    _, metrics = info_nce(image=torch.eye(3), text=logits.T.contiguous(), logit_scale=torch.tensor(1.0))
+    assert set(metrics) == {"con", "con_acc_i2t", "con_acc_t2i", "logit_scale"}
+    assert metrics["con_acc_i2t"].item() == pytest.approx(2 / 3)
+    assert metrics["con_acc_t2i"].item() == 1.0
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    u, w, s = _student(5, dtype=torch.float16)
+    loss, _ = info_nce(image=u, text=w, logit_scale=s)
+    assert loss.dtype == torch.float32
+    loss, metrics = feature_loss(image_proj=u, text_proj=w, img_feat=w, txt_feat=u)
+    assert loss.dtype == torch.float32
+    assert set(metrics) == {"feat", "feat_img", "feat_txt"}
+    assert metrics["feat_img"].item() == metrics["feat_txt"].item() > 0  # the same pairs, swapped
+
+
+def test_mcad_loss_asks_for_what_each_weighted_term_needs():
+    batch = _batch(13)
+    bare = dict(image=batch["image"], text=batch["text"], logit_scale=batch["logit_scale"])
+    with pytest.raises(ValueError, match="targets"):
+        mcad_loss(weights=LossWeights(con=1.0, dist=0.5, feat=0.0), **bare)
+    with pytest.raises(ValueError, match="targets"):
+        mcad_loss(weights=LossWeights(con=1.0, dist=0.0, feat=0.5), **bare)
+    for proj in ({"image_proj": None}, {"text_proj": None}):
+        with pytest.raises(ValueError, match="image_proj and text_proj"):
+            mcad_loss(weights=LossWeights(con=0.0, dist=0.0, feat=0.5), **{**batch, **proj})
