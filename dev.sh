@@ -56,7 +56,8 @@ mutate() {
     ensure_env
     "$VENV/bin/python" -c "import mutmut" 2>/dev/null ||
         "$VENV/bin/python" -m pip install -q -e ".[test,export,tensorboard,mutate]"
-    local py mods m tests rc start
+    local py mods m tests rc start setsid=
+    command -v setsid >/dev/null && setsid=setsid
     py=$(cd "$(dirname "$VENV/bin/python")" && pwd)/python
     if [ $# -gt 0 ]; then mods=("$@"); else read -ra mods <<< "$("$py" mutmut_config.py modules)"; fi
     for m in "${mods[@]}"; do
@@ -68,9 +69,9 @@ mutate() {
         echo "  mutmut edits these files in place: commit or stash the changes first" >&2
         exit 2
     fi
-    MUTATE_MODS=("${mods[@]}")
+    MUTATE_MODS=("${mods[@]}") MUTATE_PID=
     trap mutate_restore EXIT
-    trap 'exit 130' INT TERM
+    trap 'mutate_stop; exit 130' INT TERM
     for m in "${mods[@]}"; do
         tests=$("$py" mutmut_config.py tests "$m")
         rm -f "$(dirname "$m")/__pycache__/$(basename "$m" .py)".*.pyc
@@ -78,9 +79,15 @@ mutate() {
         start=$SECONDS rc=0
         # pytest.main in the runner process: any failure (a failing test, a module that no
         # longer imports) counts as killed, and mutmut's timeout kills pytest itself.
-        "$VENV/bin/mutmut" run --paths-to-mutate "$m" --simple-output --no-progress \
+        # mutmut runs in a session of its own (setsid) and dev.sh waits for it: a Ctrl-C reaches
+        # only dev.sh, which stops mutmut's whole group (mutmut, its worker process and the
+        # current mutant's pytest) before it puts the module back.
+        $setsid "$VENV/bin/mutmut" run --paths-to-mutate "$m" --simple-output --no-progress \
             --runner "$py -c 'import sys, pytest; sys.exit(pytest.main(sys.argv[1:]) != 0)' -x -q -p no:cacheprovider $tests" \
-            >/dev/null || rc=$?
+            >/dev/null &
+        MUTATE_PID=$!
+        wait "$MUTATE_PID" || rc=$?
+        MUTATE_PID=
         [ $((rc & 1)) -eq 0 ] || { echo "dev.sh mutate: mutmut failed on $m (the tests must pass unmutated)" >&2; exit 1; }
         echo "== $m: $("$py" mutmut_config.py counts "$m") ($((SECONDS - start)) s)" >&2
     done
@@ -98,6 +105,14 @@ mutate() {
     done
     echo "dev.sh mutate: $n mutants not killed in ${mods[*]}"
     echo "  (results stay in .mutmut-cache: a rerun tests only new mutants unless tests/ changed; rm it to start over)"
+}
+
+mutate_stop() {
+    [ -n "${MUTATE_PID:-}" ] || return 0
+    kill -TERM -- "-$MUTATE_PID" 2>/dev/null || kill -TERM "$MUTATE_PID" 2>/dev/null
+    wait "$MUTATE_PID" 2>/dev/null
+    sleep 1  # its worker and the pytest it started leave with the group
+    return 0
 }
 
 mutate_restore() {
