@@ -168,3 +168,20 @@ def test_missing_positive_is_refused():
     ev["t2i_idx"][2] = torch.tensor([PAD_IDX, PAD_IDX])
     with pytest.raises(InputError, match="t2i: row 2 lacks its positive"):
         run(ev, alpha=0.0, beta=1.0)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.inf, math.nan])
+def test_a_teacher_logit_scale_that_is_not_finite_and_positive_is_refused(scale):
+    ev = make_signals((4,), k=4, seed=6)
+    with pytest.raises(InputError, match="logit scale"):
+        mcad_targets(**ev, logit_scale=scale, alpha=0.0, beta=0.0)
+
+
+def test_the_edges_of_the_accepted_range_and_the_returned_keys():
+    ev = make_signals((4,), k=4, seed=6)
+    # K' = K (the default's value) and a scale below 1 are valid; the keys are what callers read.
+    got = mcad_targets(**ev, logit_scale=0.5, alpha=0.5, beta=0.3, k_prime=4)
+    assert set(got) == {"img_feat", "txt_feat", "i2t_logits", "t2i_logits"}
+    assert_targets_equal(got, mcad_targets(**ev, logit_scale=0.5, alpha=0.5, beta=0.3))
+    plain = mcad_targets(**ev, logit_scale=0.5, alpha=0.5, beta=0.0)[I2T_LOGITS]
+    torch.testing.assert_close(plain, run(ev, alpha=0.5, beta=0.0)[I2T_LOGITS] * (0.5 / SCALE))
