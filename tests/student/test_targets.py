@@ -185,3 +185,13 @@ def test_the_edges_of_the_accepted_range_and_the_returned_keys():
     assert_targets_equal(got, mcad_targets(**ev, logit_scale=0.5, alpha=0.5, beta=0.3))
     plain = mcad_targets(**ev, logit_scale=0.5, alpha=0.5, beta=0.0)[I2T_LOGITS]
     torch.testing.assert_close(plain, run(ev, alpha=0.5, beta=0.0)[I2T_LOGITS] * (0.5 / SCALE))
+
+
+@pytest.mark.parametrize("bad", [4, -2])
+def test_candidates_outside_the_batch_are_refused(bad):
+    ev = make_signals((4,), k=4, seed=6)  # batch of 4: candidates 0..3 or PAD_IDX
+    idx = ev["i2t_idx"].clone()
+    col = 1 if idx[0, 0] == 0 else 0  # not the positive
+    idx[0, col] = bad
+    with pytest.raises(ValueError, match="batch-local"):
+        run({**ev, "i2t_idx": idx}, alpha=0.0, beta=1.0)
