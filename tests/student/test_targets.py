@@ -195,3 +195,16 @@ def test_candidates_outside_the_batch_are_refused(bad):
     idx[0, col] = bad
     with pytest.raises(ValueError, match="batch-local"):
         run({**ev, "i2t_idx": idx}, alpha=0.0, beta=1.0)
+
+
+def test_inputs_of_the_wrong_rank_or_width_are_refused():
+    ev = make_signals((4,), k=4, seed=6)
+    # (B, D, 1) features: the right number of rows, the wrong rank
+    deep = {name: ev[name][..., None] for name in ("img_emb", "txt_emb", "fused_proj")}
+    with pytest.raises(ValueError, match="need img_emb, txt_emb, fused_proj"):
+        run({**ev, **deep}, alpha=0.5, beta=0.3)
+    # t2i lists one candidate longer than i2t's K
+    wider = {"t2i_idx": torch.cat([ev["t2i_idx"], ev["t2i_idx"][:, :1]], 1),
+             "t2i_itm": torch.cat([ev["t2i_itm"], ev["t2i_itm"][:, :1]], 1)}
+    with pytest.raises(ValueError, match=r"t2i: need idx and itm of shape \(4, 4\)"):
+        run({**ev, **wider}, alpha=0.5, beta=0.3)
