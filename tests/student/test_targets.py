@@ -208,3 +208,11 @@ def test_inputs_of_the_wrong_rank_or_width_are_refused():
              "t2i_itm": torch.cat([ev["t2i_itm"], ev["t2i_itm"][:, :1]], 1)}
     with pytest.raises(ValueError, match=r"t2i: need idx and itm of shape \(4, 4\)"):
         run({**ev, **wider}, alpha=0.5, beta=0.3)
+
+
+def test_beta_zero_never_reads_the_candidate_lists():
+    # Dual-only distillation (beta = 0) needs no ITM signals: lists it would refuse are not read.
+    ev = make_signals((4,), k=2, seed=7)
+    ev["t2i_idx"][2] = torch.tensor([PAD_IDX, PAD_IDX])
+    got = run(ev, alpha=0.0, beta=0.0)
+    torch.testing.assert_close(got[I2T_LOGITS], SCALE * ev["img_emb"].float() @ ev["txt_emb"].float().T)
