@@ -190,3 +190,13 @@ def test_rerank_by_scorer_and_rerank_recalls_match_brute_force():
         want = _brute_recall(as_scores(i2t, len(owner)), as_scores(t2i, n_images), owner)
         _close(got[name], want)
     assert np.array_equal(rerank_by(dual, scorer, k, beta=beta)[0], rerank(dual, idx, itm, beta=beta))
+
+
+def test_recalls_are_rounded_to_two_decimals_and_bad_owners_named():
+    # 3 images, one caption each; only image 0 ranks its own caption first (both directions).
+    sim = np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    out = recall_at_k(sim, np.arange(3), ks=(1,))
+    assert out["i2t"]["R@1"] == 33.33 and out["t2i"]["R@1"] == 33.33
+    assert out["rsum"] == 66.67
+    with pytest.raises(ValueError, match="^text_to_image must have 1 dimensions"):
+        recall_at_k(sim, np.arange(3)[:, None], ks=(1,))
