@@ -200,3 +200,18 @@ def test_recalls_are_rounded_to_two_decimals_and_bad_owners_named():
     assert out["rsum"] == 66.67
     with pytest.raises(ValueError, match="^text_to_image must have 1 dimensions"):
         recall_at_k(sim, np.arange(3)[:, None], ks=(1,))
+
+
+@pytest.mark.parametrize("ks", [(), (0,), (1, -5)])
+def test_ks_must_be_positive(ks):
+    with pytest.raises(ValueError, match="ks must be positive"):
+        recall_at_k(np.eye(2), np.arange(2), ks=ks)
+
+
+def test_text_to_image_ranks_cover_more_texts_than_one_chunk():
+    # 2 images, 1030 texts (more than one 1024-row chunk): texts 1024.. rank their image second.
+    owner = np.arange(1030) % 2
+    sim = np.where(np.arange(2)[:, None] == owner[None, :], 1.0, 0.0)
+    sim[1 - owner[1024:], np.arange(1024, 1030)] = 2.0
+    out = recall_at_k(sim, owner, ks=(1,))
+    assert out["t2i"]["R@1"] == round(100 * 1024 / 1030, 2)
