@@ -215,3 +215,15 @@ def test_text_to_image_ranks_cover_more_texts_than_one_chunk():
     sim[1 - owner[1024:], np.arange(1024, 1030)] = 2.0
     out = recall_at_k(sim, owner, ks=(1,))
     assert out["t2i"]["R@1"] == round(100 * 1024 / 1030, 2)
+
+
+def test_top_1_and_non_finite_inputs_named():
+    s = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]])
+    assert top_k(s, 1).tolist() == [[1], [0]]
+    bad = np.array([[np.nan, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="^scores has non-finite scores"):
+        top_k(bad, 1)
+    with pytest.raises(ValueError, match="^sim has non-finite scores"):
+        recall_at_k(bad, np.arange(2))
+    with pytest.raises(ValueError, match="^t2i has non-finite scores"):
+        recall_at_k(np.eye(2), np.arange(2), t2i=bad)
