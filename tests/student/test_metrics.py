@@ -227,3 +227,39 @@ def test_top_1_and_non_finite_inputs_named():
         recall_at_k(bad, np.arange(2))
     with pytest.raises(ValueError, match="^t2i has non-finite scores"):
         recall_at_k(np.eye(2), np.arange(2), t2i=bad)
+
+
+def test_top_k_matches_a_full_sort():
+    # rows long enough that numpy's partition leaves the tail unsorted
+    s = np.random.default_rng(4).normal(size=(20, 300))
+    for k in (1, 2, 10, 116, 119, 299):
+        assert top_k(s, k).tolist() == np.argsort(-s, axis=1)[:, :k].tolist()
+
+
+def test_rerank_puts_candidates_above_the_best_other_column_and_checks_its_inputs():
+    scores = np.array([[5.0, 0.0, 0.0, 4.0]])
+    out = rerank(scores, np.array([[1, 2]]), np.array([[0.0, 1.0]]))
+    assert np.argsort(-out[0]).tolist() == [2, 1, 0, 3]  # candidates by ITM, then the rest by score
+    with pytest.raises(ValueError, match="must both be"):
+        rerank(scores, np.array([[1, 2]]), np.array([[0.0, 1.0, 2.0]]))
+    with pytest.raises(ValueError, match="^idx must have 2 dimensions"):
+        rerank(scores, np.array([1, 2]), np.array([[0.0, 1.0]]))
+    for kw, name in (({"scores": scores * np.nan}, "scores"), ({"itm": np.array([[np.inf, 1.0]])}, "itm")):
+        args = {"scores": scores, "idx": np.array([[1, 2]]), "itm": np.array([[0.0, 1.0]]), **kw}
+        with pytest.raises(ValueError, match=f"^{name} has non-finite"):
+            rerank(args["scores"], args["idx"], args["itm"])
+
+
+def test_rerank_recalls_beta_defaults_to_one():
+    rng = np.random.default_rng(11)
+    dual, owner = _random_case(rng, 10, 5)
+    dual *= 10
+    itm_full = rng.standard_normal(dual.shape) * 4
+    idx, t_idx = top_k(dual, 6), top_k(dual.T, 6)
+    itm, t_itm = np.take_along_axis(itm_full, idx, 1), np.take_along_axis(itm_full.T, t_idx, 1)
+    # beta defaults to 1 (dual + ITM), and a non-finite dual is named
+    kw = dict(i2t_idx=idx, i2t_itm=itm, t2i_idx=t_idx, t2i_itm=t_itm)
+    assert rerank_recalls(dual, owner, **kw) == rerank_recalls(dual, owner, **kw, beta=1.0)
+    assert rerank_recalls(dual, owner, **kw) != rerank_recalls(dual, owner, **kw, beta=2.0)
+    with pytest.raises(ValueError, match="^dual has non-finite"):
+        rerank_recalls(dual * np.nan, owner, **kw)
