@@ -266,3 +266,23 @@ def test_projection_roundtrip(tmp_path):
 def test_pass_config_refuses_bad_values(kwargs):
     with pytest.raises(InputError):
         PassConfig(**kwargs)
+
+
+def test_pools_of_one_and_a_single_candidate():
+    assert pools(3, 1) == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(ValueError):
+        pools(3, 0)
+    logits = torch.tensor([[0.0, 5.0], [1.0, 0.0]])
+    assert candidates(logits, 1, "i2t").tolist() == [[0], [1]]  # k = 1: the positive alone
+    with pytest.raises(ValueError):
+        candidates(logits, 0, "i2t")
+
+
+def test_candidate_ties_keep_the_lower_index_first_in_a_large_pool():
+    # 64 rows with many equal logits (a sort that is not stable reorders them)
+    logits = torch.zeros(64, 64)
+    logits[:, ::3] = 1.0
+    want = list(range(0, 64, 3))[:8]
+    got = candidates(logits, 8, "i2t")
+    assert got[1].tolist() == want[:7] + [1]  # row 1's positive takes the last place
+    assert got[0].tolist() == want
