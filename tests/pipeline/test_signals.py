@@ -286,3 +286,10 @@ def test_candidate_ties_keep_the_lower_index_first_in_a_large_pool():
     got = candidates(logits, 8, "i2t")
     assert got[1].tolist() == want[:7] + [1]  # row 1's positive takes the last place
     assert got[0].tolist() == want
+
+
+def test_gather_padded_reads_a_one_row_pool():
+    from mcad.pipeline.signals import gather_padded
+
+    got = gather_padded(torch.tensor([[2.5]]), torch.tensor([[0, schema.PAD_IDX, schema.PAD_IDX]]))
+    assert got.tolist() == [[2.5, float("-inf"), float("-inf")]]
