@@ -293,3 +293,22 @@ def test_gather_padded_reads_a_one_row_pool():
 
     got = gather_padded(torch.tensor([[2.5]]), torch.tensor([[0, schema.PAD_IDX, schema.PAD_IDX]]))
     assert got.tolist() == [[2.5, float("-inf"), float("-inf")]]
+
+
+def test_projection_target_and_fit_projection_edges():
+    from mcad.pipeline.signals import projection_target
+
+    got = projection_target(torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(got, torch.tensor([[3.0, 1.0]]) / 10 ** 0.5)
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=(30, 3))
+    for ridge in (1.0, 1e-2):  # 1e-2 is the default
+        want = np.linalg.solve(x.T @ x + ridge * np.eye(4), x.T @ y)
+        kw = {"ridge": ridge} if ridge == 1.0 else {}
+        np.testing.assert_allclose(fit_projection(torch.tensor(x), torch.tensor(y), **kw).numpy(), want,
+                                   rtol=1e-5, atol=1e-6)
+    assert fit_projection(torch.ones(1, 2), torch.ones(1, 2)).shape == (2, 2)  # one pair is enough
+    with pytest.raises(InputError, match="no pairs"):
+        fit_projection(torch.zeros(0, 3), torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="need fused"):
+        fit_projection(torch.zeros(5), torch.zeros(5, 2))
