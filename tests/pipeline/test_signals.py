@@ -312,3 +312,11 @@ def test_projection_target_and_fit_projection_edges():
         fit_projection(torch.zeros(0, 3), torch.zeros(0, 2))
     with pytest.raises(ValueError, match="need fused"):
         fit_projection(torch.zeros(5), torch.zeros(5, 2))
+
+
+def test_a_pool_of_one_sample_and_an_empty_pool(teachers, samples, projection):
+    pool = compute_pool(*teachers, samples[:1], k=K, projection=projection, start=7)
+    assert pool[schema.ROW].tolist() == [7]
+    assert pool[schema.col("i2t", schema.IDX)].tolist() == [[7] + [schema.PAD_IDX] * (K - 1)]
+    with pytest.raises(ValueError, match="empty pool"):
+        compute_pool(*teachers, [], k=K, projection=projection)
