@@ -24,6 +24,8 @@ PAIRS = {
     # test_fs.py: the same checks on a store at a URI (pyarrow's in-memory mock://)
     "storage/reader.py": ["tests/storage/test_reader.py", "tests/storage/test_integrity.py",
                           "tests/storage/test_fs.py"],
+    "storage/parquet_files.py": ["tests/storage/test_reader.py", "tests/storage/test_integrity.py",
+                                 "tests/storage/test_fs.py"],
 }
 
 # Modules mutated only in part: the functions (and methods, as Class.method) under test.
@@ -36,8 +38,7 @@ SCOPE = {
         "_to_numpy", "calibration_pairs",
     },
     "storage/reader.py": {
-        "open_store", "_check_shard", "parquet_file", "read_checked", "decode_file",
-        "unreadable_column", "_decodes", "fingerprint_digest", "Store.has_digests",
+        "open_store", "_check_shard", "fingerprint_digest", "Store.has_digests",
         "Store.file_where", "Store.verify_files", "Store.verify_file", "Store.verify_projection",
     },
 }

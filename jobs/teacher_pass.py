@@ -90,7 +90,7 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
 
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
     """The whole pass: plan, calibrate the fusion projection, run the shards, return a summary."""
-    from mcad.pipeline.shards import list_shards, shard_name
+    from mcad.pipeline.shard_list import list_shards, shard_name
     from mcad.pipeline.teachers import check_teacher_dirs
 
     job.pass_config()  # validate P and K, and the teachers' folders, before anything starts

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mcad.pipeline.shards import Sample, iter_shard, list_shards
+from mcad.pipeline.shard_list import list_shards
+
+from mcad.pipeline.shards import Sample, iter_shard
 from mcad.pipeline.teachers import DualTeacher, SingleTeacher, check_model_dir
 from mcad.storage.errors import InputError
 from mcad.storage.iters import batched

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Iterator
 
-from mcad.pipeline.shards import Sample, iter_shard, list_shards, shard_name
+from mcad.pipeline.shard_list import list_shards, shard_name
+
+from mcad.pipeline.shards import Sample, iter_shard
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import SOURCE, SOURCE_SHA256, same_source, source_identity
 

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 
 from mcad.storage import fs
 from mcad.storage.manifest import FILE_DIGEST_FIELDS, FUSION_PROJ_NAME, store_file
-from mcad.storage.reader import Store, decode_file
+from mcad.storage.parquet_files import decode_file
+from mcad.storage.reader import Store
 
 NOT_RECORDED, NO_FILE = "not recorded", "no file"
 

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from mcad.storage import fs
 from mcad.storage import schema
 from mcad.storage.atomic import TMP_PREFIX
+from mcad.storage.batches import Batch, pool_buffer, rebatch, to_numpy
 from mcad.storage.errors import InputError, error_line
 from mcad.storage.lock import incomplete_line
 from mcad.storage.manifest import (
@@ -47,8 +48,8 @@ from mcad.storage.manifest import (
     ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, file_digest, rejects_path,
     signals_path, store_file, verify_projection,
 )
+from mcad.storage.parquet_files import decode_file, parquet_file, read_checked
 
-Batch = dict[str, Any]
 OpenSamples = Callable[[str], Iterable[tuple[str, Any]]]
 _OPEN_FILES = 4  # Parquet files kept open at once by one iterator (pool-shuffled replay)
 
@@ -106,65 +107,6 @@ def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray
             raise InputError(f"{where}: files hold {got} {field}, the manifest says {entry.get(field)}")
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-
-
-def parquet_file(location, *, verify: bool = True) -> pq.ParquetFile:
-    """A Parquet file at a local path or a URI (the store's filesystem, reused).
-
-    Every page's checksum is verified as it is read (a page written without
-    one, as in stores from before 2026-12-01, is read as it is); verify=False
-    only for measuring what that costs (`mcad bench store`).
-    """
-    if not fs.is_uri(location):
-        return pq.ParquetFile(location, page_checksum_verification=verify)
-    filesystem, path = fs.resolve(location)
-    return pq.ParquetFile(path, filesystem=filesystem, page_checksum_verification=verify)
-
-
-# What pyarrow raises on a page whose checksum fails or that does not decode.
-_UNREADABLE = (pa.ArrowException, OSError)
-
-
-def read_checked(pf: pq.ParquetFile, groups: list[int], columns: list[str], where: str) -> pa.Table:
-    """pf.read_row_groups(groups, columns); a page that fails raises InputError naming its column."""
-    try:
-        return pf.read_row_groups(groups, columns=columns)
-    except _UNREADABLE as exc:
-        column = next((c for c in columns if not _decodes(pf, groups, c)), None)
-        raise unreadable_column(where, column, exc) from None
-
-
-def decode_file(location, where: str) -> int:
-    """Decode every column of every row group, page checksums verified; return the rows.
-
-    InputError names the first column (in file order) that fails, row group by row group.
-    """
-    try:
-        pf = parquet_file(location)
-    except _UNREADABLE as exc:
-        raise InputError(f"{where}: unreadable Parquet file ({error_line(exc, first=True)})") from None
-    with pf:
-        for i in range(pf.metadata.num_row_groups):
-            for column in pf.schema_arrow.names:
-                try:
-                    pf.read_row_group(i, columns=[column])
-                except _UNREADABLE as exc:
-                    raise unreadable_column(where, column, exc) from None
-        return pf.metadata.num_rows
-
-
-def unreadable_column(where: str, column: str | None, exc: BaseException) -> InputError:
-    at = f": column {column}" if column else ""
-    return InputError(f"{where}{at}: unreadable ({error_line(exc, first=True)}); the file is damaged: "
-                      f"restore it or rerun the teacher pass")
-
-
-def _decodes(pf: pq.ParquetFile, groups: list[int], column: str) -> bool:
-    try:
-        pf.read_row_groups(groups, columns=[column])
-        return True
-    except _UNREADABLE:
-        return False
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -308,7 +250,7 @@ class Store:
         mine = _order(len(self.shards), shuffle, seed, epoch)[slot::slots]
         pools = (p for i in mine for p in self._joined_shard(open_samples, self.shards[i], cols))
         if shuffle and buffer_pools > 1:
-            pools = _pool_buffer(pools, buffer_pools, np.random.default_rng([seed, epoch, slot]))
+            pools = pool_buffer(pools, buffer_pools, np.random.default_rng([seed, epoch, slot]))
         yield from pools
 
     def iter_joined_rows(self, open_samples: OpenSamples, *, batch_size: int, buffer_size: int = 4096,
@@ -394,95 +336,6 @@ class _Files:
     def close(self) -> None:
         while self.open:
             self.open.popitem()[1][0].close()
-
-
-def to_numpy(table: pa.Table) -> Batch:
-    """Arrow table -> batch dict: fixed-size lists as (n, width) arrays, strings as lists."""
-    out: Batch = {}
-    for name, chunked in zip(table.column_names, table.columns):
-        arr = chunked.combine_chunks()
-        if pa.types.is_fixed_size_list(arr.type):
-            flat = arr.flatten().to_numpy(zero_copy_only=False)
-            out[name] = flat.reshape(len(arr), arr.type.list_size)
-        elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-            out[name] = arr.to_pylist()
-        else:
-            out[name] = arr.to_numpy(zero_copy_only=False)
-    return out
-
-
-def rebatch(pools: Iterable[Batch], *, batch_size: int, buffer_size: int,
-            rng: np.random.Generator | None) -> Iterator[Batch]:
-    """Cut a stream of pool dicts into batches of batch_size rows (the last may be smaller).
-
-    With rng, rows are shuffled through a buffer of about buffer_size rows:
-    once it fills, it is permuted and the rows above half of it leave as
-    batches, so each row mixes with rows of about buffer_size / P pools.
-    """
-    if batch_size < 1 or (rng is not None and buffer_size < batch_size):
-        raise ValueError(f"need 1 <= batch_size <= buffer_size, got {batch_size}, {buffer_size}")
-    parts: list[Batch] = []
-    n = 0
-    for pool in pools:
-        parts.append(pool)
-        n += _len(pool)
-        if n < (buffer_size if rng is not None else batch_size):
-            continue
-        buf = _concat(parts)
-        if rng is not None:
-            buf = _take(buf, rng.permutation(n))
-            emit = max(batch_size, (n - buffer_size // 2) // batch_size * batch_size)
-        else:
-            emit = n // batch_size * batch_size
-        for i in range(0, emit, batch_size):
-            yield _take(buf, slice(i, i + batch_size))
-        parts = [_take(buf, slice(emit, n))] if emit < n else []
-        n -= emit
-    if n:
-        buf = _concat(parts)
-        if rng is not None:
-            buf = _take(buf, rng.permutation(n))
-        for i in range(0, n, batch_size):
-            yield _take(buf, slice(i, i + batch_size))
-
-
-def _pool_buffer(pools: Iterable[Batch], size: int, rng: np.random.Generator) -> Iterator[Batch]:
-    """Shuffle a stream of pools through a buffer holding at most `size` of them."""
-    held: list[Batch] = []
-    for pool in pools:
-        held.append(pool)
-        if len(held) >= size:
-            i = int(rng.integers(len(held)))
-            held[i], held[-1] = held[-1], held[i]
-            yield held.pop()
-    for i in rng.permutation(len(held)):
-        yield held[i]
-
-
-def _len(batch: Batch) -> int:
-    return len(next(iter(batch.values())))
-
-
-def _concat(parts: list[Batch]) -> Batch:
-    if len(parts) == 1:
-        return parts[0]
-    out: Batch = {}
-    for key, first in parts[0].items():
-        if isinstance(first, np.ndarray):
-            out[key] = np.concatenate([p[key] for p in parts])
-        else:
-            out[key] = [x for p in parts for x in p[key]]
-    return out
-
-
-def _take(batch: Batch, idx: np.ndarray | slice) -> Batch:
-    out: Batch = {}
-    for key, value in batch.items():
-        if isinstance(value, np.ndarray) or isinstance(idx, slice):
-            out[key] = value[idx]
-        else:
-            out[key] = [value[i] for i in idx]
-    return out
 
 
 def _slot(rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ always complete and implies its rejects file exists; when the signals write
 fails (read-only folder, full disk), the rejects file is removed again.
 
 Every page carries a CRC-32 checksum (Parquet's page checksum), which every
-reader verifies (storage/reader.parquet_file); the manifest holds each file's
+reader verifies (storage/parquet_files.parquet_file); the manifest holds each file's
 sha256 (write_shard returns it), which also covers footers and page headers.
 
 Layout choice (measured, 2048 rows, zstd): row groups hold whole pools, at

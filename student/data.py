@@ -25,7 +25,7 @@ from mcad.storage import schema
 from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.manifest import PARAM_LOGIT_SCALE
-from mcad.storage.reader import rebatch
+from mcad.storage.batches import rebatch
 
 PIXELS, INPUT_IDS, ATTENTION = "pixel_values", "input_ids", "attention_mask"
 BLOCK = "block"

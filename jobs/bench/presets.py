@@ -160,7 +160,7 @@ def single_row(single, dual_query, cfg: PresetsBenchConfig, *, images: list, tex
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mcad.pipeline.teachers import itm_forward
+    from mcad.pipeline.itm import itm_forward
 
     model = single.model.float().eval()
     params = sum(p.numel() for p in model.parameters())

@@ -122,7 +122,7 @@ def time_bare(cfg: TeacherPassBenchConfig, data: Path, dual: str, single: str, o
     from tqdm import tqdm
 
     from mcad.jobs.teacher_pass import process_shard
-    from mcad.pipeline.shards import list_shards, shard_name
+    from mcad.pipeline.shard_list import list_shards, shard_name
     from mcad.pipeline.teachers import load_teachers
 
     job = _job(cfg, data, dual, single, out)

@@ -124,7 +124,7 @@ def profile_loop(cfg, data: Path, dual_t, single_t, out: Path, projection, *, ca
     """The bare loop over every shard, stages timed; cached: the single teacher's cross-attention cache."""
     from mcad.jobs.bench.teacher_pass import _job
     from mcad.jobs.teacher_pass import process_shard
-    from mcad.pipeline.shards import list_shards, shard_name
+    from mcad.pipeline.shard_list import list_shards, shard_name
 
     job = _job(cfg, data, str(dual_t.path), str(single_t.path), out)
     pass_cfg = job.pass_config()
@@ -149,7 +149,8 @@ def _longest_tokens(teacher, texts) -> int:
 
 
 def _captions(data: Path) -> list[str]:
-    from mcad.pipeline.shards import Sample, iter_shard, list_shards
+    from mcad.pipeline.shard_list import list_shards
+    from mcad.pipeline.shards import Sample, iter_shard
 
     return [s.caption for src in list_shards(str(data)) for s in iter_shard(src) if isinstance(s, Sample)]
 
@@ -159,7 +160,7 @@ def _warm_up(cfg, data: Path, dual_t, single_t, out: Path, projection) -> None:
     (allocations, kernel choices per shape) stay out of both timed loops."""
     from mcad.jobs.bench.teacher_pass import _job
     from mcad.jobs.teacher_pass import process_shard
-    from mcad.pipeline.shards import list_shards, shard_name
+    from mcad.pipeline.shard_list import list_shards, shard_name
 
     job = _job(cfg, data, str(dual_t.path), str(single_t.path), out)
     first = list_shards(str(data))[0]

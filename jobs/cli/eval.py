@@ -42,7 +42,7 @@ def eval_command(model_dir, data, single, rerank_k, beta, json_path, batch_size,
     from pathlib import Path
 
     from mcad.pipeline.evaluate import DEFAULT_BETA, DEFAULT_RERANK_K, evaluate, recall_table
-    from mcad.pipeline.shards import list_shards
+    from mcad.pipeline.shard_list import list_shards
     from mcad.storage.atomic import atomic_write_json
     from mcad.storage.errors import InputError
 

@@ -120,7 +120,9 @@ def validate(store: str, data: str | None, quick: bool):
 def _check_data(store, spec: str) -> None:
     from tqdm import tqdm
 
-    from mcad.pipeline.shards import iter_shard, list_shards, shard_name
+    from mcad.pipeline.shard_list import list_shards, shard_name
+
+    from mcad.pipeline.shards import iter_shard
     from mcad.storage.errors import InputError
     from mcad.storage.query import check_data_keys
 

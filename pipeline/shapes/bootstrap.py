@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from mcad.pipeline.shapes.teacher_models import build_blip, build_clip, build_processors, build_tokenizers, count_parameters, get_size, save_teacher
 from mcad.pipeline.shapes.bootstrap_data import Encoded, Split
-from mcad.pipeline.teachers import itm_forward, itm_logit
+from mcad.pipeline.itm import itm_forward, itm_logit
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
 from mcad.student.losses import symmetric_cross_entropy

@@ -49,7 +49,8 @@ def split_from_samples(samples: Iterable) -> Split:
 
 def load_split(spec) -> Split:
     """Read every shard of `spec` (folder, glob, brace pattern, list) into memory."""
-    from mcad.pipeline.shards import iter_shard, list_shards
+    from mcad.pipeline.shard_list import list_shards
+    from mcad.pipeline.shards import iter_shard
 
     return split_from_samples(item for path in list_shards(spec) for item in iter_shard(path))
 

@@ -10,7 +10,8 @@ import torch
 
 from helpers import assert_one_line_error, invoke, write_tar
 from mcad.pipeline.evaluate import evaluate, evaluate_student, recall_table
-from mcad.pipeline.shards import Sample, iter_shard, list_shards
+from mcad.pipeline.shard_list import list_shards
+from mcad.pipeline.shards import Sample, iter_shard
 from mcad.pipeline.shapes.world import VOCABULARY
 from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 from mcad.pipeline.shapes.teacher_models import make_tiny_teachers

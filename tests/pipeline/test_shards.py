@@ -1,4 +1,4 @@
-"""pipeline/shards.py: shard listing forms, and one shard read as Samples and Rejects."""
+"""pipeline/shard_list.py: shard listing forms; pipeline/shards.py: one shard read as Samples and Rejects."""
 from __future__ import annotations
 
 import tarfile
@@ -10,7 +10,8 @@ from PIL import Image
 
 from helpers import encoded, png_header
 from mcad.pipeline import shards
-from mcad.pipeline.shards import Reject, Sample, iter_shard, list_shards, shard_name
+from mcad.pipeline.shard_list import list_shards, shard_name
+from mcad.pipeline.shards import Reject, Sample, iter_shard
 from mcad.storage.errors import InputError
 
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import image_bytes, tar_bytes
-from mcad.pipeline.shards import Sample, iter_shard, list_shards
+from mcad.pipeline.shard_list import list_shards
+from mcad.pipeline.shards import Sample, iter_shard
 from mcad.storage import fs
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import Manifest, signals_path, source_identity
@@ -75,7 +76,7 @@ def test_shards_at_a_uri_are_listed_and_streamed(tmp_path):
     root = _mock("/data")
     for i in range(3):
         fs.write_bytes(fs.join(root, f"{i:06d}.tar"), _tar({f"k{i}-{j}": f"caption {j}" for j in range(2)}))
-    fs.write_bytes(fs.join(root, "readme.md"), b"not a shard")
+    fs.write_bytes(fs.join(root, "sidecar.json"), b"not a shard")
     shards = list_shards(root)
     assert shards == [fs.join(root, f"{i:06d}.tar") for i in range(3)]
     assert list_shards(fs.join(root, "00000{0..1}.tar")) == shards[:2]

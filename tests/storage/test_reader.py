@@ -337,7 +337,7 @@ def test_fingerprint_digest_ignores_key_order():
 
 
 def test_unreadable_column_message():
-    from mcad.storage.reader import unreadable_column
+    from mcad.storage.parquet_files import unreadable_column
 
     exc = OSError("Corrupt page\n  at offset 12")
     tail = "unreadable (Corrupt page); the file is damaged: restore it or rerun the teacher pass"
