@@ -32,8 +32,8 @@ class DemoConfig:
     retrain_teachers: bool = False
     teachers: str = str(DEMO_TEACHERS)   # a folder with dual/, single/ and teacher_recall.json
     train: int = 10000
-    val: int = 500
-    test: int = 500
+    val: int = 1000   # the benchmark's default splits (SynthConfig)
+    test: int = 2000
     pool: int = 64
     topk: int = 16
     epochs: int = 10

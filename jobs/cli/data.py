@@ -5,12 +5,18 @@ import sys
 
 import click
 
+from mcad.jobs.cli.options import field_option
+
 SYNTH_EPILOG = """\b
 Examples:
-  mcad data synth --out data/shapes              10k/500/500 images, 48 px
+  mcad data synth --out data/shapes              10k/1k/2k images, 48 px
   mcad data synth --out /tmp/tiny --train 200 --val 20 --test 40 --shard-size 100
   mcad data synth --out data/shapes --seed 1 --overwrite
 """
+
+
+def synth_option(*decls, **kwargs):
+    return field_option("mcad.pipeline.shapes.synth:SynthConfig", *decls, **kwargs)
 
 
 @click.group()
@@ -20,30 +26,39 @@ def data():
 
 @data.command("synth", epilog=SYNTH_EPILOG)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--train", default=10_000, show_default=True, help="Training images.")
-@click.option("--val", default=500, show_default=True, help="Validation images.")
-@click.option("--test", default=500, show_default=True, help="Test images (even: swap pairs, 5 captions each).")
-@click.option("--image-size", default=48, show_default=True, help="Image side in pixels (at least 24).")
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per tar shard.")
-@click.option("--seed", default=0, show_default=True, help="Same seed and arguments give byte-identical shards.")
-@click.option("--train-pairs", default=0.0, show_default=True,
-              help="Share of train/val samples written as adjacent swap pairs (hard negatives in a pool).")
+@synth_option("--train", type=int, help="Training images (never a val or test meaning).")
+@synth_option("--val", type=int, help="Validation images (even: swap pairs, 5 captions each, meanings held out).")
+@synth_option("--test", type=int, help="Test images (even: swap pairs, 5 captions each, meanings held out).")
+@synth_option("--image-size", type=int, help="Image side in pixels (at least 24).")
+@synth_option("--shard-size", type=int, help="Samples per tar shard.")
+@synth_option("--seed", type=int, help="Same seed and arguments give byte-identical shards.")
+@synth_option("--train-pairs", type=float,
+              help="Share of train samples written as adjacent swap pairs (hard negatives in a pool).")
+@click.option("--hold-out-seeds", default="", show_default=False, metavar="S,S,...",
+              help="Also keep the val/test meanings of these seeds' benchmarks out of train "
+                   "(data for teachers that are evaluated on those seeds).")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
-def synth(out, train, val, test, image_size, shard_size, seed, train_pairs, overwrite):
+def synth(out, train, val, test, image_size, shard_size, seed, train_pairs, hold_out_seeds, overwrite):
     """Write the shapes benchmark as WebDataset tar shards (img2dataset layout).
 
     OUT/{train,val,test}/000000.tar, ... hold KEY.jpg, KEY.txt (one caption) and
-    KEY.json (all captions, objects, relation; test: pair id and variant).
-    The test split is pairs of images that differ only by swapped colours or
-    swapped places, so only attribute binding tells them apart.
+    KEY.json (all captions, objects, relation; val and test: pair id and variant).
+    Val and test are pairs of images that differ only by swapped colours or
+    swapped places, so only attribute binding tells them apart; no meaning
+    (canonical scene) occurs in two splits.
     OUT/synth_config.json records the resolved config.
     """
     from tqdm import tqdm
 
     from mcad.pipeline.shapes.synth import SPLITS, SynthConfig, existing_shards, write_benchmark
+    from mcad.storage.errors import InputError
 
+    try:
+        seeds = tuple(int(s) for s in hold_out_seeds.split(",") if s.strip())
+    except ValueError:
+        raise InputError(f"--hold-out-seeds takes seeds separated by commas (e.g. 0,1,2), got {hold_out_seeds!r}")
     cfg = SynthConfig(train=train, val=val, test=test, image_size=image_size,
-                      shard_size=shard_size, seed=seed, train_pairs=train_pairs)
+                      shard_size=shard_size, seed=seed, train_pairs=train_pairs, hold_out_seeds=seeds)
     existing_shards(out, overwrite=overwrite)  # refuse before the progress bar starts
     with tqdm(total=cfg.total, desc="synth", unit="img", file=sys.stderr) as bar:
         summary = write_benchmark(cfg, out, overwrite=overwrite, on_sample=bar.update)

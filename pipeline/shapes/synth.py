@@ -2,10 +2,13 @@
 
 Each image holds 1-3 non-overlapping shapes (6 colours, 5 shapes, 2 sizes) on
 black; captions name the shapes and the relation of the first two ("a small red
-circle left of a large blue square and a small green star"). The test split is
-made of PAIRS that differ only by swapped colours or by the two related objects
-swapping places, so both members have the same bag of words and only attribute
-binding tells them apart: where a cross-attention teacher beats a dual encoder.
+circle left of a large blue square and a small green star"). The val and test
+splits are made of PAIRS that differ only by swapped colours or by the two
+related objects swapping places, so both members have the same bag of words and
+only attribute binding tells them apart: where a cross-attention teacher beats a
+dual encoder. Val and test hold out what they measure: no canonical meaning
+occurs in two splits, so recall is never recall of a scene seen in training
+(docs/design.md, section 7: the benchmark protocol).
 
 Everything is deterministic from the seed; the same config gives byte-identical
 WebDataset shards (img2dataset layout: OUT/{train,val,test}/000000.tar with
@@ -16,7 +19,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -32,34 +35,41 @@ SPLITS = ("train", "val", "test")
 # keys do not move when another split's size changes.
 KEY_OFFSETS = {"train": 0, "val": 100_000_000, "test": 200_000_000}
 MAX_PER_SPLIT = 100_000_000
-OBJECT_COUNTS = {1: 0.10, 2: 0.65, 3: 0.25}  # train/val; test draws 2 or 3 in the same ratio
-N_CAPTIONS = 5  # exactly 5 per test image (COCO/Flickr protocol); up to 5 for train/val
+OBJECT_COUNTS = {1: 0.10, 2: 0.65, 3: 0.25}  # train; val and test draw 2 or 3 in the same ratio
+N_CAPTIONS = 5  # exactly 5 per val/test image (COCO/Flickr protocol); up to 5 for train
+PAIRED_SPLITS = ("val", "test")  # made of swap pairs, 5 captions per image
 JPEG_QUALITY = 95
 CONFIG_NAME = "synth_config.json"
-FORMAT = "mcad-shapes-v1"
+FORMAT = "mcad-shapes-v2"  # v2: val made of pairs, meanings held out of train
 
 
 @dataclass(frozen=True)
 class SynthConfig:
     train: int = 10_000
-    val: int = 500
-    test: int = 500
+    val: int = 1_000
+    test: int = 2_000
     image_size: int = 48
     shard_size: int = 1000
     seed: int = 0
     # Share of train/val samples written as adjacent swap pairs (as in test): pools of
     # consecutive samples then hold the hard negatives a binding-aware teacher knows.
     train_pairs: float = 0.0
+    # Benchmarks of these seeds (same sizes) also keep their val and test meanings
+    # out of this train split: teachers trained on it can be evaluated on any of them.
+    hold_out_seeds: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "hold_out_seeds", tuple(sorted({int(s) for s in self.hold_out_seeds})))
         for name in ("train", "val", "test", "shard_size"):
             value = getattr(self, name)
             if value < 1:
                 raise InputError(f"{name} must be positive, got {value}")
             if name != "shard_size" and value >= MAX_PER_SPLIT:
                 raise InputError(f"{name} must be below {MAX_PER_SPLIT:,} (9-digit keys), got {value}")
-        if self.test % 2:
-            raise InputError(f"test must be even (the test split is made of pairs), got {self.test}")
+        for name in PAIRED_SPLITS:
+            if getattr(self, name) % 2:
+                raise InputError(f"{name} must be even (the {name} split is made of pairs), "
+                                 f"got {getattr(self, name)}")
         if not 0.0 <= self.train_pairs <= 1.0:
             raise InputError(f"train_pairs must be within [0, 1], got {self.train_pairs}")
         if self.image_size < MIN_IMAGE_SIZE:
@@ -87,24 +97,30 @@ def _swap_pair(rng: np.random.Generator, image_size: int) -> tuple[str, Scene, S
     return kind, first, second
 
 
-def _train_scenes(rng: np.random.Generator, n: int, image_size: int, pairs: float) -> Iterator[tuple[Scene, None]]:
-    """Plain scenes; with pairs > 0, that share of the samples comes as adjacent swap pairs."""
+def _train_scenes(rng: np.random.Generator, n: int, image_size: int, pairs: float,
+                  held_out: frozenset[str]) -> Iterator[tuple[Scene, None]]:
+    """Plain scenes whose meaning is not held out; with pairs > 0, that share comes as adjacent swap pairs."""
     made = 0
     while made < n:
         if pairs > 0 and n - made >= 2 and rng.random() < pairs:  # no draw at all when pairs = 0
-            while (pair := _swap_pair(rng, image_size)) is None:
+            while (pair := _swap_pair(rng, image_size)) is None or \
+                    {canonical(pair[1]), canonical(pair[2])} & held_out:
                 pass
             yield pair[1], None
             yield pair[2], None
             made += 2
         else:
-            yield make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 1)), None
+            scene = make_scene(rng, image_size=image_size, n_objects=_object_count(rng, 1))
+            if canonical(scene) in held_out:
+                continue  # redrawn: training never sees a val or test meaning
+            yield scene, None
             made += 1
 
 
-def _test_pairs(rng: np.random.Generator, n: int, image_size: int) -> Iterator[tuple[Scene, dict]]:
-    """n/2 swap pairs; no canonical scene occurs twice in the split (one right answer)."""
-    seen: set[str] = set()
+def _paired_scenes(rng: np.random.Generator, n: int, image_size: int,
+                   held_out: frozenset[str]) -> Iterator[tuple[Scene, dict]]:
+    """n/2 swap pairs; no canonical scene occurs twice in the split (one right answer) or in held_out."""
+    seen: set[str] = set(held_out)
     misses = 0
     for pair_id in range(n // 2):
         while True:
@@ -115,10 +131,43 @@ def _test_pairs(rng: np.random.Generator, n: int, image_size: int) -> Iterator[t
                 break
             misses += 1
             if misses > 10_000 + 20 * n:
-                raise InputError(f"test = {n}: cannot find that many distinct scene pairs; ask for fewer test images")
+                raise InputError(f"{n} paired images: cannot find that many distinct scene pairs; "
+                                 f"ask for fewer val or test images")
         seen |= meanings
         yield first, {"id": pair_id, "variant": "a", "swap": kind}
         yield second, {"id": pair_id, "variant": "b", "swap": kind}
+
+
+def split_scenes(split: str, cfg: SynthConfig,
+                 held_out: frozenset[str] = frozenset()) -> Iterator[tuple[Scene, dict | None, list[str]]]:
+    """The split's (scene, pair, captions), in key order, without rendering.
+
+    Each split has its own generator, keyed by (seed, split). held_out is the
+    set of meanings the split must not draw (see held_out_meanings).
+    """
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
+    n = getattr(cfg, split)
+    if split in PAIRED_SPLITS:
+        scenes = _paired_scenes(rng, n, cfg.image_size, held_out)
+    else:
+        scenes = _train_scenes(rng, n, cfg.image_size, cfg.train_pairs, held_out)
+    for scene, pair in scenes:
+        # Captions are drawn from the same generator right after their scene.
+        yield scene, pair, captions(scene, rng, N_CAPTIONS)
+
+
+def held_out_meanings(split: str, cfg: SynthConfig) -> frozenset[str]:
+    """The meanings a split may not draw: test draws first, val avoids test's, train avoids both
+    (and, for train, those of the benchmarks of cfg.hold_out_seeds)."""
+    if split == "test":
+        return frozenset()
+    test = frozenset(canonical(s) for s, _, _ in split_scenes("test", cfg))
+    if split == "val":
+        return test
+    val = frozenset(canonical(s) for s, _, _ in split_scenes("val", cfg, test))
+    others = [held_out_meanings("train", replace(cfg, seed=seed, hold_out_seeds=()))
+              for seed in cfg.hold_out_seeds if seed != cfg.seed]
+    return frozenset().union(test, val, *others)
 
 
 def _meta(scene: Scene, *, key: str, split: str, caps: list[str], pair: dict | None) -> dict:
@@ -136,15 +185,8 @@ def _meta(scene: Scene, *, key: str, split: str, caps: list[str], pair: dict | N
 
 def _samples(split: str, cfg: SynthConfig) -> Iterator[dict]:
     """The split's WebDataset samples (key, jpg, txt, json as bytes), in key order."""
-    rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
-    n = getattr(cfg, split)
-    if split == "test":
-        scenes = _test_pairs(rng, n, cfg.image_size)
-    else:
-        scenes = _train_scenes(rng, n, cfg.image_size, cfg.train_pairs)
-    for index, (scene, pair) in enumerate(scenes):
+    for index, (scene, pair, caps) in enumerate(split_scenes(split, cfg, held_out_meanings(split, cfg))):
         key = f"{KEY_OFFSETS[split] + index:09d}"
-        caps = captions(scene, rng, N_CAPTIONS)
         buf = io.BytesIO()
         # 4:4:4 chroma keeps the colours of 5-pixel shapes; no optimize/EXIF: stable bytes.
         render(scene).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
@@ -210,7 +252,8 @@ def write_benchmark(cfg: SynthConfig, out_dir: str | Path, *, overwrite: bool = 
     summary = {
         "format": FORMAT, "config": asdict(cfg),
         "counts": {split: getattr(cfg, split) for split in SPLITS},
-        "shards": shards, "key_offsets": KEY_OFFSETS, "captions_per_test_image": N_CAPTIONS,
+        "shards": shards, "key_offsets": KEY_OFFSETS, "captions_per_paired_image": N_CAPTIONS,
+        "paired_splits": list(PAIRED_SPLITS), "held_out": "val and test meanings never occur in train; test meanings never in val",
         "vocabulary": VOCABULARY,
     }
     atomic_write_json(out / CONFIG_NAME, summary)  # written last: its presence means complete

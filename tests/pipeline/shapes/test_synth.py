@@ -98,7 +98,7 @@ def test_shard_layout_and_keys(bench):
     assert len(all_keys) == len(set(all_keys)) == TINY.total
     assert all(re.fullmatch(r"\d{9}", k) for k in all_keys)
     config = json.loads((root / synth.CONFIG_NAME).read_text())
-    assert config["config"] == {**TINY.__dict__} and config["vocabulary"] == world.VOCABULARY
+    assert config["config"] == {**TINY.__dict__, "hold_out_seeds": []} and config["vocabulary"] == world.VOCABULARY
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
@@ -129,15 +129,16 @@ def test_images_match_their_metadata_and_every_caption_tells_the_truth(bench, sp
             assert main_axis > 0 and 2 * abs(other) <= main_axis
 
 
-def test_test_split_is_pairs_with_one_bag_of_words_and_distinct_meanings(bench):
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_val_and_test_are_pairs_with_one_bag_of_words_and_distinct_meanings(bench, split):
     root, _ = bench
-    samples = _read(root, "test")
+    samples = _read(root, split)
     metas = [s["json"] for s in samples]
     assert all(len(m["captions"]) == 5 for m in metas)
     pairs: dict[int, list[dict]] = {}
     for m in metas:
         pairs.setdefault(m["pair"]["id"], []).append(m)
-    assert sorted(pairs) == list(range(TINY.test // 2))
+    assert sorted(pairs) == list(range(getattr(TINY, split) // 2))
     kinds = set()
     for pid, (a, b) in pairs.items():
         assert (a["pair"]["variant"], b["pair"]["variant"]) == ("a", "b")
@@ -158,6 +159,55 @@ def test_test_split_is_pairs_with_one_bag_of_words_and_distinct_meanings(bench):
     assert len(set(meanings)) == len(meanings)  # one right answer per query
     texts = [c for m in metas for c in m["captions"]]
     assert len(set(texts)) == len(texts)
+
+
+def test_written_splits_share_no_meaning(bench):
+    """Read back from the shards: no canonical meaning of val or test occurs in another split."""
+    root, _ = bench
+    meanings = {split: {s["json"]["canonical"] for s in _read(root, split)} for split in synth.SPLITS}
+    assert not meanings["train"] & meanings["val"]
+    assert not meanings["train"] & meanings["test"]
+    assert not meanings["val"] & meanings["test"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_default_benchmark_holds_val_and_test_meanings_out_of_train(seed):
+    """At the default sizes, per report seed: val and test meanings never occur in train.
+
+    Without the hold-out 42-47 % of test meanings occurred in train; the scene
+    generators are run without rendering (what write_benchmark draws, image for image).
+    """
+    cfg = SynthConfig(seed=seed)
+    drawn = {split: [world.canonical(s) for s, _, _ in synth.split_scenes(split, cfg,
+                                                                           synth.held_out_meanings(split, cfg))]
+             for split in synth.SPLITS}
+    assert [len(drawn[s]) for s in synth.SPLITS] == [10_000, 1_000, 2_000]
+    train, val, test = (set(drawn[s]) for s in synth.SPLITS)
+    assert len(test) == 2_000 and len(val) == 1_000  # one right answer per query
+    assert not train & test and not train & val and not val & test
+    # The hold-out is not empty: without it, train would draw many of those meanings.
+    unfiltered = {world.canonical(s) for s, _, _ in synth.split_scenes("train", cfg)}
+    assert len(unfiltered & test) > 400
+
+
+def test_hold_out_seeds_keep_other_benchmarks_meanings_out_of_train():
+    """Teachers' data: train avoids the val/test meanings of every report seed, not only its own."""
+    small = dict(train=3_000, val=200, test=400)
+    teachers = SynthConfig(**small, seed=0, hold_out_seeds=(0, 1, 2))
+    train = {world.canonical(s) for s, _, _ in synth.split_scenes("train", teachers,
+                                                                  synth.held_out_meanings("train", teachers))}
+    plain = SynthConfig(**small, seed=0)
+    leaked = {world.canonical(s) for s, _, _ in synth.split_scenes("train", plain,
+                                                                   synth.held_out_meanings("train", plain))}
+    for seed in (0, 1, 2):
+        other = SynthConfig(**small, seed=seed)
+        held = {world.canonical(s) for split in ("val", "test")
+                for s, _, _ in synth.split_scenes(split, other, synth.held_out_meanings(split, other))}
+        assert not train & held
+        if seed:  # without the option, another seed's test meanings do occur in train
+            assert leaked & held
+    # The benchmark's own val and test do not change with the option.
+    assert synth.held_out_meanings("val", teachers) == synth.held_out_meanings("val", plain)
 
 
 def test_train_pairs_put_swap_partners_side_by_side(tmp_path):
@@ -196,7 +246,7 @@ def test_other_image_size_decodes_to_that_size(tmp_path):
     assert sizes == {(32, 32)}
 
 
-@pytest.mark.parametrize("field,value", [("test", 3), ("image_size", 16), ("shard_size", 0), ("train", 0),
+@pytest.mark.parametrize("field,value", [("test", 3), ("val", 5), ("image_size", 16), ("shard_size", 0), ("train", 0),
                                          ("train_pairs", 1.5)])
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(InputError):
@@ -207,7 +257,8 @@ def test_cli_help_refusals_and_overwrite(tmp_path):
     runner = CliRunner()
     help_ = runner.invoke(main, ["data", "synth", "--help"])
     assert help_.exit_code == 0 and "Examples:" in help_.output
-    for bad in (["--test", "3"], ["--image-size", "16"], ["--shard-size", "0"]):
+    for bad in (["--test", "3"], ["--val", "5"], ["--image-size", "16"], ["--shard-size", "0"],
+                ["--hold-out-seeds", "0,x"]):
         result = runner.invoke(main, ["data", "synth", "--out", str(tmp_path / "bad"), *bad])
         assert_one_line_error(result)
     assert not (tmp_path / "bad").exists()
