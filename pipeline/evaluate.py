@@ -58,12 +58,13 @@ class _Split:
 
 def evaluate(model_dir: str | Path, data, *, single: str | Path | None = None,
              rerank_k: int = DEFAULT_RERANK_K, beta: float | None = None, batch_size: int = 64,
-             device: str | None = None, progress: bool = False) -> dict:
+             device: str | None = None, progress: bool = False, keep_ranks: bool = False) -> dict:
     """Recall@1/5/10 of `model_dir` on the shards `data` names (see the module docstring).
 
     Returns one EVAL dict, or {"dual", "single", "combined"} EVAL dicts when
     `single` (a BLIP-ITM dir) is given; single and combined also say
-    `rerank_k`, combined its `beta` (default 1.0).
+    `rerank_k`, combined its `beta` (default 1.0). keep_ranks adds each
+    query's rank ("ranks", numpy arrays: student.metrics.paired_bootstrap).
     """
     if rerank_k < 1:
         raise InputError(f"rerank k must be positive, got {rerank_k}")
@@ -84,13 +85,13 @@ def evaluate(model_dir: str | Path, data, *, single: str | Path | None = None,
     logits = (dual.logit_scale * torch.cat(split.image_emb) @ texts.T).double().numpy()
     report = _report(split)
     if reranker is None:
-        return {**recall_at_k(logits, owner), **report}
+        return {**recall_at_k(logits, owner, keep_ranks=keep_ranks), **report}
 
     i2t_idx, t2i_idx = top_k(logits, rerank_k), top_k(logits.T, rerank_k)
     i2t_itm, t2i_itm = _itm_of_candidates(reranker, shards, split, i2t_idx, t2i_idx, batch_size, progress)
     b = DEFAULT_BETA if beta is None else float(beta)
     out = rerank_recalls(logits, owner, i2t_idx=i2t_idx, i2t_itm=i2t_itm, t2i_idx=t2i_idx,
-                         t2i_itm=t2i_itm, beta=b)
+                         t2i_itm=t2i_itm, beta=b, keep_ranks=keep_ranks)
     out = {name: {**r, **report} for name, r in out.items()}
     out["single"]["rerank_k"] = out["combined"]["rerank_k"] = int(rerank_k)
     out["combined"]["beta"] = b

@@ -104,14 +104,15 @@ def recall_from_ranks(rank_i2t: np.ndarray, rank_t2i: np.ndarray, ks: Sequence[i
     return out
 
 
-def recall_at_k(sim, text_to_image, ks: Sequence[int] = KS, *, t2i=None) -> dict:
+def recall_at_k(sim, text_to_image, ks: Sequence[int] = KS, *, t2i=None, keep_ranks: bool = False) -> dict:
     """Recall@K in percent, both directions, and rsum (the sum of all recalls).
 
     sim: (n_images, n_texts) scores, higher is better. text_to_image: (n_texts,)
     the image index of each text; every image needs at least one text.
     t2i: optional (n_texts, n_images) scores for the text->image direction when
     it differs from sim.T (a re-ranked matrix); default sim.T.
-    Returns {"i2t": {"R@1": %, ...}, "t2i": {...}, "rsum": x, "n_images": n, "n_texts": n}.
+    Returns {"i2t": {"R@1": %, ...}, "t2i": {...}, "rsum": x, "n_images": n, "n_texts": n};
+    keep_ranks adds "ranks": {"i2t", "t2i", "owner"} numpy arrays (for paired_bootstrap; not JSON).
     """
     sim = _scores(sim, "sim")
     n_images, n_texts = sim.shape
@@ -119,7 +120,57 @@ def recall_at_k(sim, text_to_image, ks: Sequence[int] = KS, *, t2i=None) -> dict
     t2i = sim.T if t2i is None else _scores(t2i, "t2i")
     if t2i.shape != (n_texts, n_images):
         raise ValueError(f"t2i must be (n_texts, n_images) = {(n_texts, n_images)}, got {t2i.shape}")
-    return recall_from_ranks(i2t_ranks(sim, owner), t2i_ranks(t2i, owner), ks)
+    rank_i2t, rank_t2i = i2t_ranks(sim, owner), t2i_ranks(t2i, owner)
+    out = recall_from_ranks(rank_i2t, rank_t2i, ks)
+    if keep_ranks:
+        out["ranks"] = {"i2t": rank_i2t, "t2i": rank_t2i, "owner": owner}
+    return out
+
+
+# ---------------------------------------------------------------- paired bootstrap
+
+def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) float64: how often each of n units is drawn in each resample of n draws with replacement."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def paired_bootstrap(a: dict, b: dict, *, k: int = 1, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """A paired bootstrap over test queries of R@k(a) - R@k(b), in points, both directions and their mean.
+
+    a, b: the "ranks" of recall_at_k(keep_ranks=True) for two models on the SAME
+    split (same images, captions and owners). The unit resampled is the image
+    with all its captions (the 5-caption protocol: an image's captions are not
+    independent queries): each of n_boot resamples draws n images with
+    replacement; i2t recall is over the drawn images, t2i over their captions.
+    Both models see the same resamples (paired). Returns per metric
+    (i2t, t2i, mean = their average) the observed difference, the percentile
+    interval at `level`, and `significant` (the interval excludes 0).
+    """
+    if not np.array_equal(a["owner"], b["owner"]):
+        raise ValueError("paired bootstrap needs the same split for both models (owners differ)")
+    owner = np.asarray(a["owner"], np.int64)
+    n = len(a["i2t"])
+    if len(b["i2t"]) != n or len(a["t2i"]) != len(owner) or len(b["t2i"]) != len(owner):
+        raise ValueError("paired bootstrap needs rank arrays of the same split for both models")
+    captions = np.bincount(owner, minlength=n).astype(np.float64)
+    d_i2t = (np.asarray(a["i2t"]) < k).astype(np.float64) - (np.asarray(b["i2t"]) < k)
+    hits = (np.asarray(a["t2i"]) < k).astype(np.float64) - (np.asarray(b["t2i"]) < k)
+    d_t2i = np.bincount(owner, weights=hits, minlength=n)  # per image: caption hits of a minus b
+    counts = resample_counts(n, n_boot, seed)
+    boot_i2t = 100.0 * counts @ d_i2t / n
+    boot_t2i = 100.0 * counts @ d_t2i / (counts @ captions)
+    observed = {"i2t": 100.0 * d_i2t.mean(), "t2i": 100.0 * d_t2i.sum() / captions.sum()}
+    observed["mean"] = (observed["i2t"] + observed["t2i"]) / 2
+    boots = {"i2t": boot_i2t, "t2i": boot_t2i, "mean": (boot_i2t + boot_t2i) / 2}
+    tail = 100.0 * (1.0 - level) / 2
+    out = {}
+    for name, values in boots.items():
+        low, high = np.percentile(values, [tail, 100.0 - tail])
+        out[name] = {"diff": float(observed[name]), "low": float(low), "high": float(high),
+                     "significant": not (low <= 0.0 <= high)}
+    return {"k": k, "n_boot": n_boot, "seed": seed, "level": level, "unit": "image with its captions", **out}
 
 
 # ---------------------------------------------------------------- re-ranking
@@ -176,7 +227,7 @@ def rerank_by(scores, scorer: Callable[[np.ndarray, np.ndarray], np.ndarray], k:
 
 
 def rerank_recalls(dual, text_to_image, *, i2t_idx, i2t_itm, t2i_idx, t2i_itm, beta: float = 1.0,
-                   ks: Sequence[int] = KS) -> dict:
+                   ks: Sequence[int] = KS, keep_ranks: bool = False) -> dict:
     """{"dual", "single", "combined"} recall of a dual teacher and a re-ranker of its top-k.
 
     dual (n_images, n_texts) logits; i2t_* (n_images, k) candidate texts per
@@ -184,8 +235,8 @@ def rerank_recalls(dual, text_to_image, *, i2t_idx, i2t_itm, t2i_idx, t2i_itm, b
     single = ITM alone over the candidates; combined = dual + beta * ITM.
     """
     dual = _scores(dual, "dual")
-    out = {"dual": recall_at_k(dual, text_to_image, ks)}
+    out = {"dual": recall_at_k(dual, text_to_image, ks, keep_ranks=keep_ranks)}
     for name, b in (("single", None), ("combined", beta)):
         out[name] = recall_at_k(rerank(dual, i2t_idx, i2t_itm, beta=b), text_to_image, ks,
-                                t2i=rerank(dual.T, t2i_idx, t2i_itm, beta=b))
+                                t2i=rerank(dual.T, t2i_idx, t2i_itm, beta=b), keep_ranks=keep_ranks)
     return out

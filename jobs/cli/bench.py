@@ -217,3 +217,52 @@ def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_addr
     cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
                        skip_speed=skip_speed, ray_address=ray_address, report_to=report_to)
     run_report(cfg, echo=click.echo)
+
+
+@bench.command("select", epilog="""\b
+Examples:
+  mcad bench select --store seed_0/store --data seed_0/data/train --val-data seed_0/data/val --out select/
+  mcad bench select ... --factor kd_temperature=1,2,4 --factor beta=0,1 --epoch-budgets 6,10
+  mcad bench select ... --out select/ --resume          continue; finished sweeps and trials are kept
+""")
+@click.option("--store", required=True, help="Signal store: a folder or a URI.")
+@click.option("--data", required=True, help="The shards the store was made from.")
+@click.option("--val-data", required=True, help="The val shards every choice is made on (test is never read).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Selection folder.")
+@click.option("--factor", "factors", multiple=True, metavar="NAME=V1,V2,...",
+              help="A setting and its values, chosen in the order given [default: temperature, alpha, beta, "
+                   "K', w_dist, w_feat, as in docs/results/val-sweep].")
+@click.option("--epoch-budgets", default=None, metavar="E,E,...",
+              help="Epoch budgets compared last, with every chosen setting [default: 6,10,15; '' skips].")
+@field_option("mcad.jobs.bench.select:SelectConfig", "--epochs", type=click.IntRange(min=1),
+              help="Epochs of every factor step.")
+@field_option("mcad.jobs.bench.select:SelectConfig", "--parallel", type=click.IntRange(min=1),
+              help="Trials at once.")
+@field_option("mcad.jobs.bench.select:SelectConfig", "--grace-epochs", type=click.IntRange(min=1),
+              help="Epochs before ASHA may stop a trial.")
+@field_option("mcad.jobs.bench.select:SelectConfig", "--preset", type=str, help="Student size preset.")
+@field_option("mcad.jobs.bench.select:SelectConfig", "--seed", type=int, help="Student seed.")
+@ray_address_option()
+@click.option("--resume", is_flag=True, help="Continue the selection in --out.")
+def select_cmd(store, data, val_data, out, factors, epoch_budgets, epochs, parallel, grace_epochs, preset, seed,
+               ray_address, resume):
+    """Choose the student's settings on val, one factor at a time (one sweep each), then the epochs.
+
+    Writes OUT/<step>-<factor>/results.csv per sweep, OUT/selection.json and
+    OUT/selection.md (every trial, the winners, the rule). Test is never read.
+    """
+    from mcad.jobs.bench.select import FACTORS, EPOCH_BUDGETS, SelectConfig, parse_factors, run_select
+    from mcad.storage.errors import InputError
+
+    try:
+        budgets = EPOCH_BUDGETS if epoch_budgets is None else tuple(
+            int(e) for e in epoch_budgets.split(",") if e.strip())
+    except ValueError:
+        raise InputError(f"--epoch-budgets takes epochs separated by commas, got {epoch_budgets!r}") from None
+    cfg = SelectConfig(store=store, data=data, val_data=val_data, out=out,
+                       factors=parse_factors(factors) if factors else FACTORS, epochs=epochs,
+                       epoch_budgets=budgets, parallel=parallel, grace_epochs=grace_epochs, preset=preset,
+                       seed=seed, ray_address=ray_address, resume=resume)
+    selection = run_select(cfg, echo=click.echo)
+    click.echo("chosen on val: " + ", ".join(f"{k} = {v}" for k, v in selection["chosen"].items()))
+    click.echo(f"-> {out}/selection.json, {out}/selection.md")

@@ -263,3 +263,56 @@ def test_rerank_recalls_beta_defaults_to_one():
     assert rerank_recalls(dual, owner, **kw) != rerank_recalls(dual, owner, **kw, beta=2.0)
     with pytest.raises(ValueError, match="^dual has non-finite"):
         rerank_recalls(dual * np.nan, owner, **kw)
+
+
+# ---------------------------------------------------------------- paired bootstrap
+
+def _ranked(sim, owner):
+    return recall_at_k(sim, owner, keep_ranks=True)
+
+
+def _two_models(seed=0, n=40, caps=3, gap=0.0):
+    rng = np.random.default_rng(seed)
+    owner = np.repeat(np.arange(n), caps)
+    truth = (owner[None, :] == np.arange(n)[:, None]).astype(float)
+    a = truth * (1.0 + gap) + rng.normal(size=(n, n * caps))
+    b = truth + rng.normal(size=(n, n * caps))
+    return _ranked(a, owner), _ranked(b, owner), owner
+
+
+def test_paired_bootstrap_matches_an_explicit_resampling_loop():
+    from mcad.student.metrics import paired_bootstrap, resample_counts
+
+    ra, rb, owner = _two_models()
+    out = paired_bootstrap(ra["ranks"], rb["ranks"], n_boot=50, seed=3)
+    # The observed differences are the recall tables' own.
+    assert out["i2t"]["diff"] == pytest.approx(ra["i2t"]["R@1"] - rb["i2t"]["R@1"], abs=0.01)
+    assert out["t2i"]["diff"] == pytest.approx(ra["t2i"]["R@1"] - rb["t2i"]["R@1"], abs=0.01)
+    # Reference: build every resampled split image by image (an image brings all its captions).
+    counts = resample_counts(len(ra["ranks"]["i2t"]), 50, 3)
+    i2t, t2i = [], []
+    for row in counts.astype(int):
+        images = np.repeat(np.arange(len(row)), row)
+        texts = np.concatenate([np.flatnonzero(owner == i) for i in images])
+        hit = lambda r, idx: 100.0 * np.mean(r[idx] < 1)  # noqa: E731
+        i2t.append(hit(ra["ranks"]["i2t"], images) - hit(rb["ranks"]["i2t"], images))
+        t2i.append(hit(ra["ranks"]["t2i"], texts) - hit(rb["ranks"]["t2i"], texts))
+    i2t, t2i = np.array(i2t), np.array(t2i)
+    for name, values in (("i2t", i2t), ("t2i", t2i), ("mean", (i2t + t2i) / 2)):
+        low, high = np.percentile(values, [2.5, 97.5])
+        assert out[name]["low"] == pytest.approx(low) and out[name]["high"] == pytest.approx(high)
+
+
+def test_paired_bootstrap_says_when_a_difference_is_significant():
+    from mcad.student.metrics import paired_bootstrap
+
+    ra, rb, _ = _two_models(n=200, gap=3.0)
+    better = paired_bootstrap(ra["ranks"], rb["ranks"], n_boot=500)
+    assert better["mean"]["diff"] > 5 and better["mean"]["low"] > 0 and better["mean"]["significant"]
+    same = paired_bootstrap(ra["ranks"], ra["ranks"], n_boot=200)
+    assert same["mean"] == {"diff": 0.0, "low": 0.0, "high": 0.0, "significant": False}
+    noise, other, _ = _two_models(seed=1, n=200)
+    close = paired_bootstrap(noise["ranks"], other["ranks"], n_boot=500)
+    assert close["mean"]["low"] < close["mean"]["diff"] < close["mean"]["high"]
+    with pytest.raises(ValueError, match="same split"):
+        paired_bootstrap(ra["ranks"], _two_models(n=10)[0]["ranks"])
