@@ -25,11 +25,12 @@ from typing import Any, ClassVar
 
 from mcad.storage import fs
 from mcad.storage.errors import InputError
-from mcad.storage.schema import SCHEMA_VERSION, check_version
+from mcad.storage.schema import SCHEMA_VERSION, VIEWS_SCHEMA_VERSION, check_version
 
 MANIFEST_NAME = "manifest.json"
 SIGNALS_DIR = "signals"
 REJECTS_DIR = "rejects"
+VIEWS_DIR = "views"  # schema v2: views/<shard>.parquet, one row per kept sample and view 1..N-1
 FUSION_PROJ_NAME = "fusion_proj.safetensors"
 PASS_CONFIG_NAME = "teacher_pass_config.json"  # the resolved teacher-pass job (jobs/teacher_pass.py)
 LOCK_NAME = "pass.lock"  # held by the one teacher pass writing the store (storage/lock.py)
@@ -55,6 +56,18 @@ SIGNALS_SHA256, SIGNALS_BYTES = "signals_sha256", "signals_bytes"
 REJECTS_SHA256, REJECTS_BYTES = "rejects_sha256", "rejects_bytes"
 FILE_DIGEST_FIELDS = {SIGNALS_DIR: (SIGNALS_SHA256, SIGNALS_BYTES), REJECTS_DIR: (REJECTS_SHA256, REJECTS_BYTES)}
 DIGEST_FIELDS = (SIGNALS_SHA256, SIGNALS_BYTES, REJECTS_SHA256, REJECTS_BYTES)
+# A store with views (schema v2): its view file's sha256 and size, per done shard.
+VIEWS_SHA256, VIEWS_BYTES = "views_sha256", "views_bytes"
+VIEW_DIGEST_FIELDS = {VIEWS_DIR: (VIEWS_SHA256, VIEWS_BYTES)}
+
+# The view recipe (manifest field `views`, schema v2 only): what makes a view's pixels.
+VIEW_N, VIEW_M, VIEW_SEED = "n", "m", "seed"                # views per sample, views the single teacher scored
+VIEW_CROP_SCALE, VIEW_CROP_RATIO = "crop_scale", "crop_ratio"  # [lo, hi] each
+VIEW_RULE = "rule_version"                                  # of the box -> pixels rule (pipeline/views.py)
+VIEW_PILLOW, VIEW_TORCHVISION = "pillow", "torchvision"     # their versions (None: not used)
+VIEW_FIELDS = (VIEW_N, VIEW_M, VIEW_CROP_SCALE, VIEW_CROP_RATIO, VIEW_SEED, VIEW_RULE, VIEW_PILLOW,
+               VIEW_TORCHVISION)
+
 # manifest.json's digest of itself: sha256 of its other fields as canonical JSON (absent before 2026-12-01).
 MANIFEST_SHA256 = "manifest_sha256"
 
@@ -85,6 +98,10 @@ def rejects_path(store: str | os.PathLike, shard: str) -> Path | str:
     return store_file(store, REJECTS_DIR, f"{shard}.parquet")
 
 
+def views_path(store: str | os.PathLike, shard: str) -> Path | str:
+    return store_file(store, VIEWS_DIR, f"{shard}.parquet")
+
+
 @dataclass
 class Manifest:
     """The contents of manifest.json. Mutable on purpose: the pass records shards as they finish."""
@@ -94,6 +111,9 @@ class Manifest:
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     mcad_version: str = field(default_factory=mcad_version)
+    # The view recipe (VIEW_FIELDS) of a store with views (schema v2); None: one view, schema v1,
+    # and the field is left out of manifest.json.
+    views: dict[str, Any] | None = None
     # Whether the file it was loaded from carried its own digest (and so it was checked).
     sealed: ClassVar[bool] = False
 
@@ -109,7 +129,7 @@ class Manifest:
         if not isinstance(raw, dict):
             raise InputError(f"{path}: expected a JSON object")
         check_version(raw.get("schema_version"), str(path))
-        known = {"teachers", "params", "shards", "schema_version", "mcad_version", MANIFEST_SHA256}
+        known = {"teachers", "params", "shards", "schema_version", "mcad_version", "views", MANIFEST_SHA256}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise InputError(f"{path}: unknown manifest fields {unknown}")
@@ -123,6 +143,7 @@ class Manifest:
         except TypeError as exc:  # a required field missing
             raise InputError(f"{path}: not a manifest ({exc})") from None
         manifest.sealed = sealed
+        check_views_recipe(manifest, str(path))
         return manifest
 
     def save(self, store: str | os.PathLike) -> None:
@@ -131,7 +152,27 @@ class Manifest:
         fs.write_json(manifest_path(store), {**fields, MANIFEST_SHA256: manifest_digest(fields)})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        if fields["views"] is None:  # a store without views keeps its v1 manifest, byte for byte
+            del fields["views"]
+        return fields
+
+    def set_views(self, recipe: dict[str, Any] | None) -> None:
+        """Record a view recipe (schema v2); None or one view per sample leaves a v1 store."""
+        if recipe and recipe.get(VIEW_N, 1) > 1:
+            self.views, self.schema_version = dict(recipe), VIEWS_SCHEMA_VERSION
+        else:
+            self.views, self.schema_version = None, SCHEMA_VERSION
+
+    @property
+    def num_views(self) -> int:
+        """Views per sample, view 0 included (1 in a store without views)."""
+        return int(self.views[VIEW_N]) if self.views else 1
+
+    @property
+    def single_views(self) -> int:
+        """Views the single teacher scored, view 0 included (the first M)."""
+        return int(self.views[VIEW_M]) if self.views else 1
 
     def record_shard(self, name: str, entry: dict[str, Any]) -> None:
         """Add or replace a shard's entry; it must carry every field of SHARD_FIELDS."""
@@ -145,6 +186,24 @@ class Manifest:
         return sorted(n for n, e in self.shards.items() if e.get(STATUS) == STATUS_DONE)
 
 
+def check_views_recipe(manifest: Manifest, where: str) -> None:
+    """A v2 manifest holds a whole view recipe with 1 <= M <= N and N > 1; a v1 manifest none."""
+    recipe = manifest.views
+    if manifest.schema_version == SCHEMA_VERSION:
+        if recipe is not None:
+            raise InputError(f"{where}: a schema v{SCHEMA_VERSION} manifest with a view recipe")
+        return
+    if not isinstance(recipe, dict):
+        raise InputError(f"{where}: a schema v{VIEWS_SCHEMA_VERSION} manifest needs its view recipe (views)")
+    missing = [k for k in VIEW_FIELDS if k not in recipe]
+    unknown = sorted(set(recipe) - set(VIEW_FIELDS))
+    if missing or unknown:
+        raise InputError(f"{where}: view recipe lacks {missing}, has unknown fields {unknown}")
+    n, m = recipe[VIEW_N], recipe[VIEW_M]
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= m <= n and n > 1):
+        raise InputError(f"{where}: view recipe needs integers 1 <= m <= n and n > 1, got n={n!r} m={m!r}")
+
+
 def load(store: str | os.PathLike) -> Manifest:
     return Manifest.load(store)
 
@@ -156,7 +215,7 @@ def manifest_digest(fields: dict[str, Any]) -> str:
 
 def file_record(path: str | os.PathLike, folder: str) -> dict[str, Any]:
     """A store file's digest fields for its shard entry: {<folder>_sha256, <folder>_bytes}."""
-    sha, size = FILE_DIGEST_FIELDS[folder]
+    sha, size = {**FILE_DIGEST_FIELDS, **VIEW_DIGEST_FIELDS}[folder]
     return {sha: file_digest(path), size: fs.size_and_mtime(path)[0]}
 
 

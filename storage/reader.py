@@ -23,6 +23,10 @@ Integrity: every page read verifies its checksum, and a Store hashes each
 file the first time it opens it and compares it with the manifest's sha256
 (`verify_file`; `verify_files` does them all at once): a damaged file stops
 the reader with one line naming the store, the shard and the column.
+
+Views (schema v2): a store with N > 1 views per sample also checks each
+shard's view file at opening, and with `views=True` the iterators attach a
+pool's view rows under `schema.view_key(column)` (storage/views.py).
 """
 from __future__ import annotations
 
@@ -45,10 +49,11 @@ from mcad.storage.errors import InputError, error_line
 from mcad.storage.lock import incomplete_line
 from mcad.storage.manifest import (
     FILE_DIGEST_FIELDS, MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS,
-    ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, Manifest, file_digest, rejects_path,
-    signals_path, store_file, verify_projection,
+    ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, VIEW_DIGEST_FIELDS, VIEWS_DIR, Manifest,
+    file_digest, rejects_path, signals_path, store_file, verify_projection,
 )
 from mcad.storage.parquet_files import decode_file, parquet_file, read_checked
+from mcad.storage.views import check_view_file, pool_views
 
 OpenSamples = Callable[[str], Iterable[tuple[str, Any]]]
 _OPEN_FILES = 4  # Parquet files kept open at once by one iterator (pool-shuffled replay)
@@ -79,7 +84,8 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "S
                          f"({len(orphans)} such; an interrupted pass or files copied in)")
     names = manifest.done_shards()
     starts = {name: _check_shard(path, name, manifest) for name in names}
-    return Store(path, manifest, names, starts)
+    view_starts = {name: check_view_file(path, name, manifest) for name in names} if manifest.num_views > 1 else {}
+    return Store(path, manifest, names, starts, view_starts)
 
 
 def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray:
@@ -118,14 +124,17 @@ class Store:
     """An opened, checked signal store. Iterators open files lazily and close them when done."""
 
     def __init__(self, path: Path, manifest: Manifest, shards: Sequence[str],
-                 row_group_starts: dict[str, np.ndarray]):
+                 row_group_starts: dict[str, np.ndarray], view_group_starts: dict[str, np.ndarray] | None = None):
         self.path = path
         self.manifest = manifest
         self.shards: tuple[str, ...] = tuple(shards)
         params = manifest.params
         self.dims = {"d": params[PARAM_D], "f": params[PARAM_F], "k": params[PARAM_K]}
         self.pool_size: int = params[PARAM_POOL_SIZE]
-        self._starts = row_group_starts
+        self._starts = {SIGNALS_DIR: row_group_starts, VIEWS_DIR: view_group_starts or {}}
+        # Views per sample (view 0, the whole image, included) and views the single teacher scored.
+        self.num_views, self.single_views = manifest.num_views, manifest.single_views
+        self.views: dict[str, Any] | None = manifest.views  # the view recipe (None: no views)
         self.shard_rows = {n: int(manifest.shards[n][ROWS]) for n in self.shards}
         self.num_rows = sum(self.shard_rows.values())
         self._units = [(n, p) for n in self.shards for p in range(-(-self.shard_rows[n] // self.pool_size))]
@@ -140,13 +149,16 @@ class Store:
     def fingerprint(self) -> dict[str, Any]:
         """What a student pins: schema version, teacher digests, pass params, per-shard source identity."""
         m = self.manifest
-        return {
+        fingerprint = {
             "schema_version": m.schema_version,
             "teachers": {role: {k: v for k, v in sorted(t.items()) if k.endswith("sha256")}
                          for role, t in sorted(m.teachers.items())},
             "params": m.params,
             "shards": {n: {k: m.shards[n][k] for k in (SOURCE, SIZE, MTIME)} for n in self.shards},
         }
+        if m.views:  # a store without views keeps the fingerprint it always had
+            fingerprint["views"] = m.views
+        return fingerprint
 
     def rejected_keys(self, shard: str) -> set[str]:
         self.verify_file(shard, REJECTS_DIR)
@@ -170,8 +182,9 @@ class Store:
     def verify_files(self, shards: Sequence[str] | None = None) -> bool:
         """Check the shards' signals and rejects files against their manifest digests (all shards by
         default); False when the manifest records none (a store from before 2026-12-01)."""
+        folders = [*FILE_DIGEST_FIELDS, *(VIEW_DIGEST_FIELDS if self.num_views > 1 else ())]
         for name in self.shards if shards is None else shards:
-            for folder in FILE_DIGEST_FIELDS:
+            for folder in folders:
                 self.verify_file(name, folder)
         return self.has_digests
 
@@ -186,7 +199,7 @@ class Store:
         if (shard, folder) in self._verified:
             return
         entry = self.manifest.shards[shard]
-        sha_field, size_field = FILE_DIGEST_FIELDS[folder]
+        sha_field, size_field = {**FILE_DIGEST_FIELDS, **VIEW_DIGEST_FIELDS}[folder]
         if sha_field in entry:
             path = store_file(self.path, folder, f"{shard}.parquet")
             where = self.file_where(shard, folder)
@@ -210,24 +223,32 @@ class Store:
 
     def iter_pools(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
                    world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                   columns: Sequence[str] | None = None) -> Iterator[Batch]:
-        """Yield this slot's pools: all pools in shard order (or shuffled by seed+epoch), dealt round-robin."""
+                   columns: Sequence[str] | None = None, views: bool = False) -> Iterator[Batch]:
+        """Yield this slot's pools: all pools in shard order (or shuffled by seed+epoch), dealt round-robin;
+        with `views` (a store of N > 1 views), each also holds its view rows (storage/views.py)."""
         slot, slots = _slot(rank, world_size, worker, num_workers)
         cols = _columns(columns)
         order = _order(len(self._units), shuffle, seed, epoch)[slot::slots]
         files = _Files(self)
+        view_files = _Files(self, folder=VIEWS_DIR) if views and self.num_views > 1 else None
         try:
             for u in order:
-                yield files.pool(*self._units[u], cols)
+                pool = files.pool(*self._units[u], cols)
+                if view_files is not None:
+                    pool.update(view_files.views(*self._units[u]))
+                yield pool
         finally:
             files.close()
+            if view_files is not None:
+                view_files.close()
 
     def iter_rows(self, *, batch_size: int, buffer_size: int = 4096, shuffle: bool = True,
                   seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, worker: int = 0,
-                  num_workers: int = 1, columns: Sequence[str] | None = None) -> Iterator[Batch]:
+                  num_workers: int = 1, columns: Sequence[str] | None = None,
+                  views: bool = False) -> Iterator[Batch]:
         """Yield batches of rows mixed across pools through a bounded buffer; the last may be smaller."""
         pools = self.iter_pools(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                worker=worker, num_workers=num_workers, columns=columns)
+                                worker=worker, num_workers=num_workers, columns=columns, views=views)
         slot, _ = _slot(rank, world_size, worker, num_workers)
         rng = np.random.default_rng([seed, epoch, slot]) if shuffle else None
         return rebatch(pools, batch_size=batch_size, buffer_size=buffer_size, rng=rng)
@@ -237,18 +258,20 @@ class Store:
     def iter_joined_pools(self, open_samples: OpenSamples, *, shuffle: bool = False, seed: int = 0,
                           epoch: int = 0, rank: int = 0, world_size: int = 1, worker: int = 0,
                           num_workers: int = 1, buffer_pools: int = 4,
-                          columns: Sequence[str] | None = None) -> Iterator[Batch]:
+                          columns: Sequence[str] | None = None, views: bool = False) -> Iterator[Batch]:
         """Yield pools with their samples under schema.DATA, reading each shard beside its tar.
 
         `open_samples(source)` yields (key, sample) in tar order; samples the
         teacher pass rejected (listed in rejects/) may be included, they are
         skipped. Whole shards are dealt to slots (shuffled by seed+epoch when
         shuffle), and with shuffle a buffer of `buffer_pools` pools mixes them.
+        With `views` (and a store of N > 1 views), each pool also holds its view rows.
         """
         slot, slots = _slot(rank, world_size, worker, num_workers)
         cols = _columns(columns, need=(schema.KEY,))
         mine = _order(len(self.shards), shuffle, seed, epoch)[slot::slots]
-        pools = (p for i in mine for p in self._joined_shard(open_samples, self.shards[i], cols))
+        views = views and self.num_views > 1
+        pools = (p for i in mine for p in self._joined_shard(open_samples, self.shards[i], cols, views))
         if shuffle and buffer_pools > 1:
             pools = pool_buffer(pools, buffer_pools, np.random.default_rng([seed, epoch, slot]))
         yield from pools
@@ -256,22 +279,27 @@ class Store:
     def iter_joined_rows(self, open_samples: OpenSamples, *, batch_size: int, buffer_size: int = 4096,
                          shuffle: bool = True, seed: int = 0, epoch: int = 0, rank: int = 0,
                          world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                         buffer_pools: int = 4, columns: Sequence[str] | None = None) -> Iterator[Batch]:
+                         buffer_pools: int = 4, columns: Sequence[str] | None = None,
+                         views: bool = False) -> Iterator[Batch]:
         """Remix on top of iter_joined_pools: batches of rows (with DATA) through a bounded buffer."""
         pools = self.iter_joined_pools(open_samples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
                                        world_size=world_size, worker=worker, num_workers=num_workers,
-                                       buffer_pools=buffer_pools, columns=columns)
+                                       buffer_pools=buffer_pools, columns=columns, views=views)
         slot, _ = _slot(rank, world_size, worker, num_workers)
         rng = np.random.default_rng([seed, epoch, slot, 1]) if shuffle else None
         return rebatch(pools, batch_size=batch_size, buffer_size=buffer_size, rng=rng)
 
-    def _joined_shard(self, open_samples: OpenSamples, name: str, cols: list[str]) -> Iterator[Batch]:
+    def _joined_shard(self, open_samples: OpenSamples, name: str, cols: list[str],
+                      views: bool = False) -> Iterator[Batch]:
         samples = iter(open_samples(self.manifest.shards[name][SOURCE]))
         rejected: set[str] | None = None
         files = _Files(self, max_open=1)
+        view_files = _Files(self, max_open=1, folder=VIEWS_DIR) if views else None
         try:
             for pool_index in range(-(-self.shard_rows[name] // self.pool_size)):
                 pool = files.pool(name, pool_index, cols)
+                if view_files is not None:
+                    pool.update(view_files.views(name, pool_index))
                 data = []
                 for offset, key in enumerate(pool[schema.KEY]):
                     row = pool_index * self.pool_size + offset
@@ -296,31 +324,47 @@ class Store:
                                      f"{got_key!r} after the store's last row")
         finally:
             files.close()
+            if view_files is not None:
+                view_files.close()
             getattr(samples, "close", lambda: None)()
 
 
 class _Files:
-    """Open Parquet files of one iterator (LRU-bounded), each caching its last row groups read."""
+    """Open Parquet files of one iterator (LRU-bounded), each caching its last row groups read.
 
-    def __init__(self, store: Store, max_open: int = _OPEN_FILES):
-        self.store, self.max_open = store, max_open
+    The signals files by default; folder=VIEWS_DIR: the view files, N-1 file rows per sample row."""
+
+    def __init__(self, store: Store, max_open: int = _OPEN_FILES, folder: str = SIGNALS_DIR):
+        self.store, self.max_open, self.folder = store, max_open, folder
+        self.per_row = store.num_views - 1 if folder == VIEWS_DIR else 1
         self.open: OrderedDict[str, tuple[pq.ParquetFile, list]] = OrderedDict()
 
     def pool(self, shard: str, index: int, cols: list[str]) -> Batch:
-        pf, cache = self._file(shard)
+        return to_numpy(self._table(shard, index, cols))
+
+    def views(self, shard: str, index: int) -> Batch:
+        """A pool's view rows as {view_key(column): (rows, views, ...) array} (storage/views.pool_views)."""
         p = self.store.pool_size
-        lo, hi = index * p, min((index + 1) * p, self.store.shard_rows[shard])
-        starts = self.store._starts[shard]
+        rows = np.arange(index * p, min((index + 1) * p, self.store.shard_rows[shard]))
+        table = self._table(shard, index, list(schema.VIEW_COLUMNS))
+        return pool_views(table, rows=rows, n=self.store.num_views, m=self.store.single_views,
+                          where=self.store.file_where(shard, VIEWS_DIR))
+
+    def _table(self, shard: str, index: int, cols: list[str]) -> pa.Table:
+        pf, cache = self._file(shard)
+        p, per = self.store.pool_size, self.per_row
+        lo, hi = index * p * per, min((index + 1) * p, self.store.shard_rows[shard]) * per
+        starts = self.store._starts[self.folder][shard]
         first = int(np.searchsorted(starts, lo, side="right")) - 1
         last = int(np.searchsorted(starts, hi, side="left")) - 1
         groups = tuple(range(first, last + 1))
         if not cache or cache[0] != (groups, tuple(cols)):
-            table = read_checked(pf, list(groups), cols, self.store.file_where(shard, SIGNALS_DIR))
+            table = read_checked(pf, list(groups), cols, self.store.file_where(shard, self.folder))
             cache[:] = [(groups, tuple(cols)), table]
         table = cache[1].slice(lo - int(starts[first]), hi - lo)
         if table.num_rows != hi - lo:
-            raise InputError(f"shard {shard}: pool {index} has {table.num_rows} rows, expected {hi - lo}")
-        return to_numpy(table)
+            raise InputError(f"shard {shard}: pool {index} has {table.num_rows} {self.folder} rows, expected {hi - lo}")
+        return table
 
     def _file(self, shard: str) -> tuple[pq.ParquetFile, list]:
         if shard in self.open:
@@ -329,8 +373,9 @@ class _Files:
             while len(self.open) >= self.max_open:
                 self.open.popitem(last=False)[1][0].close()
             if self.store.verify:
-                self.store.verify_file(shard, SIGNALS_DIR)  # hashed on this Store's first open of the file
-            self.open[shard] = (parquet_file(signals_path(self.store.path, shard), verify=self.store.verify), [])
+                self.store.verify_file(shard, self.folder)  # hashed on this Store's first open of the file
+            path = store_file(self.store.path, self.folder, f"{shard}.parquet")
+            self.open[shard] = (parquet_file(path, verify=self.store.verify), [])
         return self.open[shard]
 
     def close(self) -> None:

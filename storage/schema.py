@@ -1,10 +1,15 @@
-"""Signal store schema v1: the only place a column is named or typed.
+"""Signal store schema (v1, and v2's view table): the only place a column is named or typed.
 
 The teacher pass writes, and the student reads, one row per kept sample.
 Batches everywhere are dicts keyed by these names. Feature widths (D, F) and
 the candidate count K are pass parameters, so the Arrow schema is built from
 them; the schema version travels in the Parquet key-value metadata and in the
 manifest, and readers refuse a version they do not know.
+
+Schema v2 adds one view table per shard (`view_schema`): a row per kept sample
+and view 1..N-1. A file's metadata carries the version of its own schema:
+signals and rejects files are v1 in every store, view files v2; the manifest
+says 2 when the store has views.
 
 Candidate lists hold K entries sorted by dual logit, highest first, the
 positive always included. A pool smaller than K pads its lists with
@@ -16,8 +21,9 @@ import pyarrow as pa
 
 from mcad.storage.errors import InputError
 
-SCHEMA_VERSION = 1
-KNOWN_VERSIONS = (1,)
+SCHEMA_VERSION = 1        # the signals and rejects files; a store without views
+VIEWS_SCHEMA_VERSION = 2  # a store with views, and its view files
+KNOWN_VERSIONS = (1, 2)
 METADATA_VERSION_KEY = b"mcad.schema_version"
 PAD_IDX = -1
 
@@ -43,8 +49,25 @@ def col(direction: str, field: str) -> str:
     return f"{direction}_{field}"
 
 
+# --- view columns (schema v2: views/<shard>.parquet) ----------------------
+# KEY, SHARD, ROW as above; IMG_EMB is the dual teacher on the view; FUSED_PROJ,
+# ITM_POS and the per-direction ITM lists (over the row's view-0 candidates) are
+# the single teacher's on the view, null for views it did not score (v >= M).
+VIEW = "view"            # 1..N-1 (view 0, the whole image, is the signals row)
+BOX = "box"              # normalised (x0, y0, x1, y1) of the crop in the decoded image, float32[4]
+BOX_WIDTH = 4
+VIEW_SINGLE_COLUMNS = (FUSED_PROJ, ITM_POS) + tuple(col(dr, ITM) for dr in DIRECTIONS)
+
 # --- batch keys that are not columns ---------------------------------------
 DATA = "data"            # in joined batches: the decoded samples (image, captions) of each row
+# In pools read with their views: "view_<column>" holds a view column per row and view,
+# shaped (n, N-1, ...) for BOX and IMG_EMB, (n, M-1, ...) for VIEW_SINGLE_COLUMNS.
+VIEW_PREFIX = "view_"
+
+
+def view_key(column: str) -> str:
+    """The batch key of a view column in a pool, e.g. view_key(BOX) == "view_box"."""
+    return VIEW_PREFIX + column
 
 # --- rejects columns -------------------------------------------------------
 REJECT_KEY = "key"
@@ -84,6 +107,47 @@ def signal_schema(*, d: int, f: int, k: int) -> pa.Schema:
 
 
 SIGNAL_COLUMNS = tuple(signal_schema(d=1, f=1, k=1).names)
+
+
+def view_schema(*, d: int, k: int) -> pa.Schema:
+    """Arrow schema of a view file (schema v2) for dual width d and k candidates."""
+    if min(d, k) < 1:
+        raise ValueError(f"dimensions must be positive, got d={d} k={k}")
+    f16, f32, i32 = pa.float16(), pa.float32(), pa.int32()
+    fields = [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(SHARD, pa.string(), nullable=False),
+        pa.field(ROW, i32, nullable=False),
+        pa.field(VIEW, i32, nullable=False),
+        pa.field(BOX, pa.list_(f32, BOX_WIDTH), nullable=False),
+        pa.field(IMG_EMB, pa.list_(f16, d), nullable=False),
+        pa.field(FUSED_PROJ, pa.list_(f16, d)),
+        pa.field(ITM_POS, f32),
+        pa.field(col("i2t", ITM), pa.list_(f32, k)),
+        pa.field(col("t2i", ITM), pa.list_(f32, k)),
+    ]
+    return pa.schema(fields, metadata={METADATA_VERSION_KEY: str(VIEWS_SCHEMA_VERSION).encode()})
+
+
+VIEW_COLUMNS = tuple(view_schema(d=1, k=1).names)
+
+
+def validate_views(table: pa.Table, *, where: str = "view table") -> dict[str, int]:
+    """Check a view table's columns and types against schema v2; return its dims {"d", "k"} or raise InputError."""
+    if version_of(table.schema) != VIEWS_SCHEMA_VERSION:
+        raise InputError(f"{where}: view schema version {version_of(table.schema)}, expected {VIEWS_SCHEMA_VERSION}")
+    missing = [c for c in VIEW_COLUMNS if c not in table.schema.names]
+    if missing:
+        raise InputError(f"{where}: missing view columns {missing}")
+    try:
+        dims = {"d": table.schema.field(IMG_EMB).type.list_size, "k": table.schema.field(col("i2t", ITM)).type.list_size}
+    except AttributeError as exc:
+        raise InputError(f"{where}: feature columns are not fixed-size lists ({exc})") from None
+    for field in view_schema(**dims):
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            raise InputError(f"{where}: column {field.name} has type {got}, expected {field.type}")
+    return dims
 
 
 def dims_of(schema: pa.Schema) -> dict[str, int]:
