@@ -13,13 +13,17 @@ both deterministic (same inputs, same outputs):
         write_shard(store, shard_name(path), columns, rejects, d=dual.dim,
                     f=single.dim_fused, k=cfg.topk, pool_size=cfg.pool_size)
 
+With views (PassConfig(views=ViewConfig(n=4, m=2)), schema v2), `shard_signals_and_views`
+also returns the view columns (pipeline/views.py cuts the crops); view 0's columns are
+computed exactly as without views, so the signals do not change.
+
 Teachers only produce features; every product, sort and logsumexp runs here
 on the CPU in float32, so results do not depend on the teachers' device.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from mcad.pipeline.shards import Reject
+from mcad.pipeline.views import ViewConfig, empty_view_columns, pool_views
 from mcad.storage import fs
 from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
@@ -49,6 +54,7 @@ class PassConfig:
     pair_batch: int = 256         # single-teacher pairs per forward (memory, not results)
     calibration_rows: int = 2048  # first kept samples of the pass that fit W
     ridge: float = 1e-2           # ridge penalty of the fusion projection
+    views: ViewConfig = field(default_factory=ViewConfig)  # views per sample (1: the whole image only)
 
     def __post_init__(self):
         if self.pool_size < 2:
@@ -321,15 +327,27 @@ def load_projection(path: str | Path) -> torch.Tensor:
 def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConfig,
                   projection: torch.Tensor,
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list, dict]:
-    """Signals of one shard: (columns, rejects, stats).
+    """Signals of one shard without views: (columns, rejects, stats) of `shard_signals_and_views`."""
+    if config.views.n > 1:
+        raise ValueError("a pass with views: call shard_signals_and_views, which returns them")
+    columns, _, rejects, stats = shard_signals_and_views(dual, single, items, shard=shard, config=config,
+                                                         projection=projection, progress=progress)
+    return columns, rejects, stats
+
+
+def shard_signals_and_views(dual, single, items: Iterable, *, shard: str, config: PassConfig,
+                            projection: torch.Tensor, progress: Callable[[int], None] | None = None,
+                            ) -> tuple[dict[str, Any], dict[str, Any] | None, list, dict]:
+    """Signals of one shard: (columns, view columns or None without views, rejects, stats).
 
     `items` are the shard's Samples and Rejects in order. Samples are kept in
     order (row = index among kept samples) and grouped into pools of
     `config.pool_size`; rejects become (key, reason, detail) tuples. Columns
     are every signal column of storage.schema, keyed by its names, ready for
     `storage.writer.write_shard`; stats has rows, rejected, pools, pairs
-    (single-teacher pair passes) and seconds. Only one pool of images is held
-    in memory at a time.
+    (single-teacher pair passes, views' included) and seconds. Only one pool
+    of images (and its views) is held in memory at a time. With
+    `config.views.n` > 1 the view columns come from `pool_views`, pool by pool.
     """
     want = (single.dim_fused, dual.dim)
     if projection is None or tuple(projection.shape) != want:
@@ -337,6 +355,7 @@ def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConf
         raise InputError(f"fusion projection has shape {got}, these teachers need {want}")
     started = time.perf_counter()
     parts: list[dict[str, Any]] = []
+    view_parts: list[dict[str, Any]] = []
     rejects: list[tuple[str, str, str]] = []
     rows = pairs = 0
 
@@ -352,19 +371,28 @@ def shard_signals(dual, single, items: Iterable, *, shard: str, config: PassConf
                                       pair_batch=config.pair_batch, start=rows)
         part[POOL] = np.full(len(pool), len(parts), dtype=np.int32)
         parts.append(part)
+        if config.views.n > 1:
+            view_part, view_pairs = pool_views(dual, single, pool, part, views=config.views, shard=shard,
+                                               projection=projection, pair_batch=config.pair_batch)
+            view_parts.append(view_part)
+            n_pairs += view_pairs
         rows, pairs = rows + len(pool), pairs + n_pairs
         if progress is not None:
             progress(len(pool))
     columns = _concat(parts, d=dual.dim, f=single.dim_fused, k=config.topk)
     columns[SHARD] = [shard] * rows
+    views = None
+    if config.views.n > 1:
+        views = _concat(view_parts, d=dual.dim, f=0, k=config.topk, empty=empty_view_columns)
+        views[SHARD] = [shard] * len(views[KEY])
     stats = {"rows": rows, "rejected": len(rejects), "pools": len(parts), "pairs": pairs,
              "seconds": time.perf_counter() - started}
-    return columns, rejects, stats
+    return columns, views, rejects, stats
 
 
-def _concat(parts: list[dict[str, Any]], *, d: int, f: int, k: int) -> dict[str, Any]:
+def _concat(parts: list[dict[str, Any]], *, d: int, f: int, k: int, empty=None) -> dict[str, Any]:
     if not parts:  # a shard with no kept sample still gets a (0-row) table
-        return _empty_columns(d=d, f=f, k=k)
+        return (empty or _empty_columns)(d=d, f=f, k=k)
     out: dict[str, Any] = {}
     for name, first in parts[0].items():
         if isinstance(first, list):
@@ -387,3 +415,4 @@ def _empty_columns(*, d: int, f: int, k: int) -> dict[str, Any]:
         out[col(dr, ITM)] = np.zeros((0, k), f32)
         out[col(dr, DUAL_LSE)] = np.zeros(0, f32)
     return out
+

@@ -31,6 +31,9 @@ class LossWeights:
 
 
 MODES = ("replay", "remix")
+# Which stored view a sample shows in an epoch (docs/design.md, section 3, "Views"): cycle: view
+# (epoch + row) mod N; random: drawn from (seed, epoch, shard, row); canonical: view 0, the whole image.
+VIEW_POLICIES = ("cycle", "random", "canonical")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class TrainConfig:
     """How a student learns from the signals; written to RUN/train_config.json."""
 
     mode: str = "replay"          # replay: batches are whole pools; remix: any rows
+    views: str = "cycle"          # VIEW_POLICIES; a store without views has only view 0
     alpha: float = 0.5            # weight of the single teacher's fused features in v', t'
     beta: float = 0.5             # weight of the single teacher's ITM logits in the distribution
     k_prime: int | None = None    # candidates used per row (<= K); None: all K
@@ -61,6 +65,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.views not in VIEW_POLICIES:
+            raise InputError(f"views must be one of {VIEW_POLICIES}, got {self.views!r}")
         for name in ("alpha", "beta", "w_con", "w_dist", "w_feat", "lr", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")

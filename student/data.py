@@ -12,6 +12,12 @@ or several of them into one batch:
   remix mode, not in the batch);
 - `block`: each row's pool block (replay: one block per pool; remix: one
   block for the whole batch), so the distribution loss never mixes pools.
+
+A store with views (schema v2) replays them: per sample and epoch one view
+(`choose_views`, a pure function of seed, epoch, shard and row, so a resume
+sees the same), its image cut from the stored box by the `crop` the caller
+hands in (pipeline.views.crop_sample: storage and student never decode), and
+its signals swapped in (`replay_views`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.manifest import PARAM_LOGIT_SCALE
 from mcad.storage.batches import rebatch
+from mcad.storage.views import stable_id
 
 PIXELS, INPUT_IDS, ATTENTION = "pixel_values", "input_ids", "attention_mask"
 BLOCK = "block"
@@ -37,15 +44,25 @@ READ_COLUMNS = (schema.KEY, schema.SHARD, schema.ROW, schema.POOL) + SIGNALS
 
 
 def student_batches(store, cfg, processor, *, samples: Callable, epoch: int, signals: Callable | None = None,
-                    rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+                    crop: Callable | None = None, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     """Collated batches of one epoch: whole pools (replay) or mixed rows (remix).
 
     cfg: the student's TrainConfig; samples(source) -> (key, sample) of one
     data shard in order (pipeline.store_data.kept_samples); signals, if given,
-    maps each pool before collation (the online teachers replace its signals).
+    maps each pool before collation (the online teachers replace its signals);
+    crop(sample, box) -> the sample showing that view (pipeline.views.crop_sample),
+    needed when the store has views and cfg.views is not "canonical".
     """
+    replay = store.num_views > 1 and cfg.views != "canonical"
+    if replay and crop is None:
+        raise ValueError(f"the store has {store.num_views} views per sample: pass crop= to replay them "
+                         f"(or TrainConfig(views='canonical'))")
     pools = store.iter_joined_pools(samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                    world_size=world_size, columns=READ_COLUMNS)
+                                    world_size=world_size, columns=READ_COLUMNS, views=replay)
+    if replay:
+        pools = (replay_views(p, choose_views(cfg.views, seed=cfg.seed, epoch=epoch, shard=p[schema.SHARD][0],
+                                              rows=p[schema.ROW], n=store.num_views),
+                              m=store.single_views, crop=crop) for p in pools)
     if signals is not None:
         pools = map(signals, pools)
     if cfg.mode == "replay":
@@ -70,6 +87,60 @@ def teacher_logit_scale(store) -> float:
     if scale is None:
         raise InputError(f"{store.path}: the manifest has no teacher logit scale; rerun the teacher pass")
     return float(scale)
+
+
+def choose_views(policy: str, *, seed: int, epoch: int, shard: str, rows, n: int) -> np.ndarray:
+    """The view (0..n-1) each of a shard's `rows` shows in `epoch`: a pure function of its arguments.
+
+    cycle: (epoch + row) mod n, so every sample shows each view once per n epochs;
+    random: uniform, from a generator keyed by (seed, epoch, shard, row); canonical: 0.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if n == 1 or policy == "canonical":
+        return np.zeros(len(rows), np.int64)
+    if policy == "cycle":
+        return (epoch + rows) % n
+    if policy == "random":
+        sid = stable_id(shard)
+        return np.array([np.random.default_rng([seed, epoch, sid, int(r)]).integers(n) for r in rows], np.int64)
+    raise ValueError(f"unknown view policy {policy!r}")
+
+
+def replay_views(pool: dict, chosen: np.ndarray, *, m: int, crop: Callable) -> dict:
+    """A pool read with its views (storage/views.py) showing view chosen[i] in row i.
+
+    The image is cut from that view's box; img_emb is the dual teacher's on it.
+    The single teacher's terms come from the view where it scored the pair,
+    else from view 0 (the approximation of docs/design.md, section 3, "Views"):
+    fused_proj and the i2t ITM list of row i from view chosen[i] when < m; the
+    t2i list of row i (text i over images j) takes each m(image j, text i) from
+    view chosen[j] when < m. The view columns are dropped; VIEW holds chosen.
+    """
+    chosen = np.asarray(chosen, dtype=np.int64)
+    out = {k: v for k, v in pool.items() if not k.startswith(schema.VIEW_PREFIX)}
+    at = np.flatnonzero(chosen > 0)
+    shown = chosen[at] - 1
+    scored = chosen[at] < m
+    for name in (schema.IMG_EMB, schema.FUSED_PROJ, schema.ITM_POS, schema.col("i2t", schema.ITM)):
+        if name not in pool:
+            continue
+        rows, views = (at, shown) if name == schema.IMG_EMB else (at[scored], shown[scored])
+        value = np.array(pool[name], copy=True)
+        value[rows] = pool[schema.view_key(name)][rows, views]
+        out[name] = value
+    t2i_idx, t2i_itm = schema.col("t2i", schema.IDX), schema.col("t2i", schema.ITM)
+    if t2i_itm in pool:
+        idx = np.asarray(pool[t2i_idx], dtype=np.int64)
+        real = idx != schema.PAD_IDX
+        view_of = chosen[np.where(real, idx - int(pool[schema.ROW][0]), 0)]  # candidates lie in the pool
+        ii, kk = np.nonzero(real & (view_of >= 1) & (view_of < m))
+        value = np.array(pool[t2i_itm], copy=True)
+        value[ii, kk] = pool[schema.view_key(t2i_itm)][ii, view_of[ii, kk] - 1, kk]
+        out[t2i_itm] = value
+    boxes = pool[schema.view_key(schema.BOX)]
+    out[schema.DATA] = [crop(s, boxes[i, v - 1]) if v else s for i, (s, v) in enumerate(zip(pool[schema.DATA], chosen))]
+    out[schema.VIEW] = chosen
+    return out
 
 
 def replay_batches(pools: Iterable[dict], pools_per_batch: int) -> Iterator[list[dict]]:

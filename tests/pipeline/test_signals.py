@@ -6,6 +6,8 @@ maths, and compares within float16 tolerance (the store keeps float16 vectors).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -15,8 +17,9 @@ from helpers import noise_images
 from mcad.pipeline.shards import Reject, Sample
 from mcad.pipeline.signals import (
     PassConfig, calibrate, calibration_pairs, candidates, compute_pool, fit_projection,
-    load_projection, pools, project, save_projection, shard_signals,
+    load_projection, pools, project, save_projection, shard_signals, shard_signals_and_views,
 )
+from mcad.pipeline.views import ViewConfig, apply_box
 from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
 from mcad.pipeline.teachers import load_teachers
 from mcad.storage import schema
@@ -320,3 +323,94 @@ def test_a_pool_of_one_sample_and_an_empty_pool(teachers, samples, projection):
     assert pool[schema.col("i2t", schema.IDX)].tolist() == [[7] + [schema.PAD_IDX] * (K - 1)]
     with pytest.raises(ValueError, match="empty pool"):
         compute_pool(*teachers, [], k=K, projection=projection)
+
+
+# ------------------------------------------------------------- views (schema v2)
+
+VIEWS = ViewConfig(n=3, m=2, crop_scale=(0.3, 0.9), seed=5)
+
+
+@pytest.fixture(scope="module")
+def view_result(teachers, items, config, projection):
+    return shard_signals_and_views(*teachers, items, shard="shard-000", config=dataclasses.replace(config, views=VIEWS),
+                                   projection=projection)
+
+
+def test_views_leave_the_view_0_signals_unchanged(result, view_result):
+    columns, views, rejects, stats = view_result
+    assert rejects == result[1] and stats["rows"] == N
+    for name, value in result[0].items():
+        if isinstance(value, list):
+            assert columns[name] == value
+        else:
+            np.testing.assert_array_equal(columns[name], value)
+    assert views[schema.KEY] == [s for s in result[0][schema.KEY] for _ in range(2)]
+    np.testing.assert_array_equal(views[schema.VIEW], np.tile([1, 2], N))
+    np.testing.assert_array_equal(views[schema.ROW], np.repeat(np.arange(N), 2))
+    assert result[2]["pairs"] < stats["pairs"]  # view 1 was scored by the single teacher too
+    with pytest.raises(ValueError, match="shard_signals_and_views"):
+        shard_signals(None, None, [], shard="x", config=PassConfig(views=VIEWS), projection=None)
+
+
+def test_key_views_equal_hf_recomputation_of_the_reapplied_boxes(dirs, samples, view_result, projection):
+    """Plain transformers on each re-applied box: the dual embedding (cosine >= 0.999 with the stored
+    float16 one) and, for the view the single teacher scored, its ITM logits and fused projection over
+    the row's view-0 candidates, both ways."""
+    columns, views = view_result[:2]
+    close = lambda got, want: np.testing.assert_allclose(got, want.numpy(), **TOL)  # noqa: E731
+    close32 = lambda got, want: np.testing.assert_allclose(got, want.numpy(), **TOL32)  # noqa: E731
+    for rows in pools(N, POOL_SIZE):
+        for v in (1, 2):
+            at = [r * 2 + v - 1 for r in rows]
+            crops = [dataclasses.replace(samples[r], image=apply_box(samples[r].image, views[schema.BOX][a]))
+                     for r, a in zip(rows, at)]
+            ref = _reference_pool(dirs, crops)
+            stored = torch.nn.functional.normalize(torch.tensor(views[schema.IMG_EMB][at], dtype=torch.float32), dim=-1)
+            assert (stored * ref["v"]).sum(dim=1).min() >= 0.999
+            if v == 2:  # not scored by the single teacher (m = 2)
+                assert np.isnan(views[schema.ITM_POS][at]).all() and np.isnan(views["t2i_itm"][at]).all()
+                continue
+            close32(views[schema.ITM_POS][at], ref["m"].diagonal())
+            fused_ref = ref["fused"].diagonal(dim1=0, dim2=1).T
+            close(views[schema.FUSED_PROJ][at], torch.nn.functional.normalize(fused_ref @ projection, dim=-1))
+            for dr, m in (("i2t", ref["m"]), ("t2i", ref["m"].T)):
+                idx, itm = columns[schema.col(dr, schema.IDX)][rows.start:rows.stop], views[schema.col(dr, schema.ITM)][at]
+                for i in range(len(rows)):
+                    valid = idx[i] != schema.PAD_IDX
+                    close32(itm[i][valid], m[i, idx[i][valid] - rows.start])
+                    assert np.isneginf(itm[i][~valid]).all()
+
+
+class _Recording:
+    """A real teacher that also keeps the pixels of every image it is handed."""
+
+    def __init__(self, teacher):
+        self.teacher, self.pixels = teacher, []
+
+    def __getattr__(self, name):
+        return getattr(self.teacher, name)
+
+    def encode_images(self, images):
+        self.pixels.append([np.asarray(image).copy() for image in images])
+        return self.teacher.encode_images(images)
+
+
+def test_a_stored_box_reapplied_gives_the_pixels_the_pass_embedded(tmp_path, teachers, samples, config, projection):
+    from mcad.storage.writer import write_shard
+
+    dual, single = teachers
+    recording = _Recording(dual)
+    cfg = dataclasses.replace(config, views=VIEWS)
+    columns, views, rejects, _ = shard_signals_and_views(recording, single, samples[:POOL_SIZE], shard="s",
+                                                         config=cfg, projection=projection)
+    write_shard(tmp_path, "s", columns, rejects, d=dual.dim, f=single.dim_fused, k=K, pool_size=POOL_SIZE,
+                views=views, n_views=3, single_views=2)
+    table = pq.read_table(tmp_path / "views" / "s.parquet")  # the box as a student reads it: float32 from Parquet
+    boxes = np.asarray(table.column(schema.BOX).combine_chunks().flatten()).reshape(POOL_SIZE, 2, 4)
+    assert len(recording.pixels) == 3  # one pool: view 0, then views 1 and 2
+    for i, sample in enumerate(samples[:POOL_SIZE]):
+        assert np.array_equal(recording.pixels[0][i], np.asarray(sample.image))
+        for v in (1, 2):
+            replayed = np.asarray(apply_box(sample.image, boxes[i, v - 1]))
+            assert np.array_equal(replayed, recording.pixels[v][i]), (i, v)
+            assert replayed.shape == np.asarray(sample.image).shape and not np.array_equal(replayed, recording.pixels[0][i])
