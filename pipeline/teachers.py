@@ -10,9 +10,14 @@ calls the MCAD maths in `pipeline/signals.py` needs:
                                         f, m = single.match_tokens(h, single.tokenize(texts), image_index=idx)
                                         #   the same, each image's cross-attention keys/values once
 
-Both run on CUDA in float16 when a GPU is present, else on the CPU in float32
-(shipped float16 weights are upcast there). Outputs used as signals are
-float32 on the model's device; gradients are never tracked.
+On CUDA both run in bfloat16 (float16 where the device has no native
+bfloat16), CLIP with PyTorch's SDPA attention (BLIP has no SDPA path in
+transformers 5.24: it stays eager), and their image and pair micro-batches are
+sized to the device's free memory (`size_micro_batches`); on the CPU they run
+in float32 (shipped float16 weights are upcast there) with the pool's images
+in one forward, as before. The dual logit scale is read in float32 whatever
+the dtype. Outputs used as signals are float32 on the model's device;
+gradients are never tracked.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from mcad.pipeline.itm import image_groups, itm_forward, itm_forward_cached, itm_logit
+from mcad.pipeline.teacher_flops import CPU_BATCHES, DEVICE_SHARE, MicroBatches, size_micro_batches, working_set_bytes
 from mcad.storage.errors import InputError, error_line
 from mcad.storage.manifest import file_digest
 from mcad.student.models import clip_image_embeddings, clip_text_embeddings
@@ -41,10 +47,20 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def default_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.dtype:
-    # Half precision only where it is fast and well supported; CPUs stay float32.
+    """`dtype` when given; else bfloat16 on CUDA devices with native bfloat16 (Ampere and later),
+    float16 on older CUDA devices (emulated bfloat16 is slow), float32 on the CPU."""
     if dtype is not None:
         return dtype
-    return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def attention_implementation(model_class) -> str:
+    """"sdpa" (PyTorch's fused scaled-dot-product attention) where the transformers class has it,
+    else "eager": CLIPModel has it; BlipForImageTextRetrieval does not in transformers 5.24
+    (asking for it raises ValueError), so BLIP runs its own matmul-and-softmax attention."""
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def check_model_dir(path: str | Path, model_type: str, what: str) -> Path:
@@ -75,7 +91,7 @@ def _load(model_cls, path: Path, role: str, device: torch.device, dtype: torch.d
     try:
         model, info = model_cls.from_pretrained(
             path, use_safetensors=True, local_files_only=True, trust_remote_code=False,
-            dtype=dtype, output_loading_info=True)
+            dtype=dtype, attn_implementation=attention_implementation(model_cls), output_loading_info=True)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, SafetensorError) as exc:
         first = error_line(exc, first=True)
@@ -130,6 +146,17 @@ def _batched(n: int, size: int):
         yield slice(lo, min(lo + size, n))
 
 
+def _file_tensor(path: Path | None, name: str) -> torch.Tensor | None:
+    """Tensor `name` as stored in a teacher dir's safetensors files (None: no dir or no such tensor)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob(WEIGHTS_GLOB)) if path is not None else ():
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():
+                return st.get_tensor(name)
+    return None
+
+
 class _Teacher:
     """Shared plumbing: the model, its processor, device and dtype."""
 
@@ -146,7 +173,9 @@ class _Teacher:
         dev = default_device(device)
         model, processor = _load(getattr(transformers, cls.model_class), p, cls.role, dev,
                                  default_dtype(dev, dtype))
-        return cls(model, processor, p)
+        teacher = cls(model, processor, p)
+        teacher.fit_to_device()
+        return teacher
 
     def __init__(self, model, processor, path: Path):
         self.model = model
@@ -154,6 +183,26 @@ class _Teacher:
         self.path = path
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.batches = CPU_BATCHES
+
+    @property
+    def attn_implementation(self) -> str:
+        return str(self.model.config._attn_implementation)
+
+    def fit_to_device(self, free_bytes: int | None = None, share: float = DEVICE_SHARE) -> MicroBatches:
+        """Size the micro-batches to `share` of `free_bytes` (default: the CUDA device's free
+        memory now; the CPU keeps CPU_BATCHES). Processes sharing one device (fractional GPUs
+        per Ray worker) should pass a share scaled by their fraction."""
+        if free_bytes is None and self.device.type == "cuda":
+            free_bytes = torch.cuda.mem_get_info(self.device)[0]
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        self.batches = size_micro_batches(free_bytes, share=share, **working_set_bytes(
+            self.model.config, self.kind, elt, self.attn_implementation))
+        return self.batches
+
+    def _chunks(self, n: int) -> list[slice]:
+        """Slices of `batches.images` items; one empty slice for n = 0 (the empty-input error stays)."""
+        return list(_batched(n, self.batches.images or n)) or [slice(0, 0)]
 
     def identity(self) -> dict:
         """Path and content digests, for the manifest and for refusing mismatched stores."""
@@ -180,25 +229,39 @@ class DualTeacher(_Teacher):
 
     kind, role, model_class = "clip", "dual", "CLIPModel"
 
+    def __init__(self, model, processor, path: Path):
+        super().__init__(model, processor, path)
+        # Loaded in bfloat16 the log scale would be rounded to 8 bits (CLIP's 4.6052 -> 4.59375:
+        # s = 98.9 instead of 100); the value in the weights file is exact.
+        stored = _file_tensor(path, "logit_scale") if self.dtype != torch.float32 else None
+        log_scale = stored if stored is not None else model.logit_scale.detach()
+        self._logit_scale = float(log_scale.float().exp())
+
     @property
     def dim(self) -> int:
         return int(self.model.config.projection_dim)
 
     @property
     def logit_scale(self) -> float:
-        """s = exp(the learnt log scale), exactly as CLIPModel.forward uses it."""
-        return float(self.model.logit_scale.detach().float().exp())
+        """s = exp(the learnt log scale) in float32, as CLIPModel.forward computes it in float32."""
+        return self._logit_scale
 
     @torch.no_grad()
     def encode_images(self, images: Sequence) -> torch.Tensor:
-        """(n, D) float32, L2-normalised."""
-        return clip_image_embeddings(self.model, self._pixels(images))
+        """(n, D) float32, L2-normalised; `batches.images` at a time."""
+        images = list(images)
+        return torch.cat([clip_image_embeddings(self.model, self._pixels(images[sl]))
+                          for sl in self._chunks(len(images))])
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(n, D) float32, L2-normalised."""
-        tok = self._tokens(texts, self.model.config.text_config.max_position_embeddings)
-        return clip_text_embeddings(self.model, tok["input_ids"], tok["attention_mask"])
+        """(n, D) float32, L2-normalised; `batches.images` captions at a time."""
+        texts, length = list(texts), self.model.config.text_config.max_position_embeddings
+        parts = []
+        for sl in self._chunks(len(texts)):
+            tok = self._tokens(texts[sl], length)
+            parts.append(clip_text_embeddings(self.model, tok["input_ids"], tok["attention_mask"]))
+        return torch.cat(parts)
 
 
 # ----------------------------------------------------------- single teacher
@@ -219,8 +282,11 @@ class SingleTeacher(_Teacher):
 
     @torch.no_grad()
     def encode_images(self, images: Sequence) -> torch.Tensor:
-        """(n, L, H) vision last hidden states, in the model's dtype, on its device."""
-        return self.model.vision_model(pixel_values=self._pixels(images)).last_hidden_state
+        """(n, L, H) vision last hidden states, in the model's dtype, on its device;
+        `batches.images` at a time."""
+        images = list(images)
+        return torch.cat([self.model.vision_model(pixel_values=self._pixels(images[sl])).last_hidden_state
+                          for sl in self._chunks(len(images))])
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (n, T), padded to the longest text."""
@@ -230,8 +296,17 @@ class SingleTeacher(_Teacher):
     # its pairs (`itm_forward_cached`); False: projected again for every pair, as
     # BlipForImageTextRetrieval does (the bench's "uncached" side).
     cross_kv_cache = True
-    # Most bytes of projected keys and values held at once (one pair batch's images).
-    kv_cache_bytes = 1 << 30
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Most bytes of projected keys and values held at once (one pair batch's images):
+        1 GiB on the CPU, sized to the device on CUDA (`batches`)."""
+        return self.batches.kv_cache_bytes
+
+    def pair_batch(self, requested: int = 0) -> int:
+        """Pairs per ITM forward: `requested` when positive, else the device's size
+        (`batches.pairs`; 256 on the CPU, PassConfig's default)."""
+        return requested if requested > 0 else (self.batches.pairs or 256)
 
     @torch.no_grad()
     def match_tokens(self, image_states: torch.Tensor, tokens: dict[str, torch.Tensor], *,
@@ -243,7 +318,8 @@ class SingleTeacher(_Teacher):
         Returns fused (m, F) float32, the multimodal [CLS] state, and itm (m,)
         float32 = logit(match) - logit(no match) of the ITM head on it. With
         `image_index`, each image's cross-attention keys and values are projected
-        once per pair batch and shared by its pairs (`cross_kv_cache`).
+        once per pair batch and shared by its pairs (`cross_kv_cache`). Batches
+        larger than the device's `batches.pairs` are split.
         """
         m = tokens["input_ids"].shape[0]
         if image_index is None and image_states.shape[0] != m:
@@ -251,7 +327,7 @@ class SingleTeacher(_Teacher):
         if image_index is not None and image_index.shape[0] != m:
             raise ValueError(f"{image_index.shape[0]} image indices but {m} texts")
         fused, itm = [], []
-        for sl in _batched(m, batch_size):
+        for sl in _batched(m, min(batch_size, self.batches.pairs or batch_size)):
             ids, mask = tokens["input_ids"][sl], tokens["attention_mask"][sl]
             if image_index is None:
                 parts = [itm_forward(self.model, ids, mask, image_states[sl].to(self.device, self.dtype))]
@@ -294,7 +370,12 @@ def check_teacher_dirs(dual_path: str | Path, single_path: str | Path) -> None:
 
 def load_teachers(dual_path: str | Path, single_path: str | Path, *,
                   device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> tuple[DualTeacher, SingleTeacher]:
-    """Both teachers of a pass, on the same device."""
-    return (DualTeacher.load(dual_path, device=device, dtype=dtype),
-            SingleTeacher.load(single_path, device=device, dtype=dtype))
+                  dtype: torch.dtype | None = None,
+                  device_share: float = DEVICE_SHARE) -> tuple[DualTeacher, SingleTeacher]:
+    """Both teachers of a pass, on the same device, their micro-batches sized to `device_share`
+    of the memory left free with both loaded."""
+    dual = DualTeacher.load(dual_path, device=device, dtype=dtype)
+    single = SingleTeacher.load(single_path, device=device, dtype=dtype)
+    for teacher in (dual, single):
+        teacher.fit_to_device(share=device_share)
+    return dual, single

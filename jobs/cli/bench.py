@@ -109,6 +109,8 @@ Examples:
   mcad bench teacher-pass --size smoke --samples 40 --pool 8 --topk 3
   mcad bench teacher-pass --profile --size base --samples 16 --shards 1 --pool 16 --topk 12
                                                          seconds and FLOPs per stage, ITM cache on/off
+  mcad bench teacher-pass --size base --device cuda --samples 512 --shards 2 --pool 64 --topk 16
+                                                         the profile on a GPU: samples/s, pairs/s, MFU
 """)
 @json_option
 @TEACHER_PASS("--size", type=SIZES, help="Teacher size (random weights): demo is the shipped teachers' width; "
@@ -120,21 +122,33 @@ Examples:
 @click.option("--profile", is_flag=True,
               help="Instead of the Ray comparison: seconds, share and FLOPs per stage of the bare loop, "
                    "with the single teacher's cross-attention cache and without it (no Ray).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the profile runs the teachers: cpu, cuda or cuda:N (cuda implies --profile).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="The profile's teacher dtype [default: bfloat16 on CUDA (float16 without it), float32 on CPU].")
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="The device's dense peak TFLOP/s for MFU [default: the table of accelerators; n/a on CPU].")
 @dir_option("data, teachers and stores")
 @ray_address_option("Ray cluster to join (default: a local cluster started on the spot). The "
                     "comparison with the bare loop only holds when that cluster is this machine.")
-def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, profile, workdir, ray_address):
+def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, profile, device, dtype, peak_tflops,
+                       workdir, ray_address):
     """Samples/s of the Ray teacher pass against a bare loop on the same cores, and 2 workers against 1;
-    with --profile, where the pass's time goes."""
+    with --profile, where the pass's time goes (samples/s, pairs/s and MFU per stage)."""
     from mcad.jobs.bench.teacher_pass import TeacherPassBenchConfig, format_table, run_teacher_pass_bench
+    from mcad.storage.errors import InputError
 
     cfg = TeacherPassBenchConfig(size=size, samples=samples, shards=shards, pool_size=pool_size, topk=topk)
-    if profile:
-        from mcad.jobs.bench.teacher_profile import format_profile, run_profile
+    if profile or device != "cpu":
+        from mcad.jobs.bench.teacher_profile import check_device, format_profile, run_profile
 
-        result = run_profile(cfg, workdir=workdir)
+        check_device(device)  # no CUDA: one line before anything is built
+        result = run_profile(cfg, device=device, dtype=dtype,
+                             peak_flop_per_s=None if peak_tflops is None else peak_tflops * 1e12, workdir=workdir)
         _emit(format_profile(result), result, json_path)
         return
+    if dtype is not None or peak_tflops is not None:
+        raise InputError("--dtype and --peak-tflops are options of the profile: add --profile")
     result = run_teacher_pass_bench(cfg, workdir=workdir, ray_address=ray_address)
     _emit(format_table(result), result, json_path)
 

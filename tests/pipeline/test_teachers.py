@@ -9,7 +9,10 @@ import torch
 
 from helpers import noise_images
 from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
-from mcad.pipeline.teachers import TEACHERS, DualTeacher, SingleTeacher, load_teachers
+from mcad.pipeline.teacher_flops import MicroBatches
+from mcad.pipeline.teachers import (
+    TEACHERS, DualTeacher, SingleTeacher, attention_implementation, default_dtype, load_teachers,
+)
 from mcad.storage.errors import InputError
 
 CAPTIONS = ["a red circle", "a small blue square left of a green triangle",
@@ -162,7 +165,7 @@ def test_cache_groups_respect_the_memory_cap(dirs, teachers, monkeypatch):
     img_of = torch.tensor([2, 2, 0, 1, 1, 0])
     tokens = single.tokenize([CAPTIONS[r % 4] for r in range(6)])
     want = single.match_tokens(states, tokens, image_index=img_of)
-    monkeypatch.setattr(single, "kv_cache_bytes", 1)
+    monkeypatch.setattr(single, "batches", MicroBatches(kv_cache_bytes=1))
     torch.testing.assert_close(single.match_tokens(states, tokens, image_index=img_of), want,
                                atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(single, "cross_kv_cache", False)
@@ -202,3 +205,57 @@ def test_cached_itm_equals_hf_forward_at_base_size():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=states[img_of], use_itm_head=True)
     assert (itm - (out.itm_score[:, 1] - out.itm_score[:, 0])).abs().max() < 1e-4
     assert (fused - out.question_embeds[:, 0]).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------- the accelerator path
+
+def test_dtype_bfloat16_on_cuda_float16_without_it_float32_on_cpu(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_dtype(cpu) == torch.float32
+    assert default_dtype(cpu, torch.bfloat16) == torch.bfloat16 and default_dtype(cuda, torch.float32) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
+                        and bf16)
+    bf16 = True
+    assert default_dtype(cuda) == torch.bfloat16
+    bf16 = False  # e.g. V100, T4: no native bfloat16 (emulated does not count)
+    assert default_dtype(cuda) == torch.float16
+
+
+def test_clip_loads_with_sdpa_blip_stays_eager(dirs, teachers):
+    """transformers 5.24: CLIPModel has an SDPA path, BlipForImageTextRetrieval has none (asking raises)."""
+    from transformers import BlipForImageTextRetrieval, CLIPModel
+
+    dual, single = teachers
+    assert attention_implementation(CLIPModel) == dual.attn_implementation == "sdpa"
+    assert attention_implementation(BlipForImageTextRetrieval) == single.attn_implementation
+    if not BlipForImageTextRetrieval._supports_sdpa:
+        assert single.attn_implementation == "eager"
+        with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+            BlipForImageTextRetrieval.from_pretrained(dirs[1], attn_implementation="sdpa")
+    # SDPA changes the kernel, not the result
+    eager = CLIPModel.from_pretrained(dirs[0], attn_implementation="eager").eval()
+    images = _images(3, seed=4)
+    inputs = dual.processor(images=images, text=CAPTIONS[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = eager(**inputs)
+    torch.testing.assert_close(dual.encode_images(images), out.image_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dual.encode_texts(CAPTIONS[:3]), out.text_embeds, atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_split_without_changing_results(dirs, teachers, monkeypatch):
+    dual, single = teachers
+    images = _images(5, seed=5)
+    texts = [CAPTIONS[r % 4] for r in range(5)]
+    states = single.encode_images(images)
+    img_of = torch.tensor([0, 1, 1, 2, 4, 3, 0])
+    tokens = single.tokenize([CAPTIONS[r % 4] for r in range(7)])
+    want = (dual.encode_images(images), dual.encode_texts(texts), states,
+            single.match_tokens(states, tokens, image_index=img_of))
+    for teacher in (dual, single):
+        monkeypatch.setattr(teacher, "batches", MicroBatches(images=2, pairs=3))
+    got = (dual.encode_images(images), dual.encode_texts(texts), single.encode_images(images),
+           single.match_tokens(states, tokens, image_index=img_of))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert single.pair_batch() == 3 and single.pair_batch(64) == 64
+    with pytest.raises(ValueError, match="no images"):
+        dual.encode_images([])
