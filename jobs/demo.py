@@ -36,10 +36,10 @@ class DemoConfig:
     test: int = 2000
     pool: int = 64
     topk: int = 16
-    epochs: int = 10
+    epochs: int | None = None     # None: the student default (TrainConfig: chosen on val, docs/results/val-sweep)
     preset: str = "s"
-    alpha: float = 0.5
-    beta: float | None = None     # None: the beta the shipped teachers' combined score was tuned with
+    alpha: float | None = None    # None: the student default
+    beta: float | None = None     # None: the student default (the teachers' own beta is in teacher_recall.json)
     teacher_epochs: int = 10
     ray_address: str | None = None  # where the teacher pass and the students run; None: a local cluster
     report_to: tuple[str, ...] = ()  # ("tensorboard",): each student run writes its tensorboard/
@@ -49,6 +49,13 @@ class DemoConfig:
         if quick:  # the same flow at a size that runs in about a minute
             kw = {"train": 1024, "val": 100, "test": 100, "epochs": 2, "teacher_epochs": 1, **kw}
         return cls(quick=quick, **kw)
+
+    def resolved(self) -> "DemoConfig":
+        """The student settings left None filled with the student defaults (what demo_config.json records)."""
+        from mcad.student.config import TrainConfig
+
+        return dataclasses.replace(self, **{k: getattr(TrainConfig, k) for k in ("epochs", "alpha", "beta")
+                                            if getattr(self, k) is None})
 
 
 def run_demo(cfg: DemoConfig, *, echo=print) -> dict:
@@ -71,6 +78,7 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
     from mcad.jobs.ray_cluster import ray_session
 
     students = STUDENTS if students is None else students
+    cfg = cfg.resolved()
     if not cfg.retrain_teachers:
         shipped_teachers(cfg)  # fail before any work when they are missing
     out = Path(cfg.out)
@@ -87,8 +95,7 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
 
     data = stage("synth", lambda: _synth(cfg, out / "data"))
     dual, single, beta = stage("teachers", lambda: _teachers(cfg, data, out / "teachers"))
-    cfg = dataclasses.replace(cfg, beta=beta if cfg.beta is None else cfg.beta)
-    atomic_write_json(out / "demo_config.json", dataclasses.asdict(cfg))  # with beta resolved
+    atomic_write_json(out / "demo_config.json", {**dataclasses.asdict(cfg), "teacher_beta": beta})
     with ray_session(cfg.ray_address):  # one cluster for the pass and the students
         store = stage("teacher_pass", lambda: _teacher_pass(cfg, data, dual, single, out / "store"))
         teachers = stage("eval_teachers", lambda: _eval_teachers(data, dual, single, beta))
@@ -101,10 +108,34 @@ def run_flow(cfg: DemoConfig, *, students: dict[str, dict] | None = None, echo=p
     for name, (model, _) in trained.items():
         evals[name] = stage(f"eval_{name}", lambda: _eval(Path(model), data / "test"))
         paths[name] = model
+    keep_ranks(teachers, out / RANKS_DIR, prefix="teacher_")
+    keep_ranks(evals, out / RANKS_DIR)
     results = {"teachers": teachers, "students": evals, "seconds": seconds,
                "student_seconds": {name: round(s, 2) for name, (_, s) in trained.items()}, "paths": paths}
     atomic_write_json(out / "results.json", results)
     return results
+
+
+RANKS_DIR = "ranks"  # OUT/ranks/<method>.npz: each test query's rank (report: paired bootstrap)
+
+
+def keep_ranks(evals: dict[str, dict], folder: Path, prefix: str = "") -> None:
+    """Move each EVAL's "ranks" (numpy arrays) into folder/<prefix><name>.npz; the EVALs stay JSON."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, ev in evals.items():
+        ranks = ev.pop("ranks", None)
+        if ranks is not None:
+            np.savez_compressed(folder / f"{prefix}{name}.npz", **ranks)
+
+
+def load_ranks(folder: Path, method: str) -> dict:
+    """The ranks keep_ranks saved for a method ("teacher_dual", "mcad", ...)."""
+    import numpy as np
+
+    with np.load(folder / RANKS_DIR / f"{method}.npz") as f:
+        return {k: f[k] for k in f.files}
 
 
 def _synth(cfg: DemoConfig, folder: Path) -> Path:
@@ -135,9 +166,10 @@ def shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
     dual, single = shipped / "dual", shipped / "single"
     if not (dual.is_dir() and single.is_dir()):
         raise InputError(f"no demo teachers in {shipped} (dual/ and single/); run with --retrain-teachers")
-    recall_file = shipped / "teacher_recall.json"
-    recall = json.loads(recall_file.read_text()) if recall_file.exists() else {}
-    return dual, single, float(recall.get("beta", 1.0))
+    from mcad.pipeline.evaluate import DEFAULT_BETA, tuned_beta
+
+    beta = tuned_beta(single)
+    return dual, single, DEFAULT_BETA if beta is None else beta
 
 
 def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path) -> Path:
@@ -152,7 +184,7 @@ def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: 
 def _eval_teachers(data: Path, dual: Path, single: Path, beta: float) -> dict:
     from mcad.pipeline.evaluate import evaluate
 
-    return evaluate(dual, str(data / "test"), single=single, beta=beta)
+    return evaluate(dual, str(data / "test"), single=single, beta=beta, keep_ranks=True)
 
 
 def _student_job(cfg: DemoConfig, data: Path, store: Path, run: Path, losses: dict):
@@ -239,7 +271,7 @@ def _train_task(job, threads: int) -> tuple[str, float]:
 def _eval(model: Path, test: Path) -> dict:
     from mcad.pipeline.evaluate import evaluate
 
-    return evaluate(model, str(test))
+    return evaluate(model, str(test), keep_ranks=True)
 
 
 def _table_rows(results: dict) -> dict[str, dict]:

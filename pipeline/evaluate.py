@@ -45,6 +45,21 @@ DEFAULT_RERANK_K = 16
 PAIRS_PER_IMAGE_BATCH = 4  # pair passes are cheaper than image passes: score 4 batches' worth at once
 
 
+TEACHER_RECALL = "teacher_recall.json"  # beside dual/ and single/: `mcad teachers bootstrap` writes it
+
+
+def tuned_beta(single_dir: str | Path) -> float | None:
+    """The β of the combined score chosen on val for this single teacher: the "beta" of
+    teacher_recall.json in its parent folder (the shipped demo teachers have one), else None."""
+    import json
+
+    path = Path(single_dir).parent / TEACHER_RECALL
+    if not path.is_file():
+        return None
+    beta = json.loads(path.read_text()).get("beta")
+    return None if beta is None else float(beta)
+
+
 @dataclass
 class _Split:
     """What pass one keeps: keys, captions with their image, image embeddings, rejects."""

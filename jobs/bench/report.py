@@ -1,18 +1,24 @@
 """`mcad bench report`: quality over seeds, speed ratios and cost, in one reproducible run.
 
 For each seed N (0 .. --seeds - 1) the demo's own flow (jobs.demo.run_flow) runs
-into OUT/seed_N: the shapes benchmark from seed N, the teachers, ONE teacher
-pass, the teachers' evaluation (dual, single re-ranking the dual top-16, and
-their combination), then five students from that one store, trained side by
-side (jobs.demo.train_side_by_side), each evaluated on the test split:
+into OUT/seed_N: the shapes benchmark from seed N (val and test meanings held
+out of train), the teachers, ONE teacher pass, the teachers' evaluation (dual,
+single re-ranking the dual top-16, and their combination), then six students
+from that one store, trained side by side (jobs.demo.train_side_by_side), each
+evaluated once on the test split. Every setting was chosen on val beforehand
+(`mcad bench select`, docs/results/val-sweep); each ablation changes one factor
+of full MCAD:
 
+  mcad         full MCAD                               the student defaults (alpha, beta, ...)
+  no_feat      no feature loss                         w_feat = 0
+  beta0        no ITM logits in the distributions      beta = 0
+  alpha0       no fused features in the targets        alpha = 0
+  dual_kd      dual-teacher KD                         alpha = beta = 0
   baseline     contrastive only                        w_dist = w_feat = 0
-  dual_kd      dual-teacher KD (distribution + features of the plain dual teacher)
-                                                       alpha = beta = 0
-  single_dist  the single teacher's re-ranked distribution only
-                                                       alpha = 0, beta = the demo's, w_feat = 0
-  feat_only    MCAD feature distillation only          w_dist = 0
-  mcad         full MCAD                               the student defaults (alpha, beta)
+
+Each student is compared with its own seed's baseline and dual-only KD: the
+paired difference with a 95 % interval over seeds (t), and per seed a paired
+bootstrap interval over test queries (student.metrics.paired_bootstrap).
 
 A seed whose OUT/seed_N/results.json exists is not run again (an interrupted
 report restarts where it stopped); OUT/report_config.json pins the settings, and
@@ -26,7 +32,7 @@ Outputs: OUT/report.json, OUT/report.md (tables), OUT/recall.png (R@1 and rsum
 per method, mean with the seed spread), OUT/curves_<method>.png (training loss
 per step and validation rsum per epoch, one line per seed).
 
-    mcad bench report --out report/ --seeds 3
+    mcad bench report --out report/            5 seeds
     mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed
 
 This module imports nothing heavy (torch, pyarrow, Ray) at module level, so `mcad bench` reads its config's defaults at once
@@ -47,8 +53,9 @@ from mcad.pipeline.shapes import DEMO_TEACHERS
 STUDENTS = {  # name -> TrainConfig overrides on the demo's (alpha, beta from the demo config)
     "baseline": dict(w_dist=0.0, w_feat=0.0),
     "dual_kd": dict(alpha=0.0, beta=0.0),
-    "single_dist": dict(alpha=0.0, w_feat=0.0),
-    "feat_only": dict(w_dist=0.0),
+    "alpha0": dict(alpha=0.0),
+    "beta0": dict(beta=0.0),
+    "no_feat": dict(w_feat=0.0),
     "mcad": dict(),
 }
 TEACHERS = ("dual", "single", "combined")
@@ -59,8 +66,9 @@ LABELS = {
     "teacher_combined": "teacher combined (dual + beta ITM)",
     "baseline": "student: contrastive only",
     "dual_kd": "student: dual-only KD (alpha = beta = 0)",
-    "single_dist": "student: single re-ranked distribution only (alpha = 0, beta > 0, no feature loss)",
-    "feat_only": "student: feature distillation only (no distribution loss)",
+    "alpha0": "student: MCAD without fused features in the targets (alpha = 0)",
+    "beta0": "student: MCAD without ITM logits in the distributions (beta = 0)",
+    "no_feat": "student: MCAD without the feature loss (w_feat = 0)",
     "mcad": "student: full MCAD",
 }
 CONFIG_NAME, RESULTS_NAME = "report_config.json", "results.json"
@@ -81,7 +89,7 @@ PAYBACK_FORMULA = (
 @dataclass(frozen=True)
 class ReportConfig:
     out: str = "report_out"
-    seeds: int = 3
+    seeds: int = 5
     quick: bool = False
     epochs: int | None = None     # None: the demo's (10, or 2 with --quick)
     preset: str = "s"
@@ -210,11 +218,38 @@ def paired_interval(diffs: list[float]) -> dict:
             "significant": not (mean - half <= 0.0 <= mean + half)}
 
 
+def mean_r1(ev: dict) -> float:
+    """The headline figure: R@1 averaged over both directions."""
+    return (ev["i2t"]["R@1"] + ev["t2i"]["R@1"]) / 2
+
+
+def bootstrap_differences(out: Path, seeds: list[int]) -> dict:
+    """seed -> reference -> student -> paired_bootstrap over that seed's test queries (ranks kept by
+    the seed's run, OUT/seed_N/ranks/); a seed run before ranks were kept is left out."""
+    from mcad.jobs.demo import RANKS_DIR, load_ranks
+    from mcad.student.metrics import paired_bootstrap
+
+    result = {}
+    for seed in seeds:
+        folder = out / f"seed_{seed}"
+        if not (folder / RANKS_DIR).is_dir():
+            continue
+        ranks = {name: load_ranks(folder, name) for name in STUDENTS}
+        result[str(seed)] = {ref: {name: paired_bootstrap(ranks[name], ranks[ref], n_boot=BOOTSTRAP_RESAMPLES,
+                                                         seed=seed)
+                                   for name in STUDENTS if name != ref}
+                             for ref in PAIRED_REFERENCES}
+    return result
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
 def paired_differences(per_seed: dict) -> dict:
     """reference -> student -> metric -> paired_interval of (student - reference) over the seeds both ran.
 
     per_seed: report.json's "per_seed" (seed -> {"students": {name: EVAL}}); works on reports written
-    before this function existed. Metrics: i2t_R@1, t2i_R@1, rsum."""
+    before this function existed. Metrics: i2t_R@1, t2i_R@1, mean_R@1 (their average), rsum."""
     out: dict = {}
     blocks = [per_seed[k]["students"] for k in sorted(per_seed, key=int)]
     names = [n for n in STUDENTS if any(n in b for b in blocks)]
@@ -229,6 +264,7 @@ def paired_differences(per_seed: dict) -> dict:
             out[ref][name] = {
                 "i2t_R@1": paired_interval([r["i2t"]["R@1"] - b["i2t"]["R@1"] for r, b in pairs]),
                 "t2i_R@1": paired_interval([r["t2i"]["R@1"] - b["t2i"]["R@1"] for r, b in pairs]),
+                "mean_R@1": paired_interval([mean_r1(r) - mean_r1(b) for r, b in pairs]),
                 "rsum": paired_interval([r["rsum"] - b["rsum"] for r, b in pairs]),
             }
     return out
@@ -362,6 +398,7 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
         "summary": summarize(evals),
         "ablation_vs_baseline": ablation(evals),
         "paired_differences": paired_differences({str(k): v for k, v in per_seed.items()}),
+        "bootstrap": bootstrap_differences(out, sorted(per_seed)),
         "speed": ({name: {k: b[k] for k in ("bench", "ratios", "figures", "machine", "config", "command") if k in b}
                    for name, b in speed.items()} if speed else None),
         "cost": cost(per_seed, online),

@@ -60,8 +60,8 @@ def markdown(report: dict) -> str:
         + (f", distillation temperature {report['mcad_train']['kd_temperature']}"
            if "kd_temperature" in report.get("mcad_train", {}) else "") + "; one teacher pass "
         f"per seed, every student of a seed from that one store. Teachers: `{c['teachers']}`"
-        + (" (the shipped demo teachers, bootstrapped on the seed-0 benchmark: see its README; the other "
-           "seeds draw new data from the same generator)." if Path(c["teachers"]) == DEMO_TEACHERS else "."),
+        + (" (the shipped demo teachers, bootstrapped on a seed-0 train split that holds out the val and test "
+           "meanings of seeds 0-4: see its README)." if Path(c["teachers"]) == DEMO_TEACHERS else "."),
         "",
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), load average at the end {m['load_average'][0]:.2f}. "
@@ -71,7 +71,8 @@ def markdown(report: dict) -> str:
         *_md_table(quality_rows(report)), "",
         "R@1 of each seed (image→text / text→image); `mcad eval --model seed_N/runs/METHOD/model "
         "--data seed_N/data/test` prints a student's, `mcad eval --model TEACHERS/dual --single "
-        "TEACHERS/single --beta BETA --data seed_N/data/test` the teachers'.", "",
+        f"TEACHERS/single --beta {d.get('teacher_beta', 'BETA')} --data seed_N/data/test` the teachers' "
+        "(β of the combined score, chosen on val by `mcad teachers bootstrap`).", "",
         *_md_table(per_seed_rows(report)), "",
         "## Ablations against the contrastive baseline",
         "",
@@ -154,9 +155,35 @@ def paired_markdown(report: dict) -> list[str]:
              f"covers 0. Chart: `paired.png`.", ""]
     for ref, students in paired.items():
         lines += [f"Against {report['labels'].get(ref, ref)}:", ""]
-        rows = [["student", "Δ i2t R@1", "Δ t2i R@1", "Δ rsum"]]
-        rows += [[report["labels"].get(m, m), _ci(d["i2t_R@1"]), _ci(d["t2i_R@1"]), _ci(d["rsum"])]
+        rows = [["student", "Δ mean R@1", "Δ i2t R@1", "Δ t2i R@1", "Δ rsum"]]
+        rows += [[report["labels"].get(m, m), _ci(d["mean_R@1"]) if "mean_R@1" in d else "n/a",
+                  _ci(d["i2t_R@1"]), _ci(d["t2i_R@1"]), _ci(d["rsum"])]
                  for m, d in students.items()]
+        lines += [*_md_table(rows), ""]
+    return lines + bootstrap_markdown(report)
+
+
+def _boot(c: dict, digits: int = 1) -> str:
+    text = f"{c['diff']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
+    return text if c["significant"] else text + " not significant"
+
+
+def bootstrap_markdown(report: dict) -> list[str]:
+    """Per seed: each student minus the same seed's reference over the test queries (paired bootstrap)."""
+    boot = report.get("bootstrap") or {}
+    if not boot:
+        return []
+    seeds = sorted(boot, key=int)
+    first = next(iter(next(iter(boot[seeds[0]].values())).values()))
+    lines = ["## Per seed: paired bootstrap over the test queries", "",
+             f"Mean R@1 of each student minus the same seed's reference, with a {first['level']:.0%} percentile "
+             f"interval from {first['n_boot']} paired resamples of the test images (an image with all its "
+             f"captions is the unit). \"not significant\": the interval covers 0.", ""]
+    for ref in boot[seeds[0]]:
+        lines += [f"Against {report['labels'].get(ref, ref)} (Δ mean R@1):", ""]
+        rows = [["student", *(f"seed {s}" for s in seeds)]]
+        for m in boot[seeds[0]][ref]:
+            rows.append([report["labels"].get(m, m), *(_boot(boot[s][ref][m]["mean"]) for s in seeds)])
         lines += [*_md_table(rows), ""]
     return lines
 

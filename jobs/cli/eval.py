@@ -8,10 +8,10 @@ import click
 
 EVAL_EPILOG = """\b
 Examples:
-  mcad eval --model out/mcad/student --data data/shapes/test
+  mcad eval --model demo_out/runs/mcad/model --data demo_out/data/test
   mcad eval --model teachers/dual --data data/shapes/test --json out/teachers.json
   mcad eval --model teachers/dual --single teachers/single --data data/shapes/test \\
-      --rerank-k 16 --beta 1.0 --json out/teachers.json
+      --rerank-k 16 --beta 0.5 --json out/teachers.json
 """
 
 
@@ -23,7 +23,9 @@ Examples:
               help="A BLIP-ITM dir: also report its re-ranking of --model's top-k (single) "
                    "and dual + beta * ITM (combined).")
 @click.option("--rerank-k", type=int, default=None, help="Candidates per query the single teacher re-scores [16].")
-@click.option("--beta", type=float, default=None, help="Weight of the ITM logit in the combined score [1.0].")
+@click.option("--beta", type=float, default=None,
+              help="Weight of the ITM logit in the combined score [the beta chosen on val in teacher_recall.json "
+                   "beside --single's folder (the shipped demo teachers have one), else 1.0].")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Write the figures here (and the resolved config beside it, *.config.json).")
 @click.option("--batch-size", default=64, show_default=True, help="Images (and captions) per forward pass.")
@@ -41,7 +43,7 @@ def eval_command(model_dir, data, single, rerank_k, beta, json_path, batch_size,
     from importlib.metadata import PackageNotFoundError, version
     from pathlib import Path
 
-    from mcad.pipeline.evaluate import DEFAULT_BETA, DEFAULT_RERANK_K, evaluate, recall_table
+    from mcad.pipeline.evaluate import DEFAULT_BETA, DEFAULT_RERANK_K, evaluate, recall_table, tuned_beta
     from mcad.pipeline.shard_list import list_shards
     from mcad.storage.atomic import atomic_write_json
     from mcad.storage.errors import InputError
@@ -49,6 +51,8 @@ def eval_command(model_dir, data, single, rerank_k, beta, json_path, batch_size,
     if single is None and (rerank_k is not None or beta is not None):
         raise InputError("--rerank-k and --beta need --single (the single-stream teacher that re-ranks)")
     k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
+    if single is not None and beta is None:
+        beta = tuned_beta(single)
     start = time.time()
     result = evaluate(model_dir, data, single=single, rerank_k=k, beta=beta, batch_size=batch_size,
                       device=device, progress=True)

@@ -8,7 +8,7 @@ related objects swapping places, so both members have the same bag of words and
 only attribute binding tells them apart: where a cross-attention teacher beats a
 dual encoder. Val and test hold out what they measure: no canonical meaning
 occurs in two splits, so recall is never recall of a scene seen in training
-(docs/design.md, section 7: the benchmark protocol).
+(docs/design.md, section 3, "The benchmark protocol").
 
 Everything is deterministic from the seed; the same config gives byte-identical
 WebDataset shards (img2dataset layout: OUT/{train,val,test}/000000.tar with

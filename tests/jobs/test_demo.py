@@ -45,6 +45,18 @@ def test_demo_runs_the_whole_flow(ray_local, tiny_teachers, tmp_path):
                for name in ("baseline", "dual_kd", "mcad")}
     assert configs["baseline"]["w_dist"] == 0 and configs["dual_kd"]["alpha"] == 0 == configs["dual_kd"]["beta"]
     assert configs["mcad"]["alpha"] > 0 and configs["mcad"]["beta"] > 0
+    # The students' settings are the student defaults (chosen on val), recorded resolved.
+    demo_cfg = json.loads((tmp_path / "demo" / "demo_config.json").read_text())
+    for key in ("alpha", "beta"):
+        assert configs["mcad"][key] == demo_cfg[key] == getattr(TrainConfig, key)
+    assert demo_cfg["epochs"] == 1 and demo_cfg["teacher_beta"] == 1.0  # no teacher_recall.json: 1.0
+    # Each test query's rank is kept for the report's paired bootstrap.
+    from mcad.jobs.demo import load_ranks
+
+    for method in ("teacher_dual", "teacher_combined", "baseline", "mcad"):
+        ranks = load_ranks(tmp_path / "demo", method)
+        assert len(ranks["i2t"]) == 10 and len(ranks["t2i"]) == len(ranks["owner"]) == 50
+    assert "ranks" not in on_disk["students"]["mcad"]
 
 
 def test_demo_without_teachers_says_how_to_get_them(tmp_path):

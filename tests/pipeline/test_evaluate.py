@@ -161,6 +161,21 @@ def test_cli_writes_the_eval_json_and_its_config(bench, tmp_path):
     _well_formed(json.loads((tmp_path / "plain.json").read_text()))
 
 
+def test_cli_beta_defaults_to_the_one_chosen_on_val_beside_the_teachers(bench, tmp_path):
+    """Shipped teachers carry the beta chosen on val (teacher_recall.json): eval uses it unless told."""
+    teachers = tmp_path / "teachers"
+    teachers.mkdir()
+    (teachers / "single").symlink_to(bench["single"])
+    (teachers / "teacher_recall.json").write_text(json.dumps({"beta": 0.25}))
+    for extra, beta in (([], 0.25), (["--beta", "2"], 2.0)):
+        out = tmp_path / f"eval{beta}.json"
+        result = mcad("--model", bench["dual"], "--data", bench["test"], "--single", teachers / "single",
+                      "--rerank-k", 3, "--json", out, *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["combined"]["beta"] == beta
+        assert json.loads((tmp_path / f"eval{beta}.config.json").read_text())["beta"] == beta
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--model", "{tmp}"], "no config.json"),
     (["--model", "{single}"], "model_type is 'blip'"),

@@ -53,8 +53,12 @@ def test_report_has_every_method_of_every_seed(toy_report):
         assert train["seed"] == 1 and train["epochs"] == 1
         for k, v in overrides.items():
             assert train[k] == v
-    single = json.loads((out / "seed_0" / "runs" / "single_dist" / "train_config.json").read_text())["train"]
-    assert single["beta"] > 0 and single["alpha"] == 0 and single["w_feat"] == 0 and single["w_dist"] > 0
+    # Each ablation changes one factor of full MCAD (dual-only KD: alpha and beta; the baseline: both losses).
+    mcad = json.loads((out / "seed_0" / "runs" / "mcad" / "train_config.json").read_text())["train"]
+    for name, factors in {"alpha0": {"alpha"}, "beta0": {"beta"}, "no_feat": {"w_feat"},
+                          "dual_kd": {"alpha", "beta"}, "baseline": {"w_dist", "w_feat"}}.items():
+        train = json.loads((out / "seed_0" / "runs" / name / "train_config.json").read_text())["train"]
+        assert {k for k in train if train[k] != mcad[k]} == factors, name
     assert report["speed"] is None and report["cost"]["payback_runs"] is None
     assert any(line.startswith("[report seed 1] student mcad: ") for line in lines)
 
@@ -86,6 +90,33 @@ def test_report_statistics_recompute_from_the_seeds(toy_report):
 
 
 @pytest.mark.ray
+def test_report_bootstrap_recomputes_from_each_seeds_test_ranks(toy_report):
+    """Per seed, each student minus baseline and minus dual-only KD over the test queries (paired)."""
+    import numpy as np
+
+    from mcad.jobs.demo import load_ranks
+    from mcad.student.metrics import paired_bootstrap
+
+    cfg, report, _ = toy_report
+    from pathlib import Path
+
+    assert sorted(report["bootstrap"]) == ["0", "1"]
+    for seed in (0, 1):
+        folder = Path(cfg.out) / f"seed_{seed}"
+        for method in STUDENTS:  # the kept ranks are the ranks the recall table was computed from
+            ranks, ev = load_ranks(folder, method), _eval_of(report, seed, method)
+            assert 100 * np.mean(ranks["i2t"] < 1) == pytest.approx(ev["i2t"]["R@1"], abs=0.01)
+            assert 100 * np.mean(ranks["t2i"] < 5) == pytest.approx(ev["t2i"]["R@5"], abs=0.01)
+        for ref in ("baseline", "dual_kd"):
+            block = report["bootstrap"][str(seed)][ref]
+            assert set(block) == set(STUDENTS) - {ref}
+            again = paired_bootstrap(load_ranks(folder, "mcad"), load_ranks(folder, ref), n_boot=2000, seed=seed)
+            assert block["mcad"] == json.loads(json.dumps(again))
+            diff = _eval_of(report, seed, "mcad")["i2t"]["R@1"] - _eval_of(report, seed, ref)["i2t"]["R@1"]
+            assert block["mcad"]["i2t"]["diff"] == pytest.approx(diff, abs=0.01)
+
+
+@pytest.mark.ray
 def test_report_markdown_and_plots(toy_report):
     cfg, report, _ = toy_report
     from pathlib import Path
@@ -105,6 +136,10 @@ def test_report_markdown_and_plots(toy_report):
     assert "## Paired differences, 95 % interval over seeds" in md
     d = report["paired_differences"]["baseline"]["mcad"]["rsum"]
     assert f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" in md
+    # Where an interval covers 0 the report says so in words.
+    b = report["bootstrap"]["1"]["dual_kd"]["mcad"]["mean"]
+    cell = f"{b['diff']:+.1f} [{b['low']:+.1f}, {b['high']:+.1f}]"
+    assert (cell + " not significant" in md) == (not b["significant"]) and cell in md
     for method in STUDENTS:
         assert (out / f"curves_{method}.png").stat().st_size > 5000
     assert json.loads((out / "report_config.json").read_text())["seeds"] == 2
