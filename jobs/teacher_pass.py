@@ -8,6 +8,7 @@ most the shards in flight and `--resume` skips the rest.
 
     mcad pipeline teacher-pass --data data/shapes/train --dual teachers/dual \
         --single teachers/single --out store/
+    mcad pipeline teacher-pass ... --views 4 --single-views 2     three crops per sample (schema v2)
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from mcad.storage.manifest import (
     FUSION_PROJ_NAME, LOCK_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K,
     PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, PASS_CONFIG_NAME, POOLS, REJECTED, REJECTS_BYTES, REJECTS_DIR,
     REJECTS_SHA256, ROWS, SECONDS, SIGNALS_BYTES, SIGNALS_DIR, SIGNALS_SHA256, SOURCE_SHA256, STATUS,
-    STATUS_DONE, STATUS_PENDING, file_digest, manifest_path, same_source, signals_path, source_identity,
-    store_file, verify_projection,
+    STATUS_DONE, STATUS_PENDING, VIEWS_BYTES, VIEWS_DIR, VIEWS_SHA256, file_digest, manifest_path, same_source,
+    signals_path, source_identity, store_file, verify_projection, views_path,
 )
 from mcad.storage.lock import acquire
 from mcad.storage.atomic import sweep_temporaries
@@ -66,26 +67,27 @@ class ShardWorker:
         except (InputError, OSError) as exc:
             return {"shard": shard, "source": source, "rows": 0, "rejected": 0, "pools": 0, "bytes": 0,
                     "seconds": 0.0, SOURCE_SHA256: "", SIGNALS_SHA256: "", SIGNALS_BYTES: 0,
-                    REJECTS_SHA256: "", REJECTS_BYTES: 0, ERROR: error_line(exc)}
+                    REJECTS_SHA256: "", REJECTS_BYTES: 0, VIEWS_SHA256: "", VIEWS_BYTES: 0, ERROR: error_line(exc)}
 
 
 def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source: str, shard: str) -> dict:
-    """Teachers over one shard -> signals/<shard>.parquet + rejects; returns its summary
-    (with the input tar's sha256, hashed as the shard is read: no second read)."""
+    """Teachers over one shard -> signals/<shard>.parquet + rejects (+ views/ with views); returns its
+    summary (with the input tar's sha256, hashed as the shard is read: no second read)."""
     import hashlib
 
     from mcad.pipeline.shards import iter_shard
-    from mcad.pipeline.signals import shard_signals
+    from mcad.pipeline.signals import shard_signals_and_views
     from mcad.storage.writer import write_shard
 
     start = time.perf_counter()
     digest = hashlib.sha256()
-    columns, rejects, _ = shard_signals(dual, single, iter_shard(source, digest=digest), shard=shard,
-                                        config=cfg, projection=projection)
+    columns, views, rejects, _ = shard_signals_and_views(dual, single, iter_shard(source, digest=digest),
+                                                         shard=shard, config=cfg, projection=projection)
     info = write_shard(job.out, shard, columns, rejects, d=dual.dim, f=single.dim_fused,
-                       k=cfg.topk, pool_size=cfg.pool_size)
-    return {"shard": shard, "source": source, **info, "seconds": time.perf_counter() - start,
-            SOURCE_SHA256: digest.hexdigest(), ERROR: ""}
+                       k=cfg.topk, pool_size=cfg.pool_size, views=views, n_views=cfg.views.n,
+                       single_views=cfg.views.m)
+    return {"shard": shard, "source": source, VIEWS_SHA256: "", VIEWS_BYTES: 0, **info,
+            "seconds": time.perf_counter() - start, SOURCE_SHA256: digest.hexdigest(), ERROR: ""}
 
 
 def run_teacher_pass(job: TeacherPassJob, *, progress: bool = True) -> dict:
@@ -128,6 +130,7 @@ def _locked_pass(job: TeacherPassJob, out: str, sources: list[str], names: list[
             if not manifest.teachers:  # a new store, or one that crashed before its first save
                 manifest.teachers, measured = _calibrate(job, sources, proj_path)
                 manifest.params = {**_params(job, proj_path), **measured}
+                manifest.set_views(job.view_config().recipe())  # schema v2 when N > 1
                 manifest.save(out)
             else:  # resumed: the shards still to run use the stored W, the one the manifest records
                 verify_projection(out, manifest)
@@ -177,6 +180,8 @@ def _run_shards(job, pending, manifest, out, proj_path, cluster, progress) -> It
                  SECONDS: float(row["seconds"]), STATUS: STATUS_DONE, SOURCE_SHA256: str(row[SOURCE_SHA256]),
                  SIGNALS_SHA256: str(row[SIGNALS_SHA256]), SIGNALS_BYTES: int(row[SIGNALS_BYTES]),
                  REJECTS_SHA256: str(row[REJECTS_SHA256]), REJECTS_BYTES: int(row[REJECTS_BYTES])}
+        if job.views > 1:
+            entry.update({VIEWS_SHA256: str(row[VIEWS_SHA256]), VIEWS_BYTES: int(row[VIEWS_BYTES])})
         manifest.record_shard(str(row["shard"]), entry)
         manifest.save(out)
         rows += entry[ROWS]
@@ -269,7 +274,7 @@ def _prepare_store(job: TeacherPassJob, out: str) -> Manifest:
     if job.mode == "overwrite":
         for name in (MANIFEST_NAME, FUSION_PROJ_NAME, CONFIG_NAME):
             fs.remove(store_file(out, name))
-        for sub in (SIGNALS_DIR, REJECTS_DIR):
+        for sub in (SIGNALS_DIR, REJECTS_DIR, VIEWS_DIR):
             fs.remove_tree(store_file(out, sub))
         has_store = False
     elif not has_store:
@@ -287,7 +292,7 @@ def _prepare_store(job: TeacherPassJob, out: str) -> Manifest:
 def _sweep_temporaries(out: str) -> None:
     """Remove what a crashed writer left (local stores; at a URI nothing is written under a temporary name)."""
     if not fs.is_uri(out):
-        for folder in (out, store_file(out, SIGNALS_DIR), store_file(out, REJECTS_DIR)):
+        for folder in (out, *(store_file(out, sub) for sub in (SIGNALS_DIR, REJECTS_DIR, VIEWS_DIR))):
             sweep_temporaries(folder)
 
 
@@ -298,8 +303,16 @@ def _check_resumable(job: TeacherPassJob, out: str, manifest: Manifest) -> None:
 
     config = store_file(out, CONFIG_NAME)
     saved = json.loads(fs.read_bytes(config)) if fs.exists(config) else {}
-    same = ("dual", "single", "pool_size", "topk", "calibration_rows")
-    changed = [k for k in same if k in saved and saved[k] != getattr(job, k)]
+    same = ("dual", "single", "pool_size", "topk", "calibration_rows", "views", "single_views", "crop_scale",
+            "crop_ratio", "seed")
+    # Compared as JSON (tuples were written as lists); a config from before views has none of theirs.
+    changed = [k for k in same if k in saved and saved[k] != json.loads(json.dumps(getattr(job, k)))]
+    if manifest.teachers:  # the recipe the stored shards were cut with, Pillow's version included
+        recipe = job.view_config().recipe() if job.views > 1 else None
+        if manifest.views != recipe:
+            diff = sorted(k for k in {*(manifest.views or {}), *(recipe or {})}
+                          if (manifest.views or {}).get(k) != (recipe or {}).get(k))
+            changed.append(f"the view recipe ({', '.join(diff)})")
     # Same paths are not the same teachers: the files may have been replaced.
     for role, path in (("dual", job.dual), ("single", job.single)):
         pinned = manifest.teachers.get(role)
@@ -314,6 +327,8 @@ def _check_resumable(job: TeacherPassJob, out: str, manifest: Manifest) -> None:
 def _is_done(manifest: Manifest, out: str, source: str, name: str) -> bool:
     entry = manifest.shards.get(name)
     if not entry or entry.get(STATUS) != STATUS_DONE or not fs.exists(signals_path(out, name)):
+        return False
+    if manifest.views and not fs.exists(views_path(out, name)):
         return False
     now = source_identity(source)
     if not same_source(entry, now):

@@ -33,6 +33,14 @@ class TeacherPassJob:
     break_lock: bool = False        # take the store's lock from a pass on another host (storage/lock.py)
     ray_address: str | None = None
     stall_timeout_s: float = 600.0
+    # Views (schema v2, docs/design.md section 4): N views per sample (1: the whole image only, a v1
+    # store), the first M scored by the single teacher, crops drawn by area share and aspect ratio
+    # from a generator keyed by (seed, shard, row, view).
+    views: int = 1
+    single_views: int = 1
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    seed: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -46,4 +54,10 @@ class TeacherPassJob:
         from mcad.pipeline.signals import PassConfig
 
         return PassConfig(pool_size=self.pool_size, topk=self.topk, pair_batch=self.pair_batch,
-                          calibration_rows=self.calibration_rows)
+                          calibration_rows=self.calibration_rows, views=self.view_config())
+
+    def view_config(self):
+        from mcad.pipeline.views import ViewConfig
+
+        return ViewConfig(n=self.views, m=self.single_views, crop_scale=tuple(self.crop_scale),
+                          crop_ratio=tuple(self.crop_ratio), seed=self.seed)

@@ -70,6 +70,7 @@ def run_train_student(job: StudentJob, *, progress: bool = True,
     require(job.report_to)  # a missing tensorboard package: one line, before anything runs
     store = open_store(job.store)
     store.verify_files()  # every file against its manifest sha256, once (fit reuses this Store)
+    view_crop(store, job.train)  # a view recipe this environment cannot remake: refused before anything runs
     check_data_matches(store, job.data)
     if job.verify_data:
         verified_samples(store)  # a store without input digests is refused before the run starts
@@ -102,9 +103,10 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
                                        teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
     signals = online_signals(store, *job.online_teachers) if job.online_teachers else None
     samples = verified_samples(store) if job.verify_data else kept_samples
+    crop = view_crop(store, job.train)
     record = train(job.train, student=student,
                    batches=lambda epoch: student_batches(store, job.train, processor, samples=samples,
-                                                         epoch=epoch, signals=signals, rank=rank,
+                                                         epoch=epoch, signals=signals, crop=crop, rank=rank,
                                                          world_size=world_size),
                    steps_per_epoch=steps_per_epoch(store, job.train, world_size),
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
@@ -115,6 +117,18 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
                   extra={"train": dataclasses.asdict(job.train), "preset": job.preset, "workers": world_size,
                          "store": fingerprint_digest(store.fingerprint())})
     return record
+
+
+def view_crop(store, cfg: TrainConfig):
+    """How the student cuts a stored view (pipeline.views.crop_sample), or None when it shows view 0 only
+    (a store without views, or --views canonical); refuses a view recipe whose pixels this
+    environment cannot remake (another box rule or Pillow version), naming the difference."""
+    if store.num_views == 1 or cfg.views == "canonical":
+        return None
+    from mcad.pipeline.views import check_recipe, crop_sample
+
+    check_recipe(store.views, where=str(store.path))
+    return crop_sample
 
 
 def _train_on_ray(job: StudentJob, *, progress: bool, store) -> dict:

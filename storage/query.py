@@ -36,6 +36,7 @@ from mcad.storage.manifest import (
     signals_path,
 )
 from mcad.storage.reader import Store, open_store
+from mcad.storage.views import view_stats
 
 SIGNALS_VIEW, REJECTS_VIEW, SHARDS_VIEW = "signals", "rejects", "shards"
 # Candidate-list columns whose softmax `store_stats` describes, by short name.
@@ -100,7 +101,8 @@ def store_stats(store: Store | str | os.PathLike) -> dict[str, Any]:
     over rows of the top-1 probability and of the entropy (nats) of the
     softmax over the row's stored candidates (padding excluded), and
     `topk_mass`, the mean over rows of exp(logsumexp(dual over K) - dual_lse):
-    the share of the row's pool-wide dual softmax mass its K candidates hold.
+    the share of the row's pool-wide dual softmax mass its K candidates hold;
+    and `views`, `bytes_per_sample` (storage/views.view_stats).
     """
     store = store if isinstance(store, Store) else open_store(store, allow_incomplete=True)
     con = connect(store)
@@ -129,6 +131,7 @@ def store_stats(store: Store | str | os.PathLike) -> dict[str, Any]:
         "unfinished_shards": sorted(set(m.shards) - set(store.shards)),
         "rejects_by_reason": {reason: n for reason, n in reasons},
         "candidates": candidate_stats(con),
+        **view_stats(store),  # views (per sample, ...) and bytes_per_sample by table: storage/views.py
     }
 
 

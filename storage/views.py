@@ -159,6 +159,17 @@ def verify_views(store) -> int:
     return len(store.shards)
 
 
+VIEWS_VIEW = "views"  # the DuckDB view over a store's view files (`mcad signals sql`)
+
+
+def register_views(con, store) -> None:
+    """Add the DuckDB view `views` (every row of the done shards' view files) to a connection, when the
+    store has views."""
+    if store.manifest.num_views > 1 and store.shards:
+        con.sql(f"CREATE VIEW {VIEWS_VIEW} AS SELECT * FROM "
+                f"read_parquet({_list([views_path(store.path, s) for s in store.shards])})")
+
+
 def view_stats(store) -> dict[str, Any]:
     """{"views": {"per_sample", "single_scored", "crop_scale", "crop_ratio", "seed"},
     "bytes_per_sample": {"signals", "views", "rejects", "total"}} over the done shards.

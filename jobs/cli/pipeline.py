@@ -13,6 +13,21 @@ TRAIN = functools.partial(field_option, "mcad.student.config:TrainConfig")
 SWEEP = functools.partial(field_option, "mcad.jobs.sweep:SweepJob")
 
 
+class FloatPair(click.ParamType):
+    """LO,HI: two numbers (a range); the default may already be a pair."""
+
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            return tuple(float(x) for x in value)
+        try:
+            lo, hi = (float(x) for x in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not two numbers LO,HI", param, ctx)
+        return lo, hi
+
+
 @click.group()
 def pipeline():
     """Run the teachers once over sharded data; train students from the signals."""
@@ -25,6 +40,8 @@ Examples:
   mcad pipeline teacher-pass ... --out store/ --resume          continue after a crash
   mcad pipeline teacher-pass ... --out store/ --resume --break-lock   ... whose driver ran on a host now gone
   mcad pipeline teacher-pass ... --workers 4 --gpus-per-worker 1 --ray-address auto
+  mcad pipeline teacher-pass ... --views 4 --single-views 2 --crop-scale 0.4,1 --seed 1
+                  three random resized crops per sample beside the whole image (schema v2)
 """)
 @click.option("--data", required=True,
               help="Shards: a folder, glob, {a..b} pattern or a text file of paths; local or a URI.")
@@ -43,6 +60,13 @@ Examples:
 @PASS("--threads-per-worker", type=int, help="torch threads per actor (0: the node's CPUs divided by --workers).")
 @PASS("--ray-address", type=str, help="Existing cluster ('auto', 'ray://host:port'); default: a local one.")
 @PASS("--stall-timeout", "stall_timeout_s", type=float, help="Fail when no shard finishes for this many seconds.")
+@PASS("--views", type=int,
+      help="Views per sample: view 0 is the whole image, views 1..N-1 random resized crops stored as boxes "
+           "(1: a store without views, as before).")
+@PASS("--single-views", type=int, help="Views the single teacher also scores (the first M; 1: view 0 only).")
+@PASS("--crop-scale", type=FloatPair(), help="Share of the image's area a crop covers, LO,HI.")
+@PASS("--crop-ratio", type=FloatPair(), help="A crop's width / height, LO,HI (drawn log-uniform).")
+@PASS("--seed", type=int, help="Seed of the crops' boxes (one generator per shard, row and view).")
 @click.option("--resume", "mode", flag_value="resume", help="Continue a store: skip finished shards.")
 @click.option("--overwrite", "mode", flag_value="overwrite", help="Replace an existing store.")
 @click.option("--break-lock", is_flag=True,
@@ -54,7 +78,8 @@ def teacher_pass(json_path, mode, **options):
 
     Per input shard: signals/<shard>.parquet (embeddings, fused features, top-K
     candidates and logits per pool), rejects/<shard>.parquet (every sample not
-    kept, with its reason), and manifest.json updated as each shard finishes.
+    kept, with its reason), with --views N > 1 views/<shard>.parquet (each crop's
+    box and the teachers on it), and manifest.json updated as each shard finishes.
     """
     from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
     from mcad.storage.atomic import atomic_write_json
@@ -75,6 +100,7 @@ Examples:
   mcad pipeline train-student ... --w-dist 0 --w-feat 0 --out runs/baseline  contrastive only
   mcad pipeline train-student ... --out runs/mcad --resume                   continue a run
   mcad pipeline train-student ... --workers 4 --ray-address auto             data parallel, Ray Train
+  mcad pipeline train-student ... --views random       a store's crops, one drawn per sample and epoch
 """)
 @click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
 @click.option("--data", required=True, help="The shards the store was made from.")
@@ -85,6 +111,9 @@ Examples:
               help="CLIP dir whose tokenizer/processor to use (default: the store's dual teacher).")
 @TRAIN("--mode", type=click.Choice(["replay", "remix"]),
        help="replay: batches are whole teacher pools; remix: rows mixed across pools.")
+@TRAIN("--views", type=click.Choice(["cycle", "random", "canonical"]),
+       help="Which stored view each sample shows per epoch: cycle ((epoch + row) mod N), random, or "
+            "canonical (view 0, the whole image). A store without views has only view 0.")
 @TRAIN("--alpha", type=float, help="Fused-feature weight in the feature targets.")
 @TRAIN("--beta", type=float, help="ITM-logit weight in the distribution targets.")
 @TRAIN("--k-prime", type=int, help="Use only the first K' <= K candidates.")

@@ -29,10 +29,12 @@ Examples:
   mcad signals sql out/store "SELECT reason, count(*) FROM rejects GROUP BY reason" --csv
   mcad signals sql out/store "SELECT key, i2t_dual[1] AS top FROM signals" --json --limit 5
   mcad signals sql out/store "SELECT * FROM shards WHERE status <> 'done'"
+  mcad signals sql out/store "SELECT view, avg(box[3] - box[1]) AS width FROM views GROUP BY view"
 
 \b
 Views: signals (one row per kept sample), rejects (key, reason, detail, shard),
-shards (the manifest's shard entries).
+shards (the manifest's shard entries), and in a store with views (schema v2)
+views (one row per kept sample and view 1..N-1: box, img_emb, ...).
 """
 GROUP_EPILOG = """\b
 Examples:
@@ -56,19 +58,21 @@ def signals():
               help="Also draw histograms of the top-1 probability and entropy per teacher and direction, at "
                    "T = 1 and at the default distillation temperature, and the rejects by reason, as a PNG.")
 def stats(store: str, json_path: str | None, plot_path: str | None):
-    """Per-shard counts, rejects by reason, teachers, and how peaked the stored candidate
-    distributions are (mean top-1 probability and entropy, per direction)."""
+    """Per-shard counts, rejects by reason, teachers, how peaked the stored candidate
+    distributions are (mean top-1 probability and entropy, per direction), views per sample
+    and the store's bytes per sample by table."""
     from mcad.storage.atomic import atomic_write_json
     from mcad.storage.query import candidate_histograms, connect, store_stats
+    from mcad.storage.reader import open_store
+    from mcad.storage.views import view_stats
 
-    result = store_stats(store)
+    opened = open_store(store, allow_incomplete=True)
+    result = {**store_stats(opened), **view_stats(opened)}
     click.echo(format_stats(result))
     if plot_path:
         from mcad.jobs.signals_plot import plot_signal_stats
-        from mcad.storage.reader import open_store
         from mcad.student.config import TrainConfig
 
-        opened = open_store(store, allow_incomplete=True)
         result["histograms"] = candidate_histograms(connect(opened), k=opened.dims["k"],
                                                     temperatures=(1.0, TrainConfig.kd_temperature))
         click.echo(f"plot -> {plot_signal_stats(result, result['histograms'], plot_path)}")
@@ -87,13 +91,15 @@ def stats(store: str, json_path: str | None, plot_path: str | None):
 def validate(store: str, data: str | None, quick: bool):
     """Check a store: the sha256 of the manifest and of every file, every column of every
     file decoded with its page checksums verified, manifest against files, schema, counts,
-    the rows' own consistency, and with --data, the keys against the input shards.
+    the rows' own consistency, with views the view table (N views per kept row, none
+    missing, boxes inside [0, 1]), and with --data, the keys against the input shards.
     The first failure is one line naming the file and column. Exit 0 when valid, 2 otherwise."""
     from tqdm import tqdm
 
     from mcad.storage.integrity import NOT_RECORDED, check_integrity
     from mcad.storage.query import check_store
     from mcad.storage.reader import open_store
+    from mcad.storage.views import check_views, verify_views
 
     opened = open_store(store)
     checked, unchecked = ["manifest", "schema", "counts", "rows"], []
@@ -102,16 +108,21 @@ def validate(store: str, data: str | None, quick: bool):
             return tqdm(names, desc="digests and pages", unit="shard", file=sys.stderr, disable=len(names) < 2)
 
         integrity = check_integrity(opened, progress=bar)
+        verify_views(opened)  # the view files' digests and pages (a store with views)
         checked += ["digests", "page checksums"]
         unchecked = [name.replace("_", " ").replace("proj", "projection")
                      for name in ("manifest_digest", "file_digests", "fusion_proj_digest")
                      if integrity[name] == NOT_RECORDED]
     summary = check_store(opened)
+    views = check_views(opened)
+    if views["views"] > 1:
+        checked.insert(4, "view table")
     if data is not None:
         _check_data(opened, data)
         checked.append("data keys")
+    per_sample = f", {views['views']} views per sample" if views["views"] > 1 else ""
     click.echo(f"ok: {summary['shards']} shards, {summary['rows']} rows, {summary['pools']} pools, "
-               f"{summary['rejected']} rejected ({', '.join(checked)})")
+               f"{summary['rejected']} rejected{per_sample} ({', '.join(checked)})")
     if unchecked:
         click.echo(f"note: this store records no {', no '.join(unchecked)} (written before 2026-12-01), "
                    f"so its files cannot be checked against the teacher pass; pages were decoded")
@@ -151,10 +162,14 @@ def sql(store: str, query: str, as_csv: bool, as_json: bool, limit: int | None):
 
     from mcad.storage.query import connect, sql, sql_error
     from mcad.storage.errors import InputError
+    from mcad.storage.reader import open_store
+    from mcad.storage.views import register_views
 
     if as_csv and as_json:
         raise InputError("--csv and --json exclude each other")
-    con = connect(store)
+    opened = open_store(store, allow_incomplete=True)
+    con = connect(opened)
+    register_views(con, opened)
     rel = sql(con, query, limit=limit)
     try:
         if rel is None:  # a statement without a result (CREATE, SET, ...)
@@ -205,6 +220,13 @@ def format_stats(s: dict) -> str:
     lines += ["", "rejects by reason:"]
     lines += _table(["reason", "count"], [[r, n] for r, n in s["rejects_by_reason"].items()]) \
         if s["rejects_by_reason"] else ["  (none)"]
+    if "views" in s:
+        v, b = s["views"], s["bytes_per_sample"]
+        crops = (f"; crops: area {v['crop_scale'][0]:g}-{v['crop_scale'][1]:g}, ratio {v['crop_ratio'][0]:.3g}-"
+                 f"{v['crop_ratio'][1]:.3g}, seed {v['seed']}" if v["per_sample"] > 1 else "")
+        lines += ["", f"views per sample: {v['per_sample']} (the first {v['single_scored']} scored by the single "
+                      f"teacher){crops}",
+                  "store bytes per sample: " + ", ".join(f"{k} {_bytes(x)}" for k, x in b.items())]
     lines += ["", "candidate distributions (softmax over the K stored logits, padding excluded):"]
     cand = s["candidates"]
     lines += _table(["direction", "logits", "mean top-1 p", "mean entropy (nats)", "top-K share of pool mass"], [
@@ -224,6 +246,10 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
         out.append("  " + "  ".join(c.rjust(w) if num else c.ljust(w)
                                     for c, w, num in zip(r, widths, numeric)).rstrip())
     return out
+
+
+def _bytes(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 def _num(x) -> str:

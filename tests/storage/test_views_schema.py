@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import build_store, random_columns, sample_key
 from helpers import flip_in_pages, write_manifest
 from mcad.storage import schema
 from mcad.storage.errors import InputError
@@ -44,15 +43,25 @@ def view_columns(cols: dict, *, n: int, m: int, rng: np.random.Generator) -> dic
     return out
 
 
-def build_view_store(root, *, rows=(10, 7), n=3, m=2, seed=0):
+@pytest.fixture
+def build_view_store(make_store, make_columns):
+    return lambda root, **kw: _build_view_store(make_store, make_columns, root, **kw)
+
+
+@pytest.fixture
+def columns(make_columns):
+    return make_columns("s0", 6, pool=POOL, d=D, f=F, k=K)
+
+
+def _build_view_store(make_store, make_columns, root, *, rows=(10, 7), n=3, m=2, seed=0):
     """A v1 synthetic store (tests/conftest.py) rewritten shard by shard with views; returns (root, columns)."""
-    build_store(root, shards=len(rows), rows_per_shard=rows, pool=POOL, d=D, f=F, k=K, rejects_per_shard=0, seed=seed)
+    make_store(root, shards=len(rows), rows_per_shard=rows, pool=POOL, d=D, f=F, k=K, rejects_per_shard=0, seed=seed)
     manifest = Manifest.load(root)
     manifest.set_views({**RECIPE, "n": n, "m": m})
     rng = np.random.default_rng(seed)
     written = {}
     for i, name in enumerate(sorted(manifest.shards)):
-        cols = random_columns(name, [sample_key(name, j) for j in range(rows[i])], pool=POOL, d=D, f=F, k=K, rng=rng)
+        cols = make_columns(name, rows[i], pool=POOL, d=D, f=F, k=K, seed=seed + i)
         views = view_columns(cols, n=n, m=m, rng=rng)
         info = write_shard(root, name, cols, [], d=D, f=F, k=K, pool_size=POOL, views=views, n_views=n, single_views=m)
         manifest.shards[name].update({k: v for k, v in info.items() if k.endswith(("_sha256", "_bytes"))})
@@ -71,8 +80,8 @@ def test_view_schema_names_and_types_live_in_schema():
         schema.validate_views(schema.signal_schema(d=D, f=F, k=K).empty_table())
 
 
-def test_a_store_without_views_keeps_its_v1_manifest(tmp_path):
-    root = build_store(tmp_path / "s", d=D, f=F, k=K, pool=POOL)
+def test_a_store_without_views_keeps_its_v1_manifest(tmp_path, make_store):
+    root = make_store(tmp_path / "s", d=D, f=F, k=K, pool=POOL)
     raw = json.loads((root / MANIFEST_NAME).read_text())
     assert raw["schema_version"] == 1 and "views" not in raw
     store = open_store(root)
@@ -81,7 +90,7 @@ def test_a_store_without_views_keeps_its_v1_manifest(tmp_path):
     assert view_stats(store)["views"]["per_sample"] == 1 and check_views(store)["view_rows"] == 0
 
 
-def test_views_are_written_opened_and_read_per_pool(tmp_path):
+def test_views_are_written_opened_and_read_per_pool(tmp_path, build_view_store):
     root, written = build_view_store(tmp_path / "s")
     store = open_store(root)
     assert store.manifest.schema_version == 2 and store.num_views == 3 and store.single_views == 2
@@ -106,14 +115,14 @@ def test_views_are_written_opened_and_read_per_pool(tmp_path):
     assert all(schema.view_key(schema.BOX) not in p for p in store.iter_pools())  # only when asked
 
 
-def test_views_of_a_single_teacher_view_only_store_have_no_scored_columns(tmp_path):
+def test_views_of_a_single_teacher_view_only_store_have_no_scored_columns(tmp_path, build_view_store):
     root, _ = build_view_store(tmp_path / "s", rows=(5,), n=2, m=1)
     pool = next(open_store(root).iter_pools(views=True))
     assert pool[schema.view_key(schema.FUSED_PROJ)].shape == (4, 0, D)
     assert pool[schema.view_key(schema.IMG_EMB)].shape == (4, 1, D)
 
 
-def test_validate_views_accepts_a_good_store_and_counts_its_view_rows(tmp_path):
+def test_validate_views_accepts_a_good_store_and_counts_its_view_rows(tmp_path, build_view_store):
     root, _ = build_view_store(tmp_path / "s")
     store = open_store(root)
     assert check_views(store) == {"views": 3, "view_rows": (10 + 7) * 2}
@@ -150,7 +159,7 @@ def _rewrite_views(root, name, change):
     (lambda c: c.__setitem__(schema.ITM_POS, pa.array([None] + c[schema.ITM_POS].to_pylist()[1:], pa.float32())),
      "single-teacher columns are not null exactly at views >= 2"),
 ])
-def test_validate_views_names_each_broken_rule(tmp_path, change, problem):
+def test_validate_views_names_each_broken_rule(tmp_path, build_view_store, change, problem):
     root, _ = build_view_store(tmp_path / "s")
     _rewrite_views(root, "00000", change)
     with pytest.raises(InputError, match=r"shard 00000: view file: .*" + problem.replace("[", r"\[").replace("]", r"\]")
@@ -158,7 +167,7 @@ def test_validate_views_names_each_broken_rule(tmp_path, change, problem):
         check_views(open_store(root))
 
 
-def test_open_store_refuses_a_missing_view_file_or_a_missing_view(tmp_path):
+def test_open_store_refuses_a_missing_view_file_or_a_missing_view(tmp_path, build_view_store):
     root, _ = build_view_store(tmp_path / "s")
     _rewrite_views(root, "00001", lambda c: [c.__setitem__(k, v.slice(0, len(v) - 1)) for k, v in list(c.items())])
     with pytest.raises(InputError, match="shard 00001: view file holds 13 rows, expected 14 .*a view is missing"):
@@ -168,7 +177,7 @@ def test_open_store_refuses_a_missing_view_file_or_a_missing_view(tmp_path):
         open_store(root)
 
 
-def test_a_damaged_view_file_is_refused_by_its_digest_and_its_pages(tmp_path):
+def test_a_damaged_view_file_is_refused_by_its_digest_and_its_pages(tmp_path, build_view_store):
     root, _ = build_view_store(tmp_path / "s")
     flip_in_pages(views_path(root, "00000"), schema.IMG_EMB)
     store = open_store(root)
@@ -178,9 +187,8 @@ def test_a_damaged_view_file_is_refused_by_its_digest_and_its_pages(tmp_path):
         list(open_store(root).iter_pools(views=True))
 
 
-def test_writer_refuses_views_that_break_the_contract(tmp_path):
-    rng = np.random.default_rng(0)
-    cols = random_columns("s0", [f"k{i}" for i in range(6)], pool=POOL, d=D, f=F, k=K, rng=rng)
+def test_writer_refuses_views_that_break_the_contract(tmp_path, columns):
+    rng, cols = np.random.default_rng(0), columns
     good = view_columns(cols, n=3, m=2, rng=rng)
     kw = dict(d=D, f=F, k=K, pool_size=POOL, n_views=3, single_views=2)
     box = good[schema.BOX].copy()
@@ -201,9 +209,8 @@ def test_writer_refuses_views_that_break_the_contract(tmp_path):
     assert table.column(schema.FUSED_PROJ).null_count == 6  # view 2 of each row: not scored
 
 
-def test_a_failed_signals_write_removes_the_shards_view_file(tmp_path):
-    rng = np.random.default_rng(0)
-    cols = random_columns("s0", [f"k{i}" for i in range(6)], pool=POOL, d=D, f=F, k=K, rng=rng)
+def test_a_failed_signals_write_removes_the_shards_view_file(tmp_path, columns):
+    rng, cols = np.random.default_rng(0), columns
     (tmp_path / "signals").write_text("a file where the signals folder should be")
     with pytest.raises(OSError):
         write_shard(tmp_path, "s0", cols, [], d=D, f=F, k=K, pool_size=POOL,
@@ -211,7 +218,7 @@ def test_a_failed_signals_write_removes_the_shards_view_file(tmp_path):
     assert not views_path(tmp_path, "s0").exists() and not (tmp_path / "rejects" / "s0.parquet").exists()
 
 
-def test_manifest_refuses_a_recipe_that_does_not_fit_its_version(tmp_path):
+def test_manifest_refuses_a_recipe_that_does_not_fit_its_version(tmp_path, build_view_store):
     root, _ = build_view_store(tmp_path / "s")
     raw = json.loads((root / MANIFEST_NAME).read_text())
     for edit, message in ((lambda r: r.pop("views"), "needs its view recipe"),
