@@ -193,6 +193,42 @@ def test_killed_writer_leaves_complete_files_or_none(tmp_path):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["big.parquet"]
 
 
+REWRITE_CHILD = textwrap.dedent("""
+    import resource, sys
+    sys.path.insert(0, sys.argv[2])
+    import numpy as np
+    from conftest import random_columns
+    from mcad.storage.writer import write_shard
+    cols = random_columns("s0", [f"s0-{i:05d}" for i in range(4000)], pool=4, d=8, f=12, k=3,
+                          rng=np.random.default_rng(1))
+    # No file of this process may grow past the limit (Python ignores SIGXFSZ: the write fails, EFBIG).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        write_shard(sys.argv[1], "s0", cols, [], d=8, f=12, k=3, pool_size=4)
+    except OSError as exc:
+        print("failed:", exc)
+    else:
+        print("written")
+""")
+
+
+def test_a_rewrite_that_fails_mid_file_leaves_the_previous_signals_file_whole(tmp_path, make_columns):
+    """A shard written again (a resumed pass redoing it) whose write breaks off part way, here at
+    the process's file size limit, leaves the file already under the final name as it was."""
+    write_shard(tmp_path, "s0", make_columns("s0", 10), [], **DIMS)
+    path = signals_path(tmp_path, "s0")
+    before, limit = path.read_bytes(), 64 * 1024
+    assert len(before) < limit  # the old file fits under the limit; 4000 rows of noise do not
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)}
+    child = subprocess.run([sys.executable, "-c", REWRITE_CHILD, str(tmp_path), str(TESTS_DIR), str(limit)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert child.returncode == 0 and child.stdout.startswith("failed:"), child.stdout + child.stderr
+    assert "File too large" in child.stdout, child.stdout
+    assert path.read_bytes() == before  # not truncated, not half rewritten: the old whole file
+    assert pq.read_table(path).num_rows == 10
+    assert not list(tmp_path.rglob(TMP_PREFIX + "*"))
+
+
 def test_failed_signals_write_leaves_no_file_of_the_shard(tmp_path, make_columns):
     """A write that fails (read-only folder, full disk) leaves neither file nor temporary."""
     (tmp_path / "signals").write_text("a file where the signals folder should be")
