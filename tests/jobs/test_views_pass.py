@@ -205,3 +205,31 @@ def test_bad_view_options_exit_2_in_one_line(two_shards, tiny_teachers, tmp_path
     assert_one_line_error(invoke(*base, "--views", "2", "--single-views", "3"), "single views must be between 1 and")
     assert_one_line_error(invoke(*base, "--crop-ratio", "2,1"), "crop ratio must satisfy")
     assert not (tmp_path / "s").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_run_resumed_after_its_first_epoch_ends_with_the_uninterrupted_runs_weights(view_store, two_shards,
+                                                                                       tmp_path):
+    """The views each sample shows depend only on (seed, epoch, shard, row): a resume replays the same."""
+    from safetensors.torch import load_file
+
+    from mcad.jobs.train_student import StudentJob, run_train_student
+
+    def job(out, **kw):
+        return StudentJob(store=str(view_store), data=str(two_shards), out=str(out), preset="smoke",
+                          train=TrainConfig(epochs=2, views="random", seed=3), **kw)
+
+    run_train_student(job(tmp_path / "straight"), progress=False)
+
+    def stop_after_first(record):
+        if record["epoch"] == 0:
+            raise _Stop  # a crash once epoch 0's checkpoint is written
+
+    with pytest.raises(_Stop):
+        run_train_student(job(tmp_path / "resumed"), progress=False, on_epoch=stop_after_first)
+    run_train_student(job(tmp_path / "resumed", resume=True), progress=False)
+    straight, resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
