@@ -21,6 +21,8 @@ CLI and stores
 Damage and deliberate edits (a store's integrity checks: manifest digests, page checksums)
 - `flip_byte(path, offset)` -> flips one bit of a file's byte in place, keeping its size and mtime
 - `flip_in_pages(path, column, row_group=0)` -> the same inside the column chunk's last data page body
+- `flip_in_footer(path)` -> the same inside a Parquet footer's created_by string: the footer still
+  parses and every page decodes, so only the file's sha256 can tell
 - `write_manifest(store, raw)` -> manifest.json from its raw fields, with its own digest recomputed
   (a deliberate edit, so that the check under test fires, not the digest's)
 - `record_digests(store, *shards)` -> the manifest records the shards' files as they now are
@@ -157,6 +159,13 @@ def flip_in_pages(path: Path, column: str, row_group: int = 0) -> None:
                  if meta.column(j).path_in_schema.split(".")[0] == column)
     start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
     flip_byte(path, start + chunk.total_compressed_size - 2)
+
+
+def flip_in_footer(path: Path) -> None:
+    """Flip a bit of the writer's name (created_by) in a Parquet file's footer: same size, still readable."""
+    data = Path(path).read_bytes()
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    flip_byte(path, data.rindex(b"parquet-cpp-arrow", len(data) - 8 - footer_len) + 1)
 
 
 def write_manifest(store: Path, raw: dict) -> None:

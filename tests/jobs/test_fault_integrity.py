@@ -19,7 +19,9 @@ from mcad.storage.manifest import (
     FUSION_PROJ_NAME, MANIFEST_NAME, MANIFEST_SHA256, SIGNALS_DIR, store_file,
 )
 
-from helpers import assert_one_line_error, flip_byte, flip_in_pages, invoke, strip_digests, write_manifest
+from helpers import (
+    assert_one_line_error, flip_byte, flip_in_footer, flip_in_pages, invoke, strip_digests, write_manifest,
+)
 
 pytestmark = pytest.mark.ray  # tiny_store is a real teacher pass
 SHARD = "000000"
@@ -50,10 +52,7 @@ def test_a_flipped_byte_in_any_signals_column_stops_validate_and_the_student(sto
 
 def test_a_flipped_byte_in_a_footer_is_caught_by_its_digest(store, shapes_data, tmp_path):
     path = store / SIGNALS
-    data = path.read_bytes()
-    footer_len = int.from_bytes(data[-8:-4], "little")
-    at = data.rindex(b"parquet-cpp-arrow", len(data) - 8 - footer_len)  # created_by: parses either way
-    flip_byte(path, at + 1)
+    flip_in_footer(path)  # in created_by: the footer parses either way
     assert pq.ParquetFile(path).metadata.num_rows  # the footer still parses: only the digest sees it
     want = (f"{store}: shard {SHARD}: {SIGNALS}: the file does not match its manifest signals_sha256",
             "the footer or a page header is damaged")

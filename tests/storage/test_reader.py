@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -14,7 +15,7 @@ from mcad.storage.errors import InputError
 from mcad.storage.manifest import MANIFEST_NAME, Manifest, file_digest, rejects_path, signals_path
 from mcad.storage.reader import fingerprint_digest, open_store
 
-from helpers import record_digests, write_manifest
+from helpers import flip_in_footer, record_digests, write_manifest
 
 SPLIT = {"world_size": 2, "num_workers": 2}
 SLOTS = [{"rank": r, "worker": w, **SPLIT} for r in range(2) for w in range(2)]
@@ -290,6 +291,36 @@ def test_error_messages_are_one_line(store_dir):
     with pytest.raises(InputError) as info:
         open_store(store_dir)
     assert "shard 00000: unreadable Parquet" in str(info.value) and "\n" not in str(info.value)
+
+
+# --- the files against their manifest digests ---------------------------------------
+
+def test_a_file_changed_after_the_pass_is_refused_on_its_first_read(store_dir):
+    """Changes that every footer, count and page check lets through: only the file's size and sha256
+    in the manifest can tell, and the reader checks them when it first opens a file."""
+    # The same rows written again, uncompressed: another file, of another size.
+    path = signals_path(store_dir, "00001")
+    pq.write_table(pq.read_table(path), path, compression="none", write_page_checksum=True)
+    store = open_store(store_dir)  # footers, dims and counts all agree
+    size = path.stat().st_size
+    with pytest.raises(InputError, match=rf"{re.escape(str(store_dir))}: shard 00001: signals/00001.parquet: {size} bytes, "
+                                         rf"the manifest records \d+ \(signals_bytes\)"):
+        list(store.iter_pools())
+    with pytest.raises(InputError, match="shard 00001: signals/00001.parquet: .* bytes, the manifest records"):
+        open_store(store_dir).verify_files()
+
+    # Same size, same rows, every page decodes: one bit flipped in a footer (signals, then rejects).
+    for folder, shard in (("signals", "00000"), ("rejects", "00002")):
+        flip_in_footer(store_dir / folder / f"{shard}.parquet")
+        store = open_store(store_dir)
+        assert pq.read_table(store_dir / folder / f"{shard}.parquet").num_rows == (
+            store.shard_rows[shard] if folder == "signals" else 2)
+        want = f"shard {shard}: {folder}/{shard}.parquet: the file does not match its manifest {folder}_sha256"
+        read = (lambda: next(store.iter_pools())) if folder == "signals" else (lambda: store.rejected_keys(shard))
+        with pytest.raises(InputError, match=want):
+            read()
+        with pytest.raises(InputError, match=want):
+            open_store(store_dir).verify_files([shard])
 
 
 # --- fingerprint -----------------------------------------------------------------
