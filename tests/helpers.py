@@ -12,6 +12,8 @@ Tars (WebDataset shards)
   (member name, bytes) pairs, or (name, None, tarfile type) for links and other
   special members (linked to /etc/passwd); names are written as given (`../x.jpg`
   included), in GNU format; write_tar creates the parent folders.
+- `tar_sample_keys(path)` -> the sample keys of a shard by a plain `tarfile` walk, one per sample
+  occurrence in tar order, up to where the tar breaks: a count independent of the shard reader
 
 CLI and stores
 - `invoke(*args)` -> click's result of `mcad ARGS` (arguments turned into strings)
@@ -110,6 +112,34 @@ def write_tar(path: Path, members, *, compress: str = "") -> Path:
     with tarfile.open(path, "w:" + compress if compress else "w", format=tarfile.GNU_FORMAT) as tf:
         _add_members(tf, members)
     return path
+
+
+# WebDataset's key: the member's folder and its name up to the first dot (webdataset's base_plus_ext).
+_MEMBER_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def tar_sample_keys(path: Path) -> list[str]:
+    """The samples of a shard as a plain `tarfile` walk sees them, independently of mcad's shard reader:
+    one key per sample occurrence (consecutive members sharing a key, a repeated suffix starting
+    another), in tar order, up to where the tar breaks (tarfile lists no member whose header is cut);
+    a file tarfile cannot open as a tar is one input, keyed by the shard's name."""
+    keys, suffixes = [], set()
+    try:
+        tf = tarfile.open(path)
+    except tarfile.ReadError:
+        return [Path(path).name.split(".")[0]]
+    with tf:
+        try:
+            for info in tf:
+                match = _MEMBER_KEY.match(info.name)
+                key, suffix = match.groups() if match else (info.name, "")
+                if not keys or key != keys[-1] or suffix in suffixes:
+                    keys.append(key)
+                    suffixes = set()
+                suffixes.add(suffix)
+        except tarfile.ReadError:  # the data of the last member listed is cut
+            pass
+    return keys
 
 
 # ------------------------------------------------------------------ CLI and stores

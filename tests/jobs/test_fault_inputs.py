@@ -2,8 +2,11 @@
 
 Damaged shards go through a real teacher pass (real Ray, pyarrow, DuckDB and HF
 models; nothing mocked): good samples kept, each reject with its reason in
-rejects/ and in `mcad signals stats`, kept + rejected = the input, per shard;
-tar member names are never used as paths. Bad command-line input (and a dataset
+rejects/ and in `mcad signals stats`, kept + rejected = the input, per shard,
+counted again key by key by a plain `tarfile` walk (helpers.tar_sample_keys), not
+by the reader that wrote the store; tars cut in the middle (inside a member's data,
+inside a header, between two members) as well as in their last sample; tar member
+names are never used as paths. Bad command-line input (and a dataset
 without one usable sample) ends in exit code 2 and one line, no traceback.
 Per-reason unit tests of the shard reader live in tests/pipeline/test_shards.py;
 the crash cases are tests/jobs/test_fault_crashes.py, the security scan
@@ -22,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import assert_one_line_error, image_bytes, invoke, leftovers, png_header, write_tar
+from helpers import assert_one_line_error, image_bytes, invoke, leftovers, png_header, tar_sample_keys, write_tar
 from mcad.pipeline.shards import CORRUPT_IMAGE, DUPLICATE_KEY, EMPTY_CAPTION, IMAGE_TOO_LARGE, MALFORMED_JSON, NOT_A_TAR, NO_CAPTION, TRUNCATED_TAR, UNDECODABLE_TEXT, UNSAFE_MEMBER
 from mcad.storage.manifest import Manifest, REJECTED, ROWS, rejects_path, signals_path
 
@@ -64,18 +67,37 @@ INPUT_CASES = [
     ("malformed json", "000001", "cap-bad-json", MALFORMED_JSON),
     ("duplicate key (second occurrence)", "000001", "cap-dup", DUPLICATE_KEY),
     ("truncated tar", "000002", "trunc-cut", TRUNCATED_TAR),
+    # Cut in the middle: the samples after the cut are not in the file at all.
+    ("tar cut mid-way inside a member's data", "000006", "mid-data-2", TRUNCATED_TAR),
+    ("tar cut mid-way inside a header", "000007", "mid-head-2", TRUNCATED_TAR),  # the sample read before it
+    ("tar cut mid-way between two members", "000008", "mid-edge-2", TRUNCATED_TAR),
     ("file that is not a tar", "000003", "000003", NOT_A_TAR),
     ("tar member named ../", "000005", "../evil", UNSAFE_MEMBER),
     ("tar member with an absolute name", "000005", "/abs/evil", UNSAFE_MEMBER),
 ]
-# Samples each shard holds (wholly or in part): kept + rejected must equal these.
-INPUT_COUNTS = {"000000": 9, "000001": 9, "000002": 3, "000003": 1, "000004": 0, "000005": 4}
+# Samples each shard holds (wholly or in part, with at least their first member's header whole; a
+# file that is not a tar counts as one): kept + rejected must equal these.
+INPUT_COUNTS = {"000000": 9, "000001": 9, "000002": 3, "000003": 1, "000004": 0, "000005": 4,
+                "000006": 3, "000007": 3, "000008": 3}
 GOOD_KEYS = {"000000": ["img-good-0", "img-good-1", "img-good-2"], "000001": ["cap-good-0", "cap-dup", "cap-good-1"],
-             "000002": ["trunc-good-0", "trunc-good-1"], "000005": ["safe-good-0", "safe-good-1"]}
+             "000002": ["trunc-good-0", "trunc-good-1"], "000005": ["safe-good-0", "safe-good-1"],
+             **{shard: [f"mid-{cut}-0", f"mid-{cut}-1"] for shard, cut in
+                (("000006", "data"), ("000007", "head"), ("000008", "edge"))}}
+# Tars of six samples cut in the middle: (shard, name, the member cut, where: its offset + bytes).
+MID_CUTS = [("000006", "data", "mid-data-2.jpg", "offset_data", 50),  # inside the third image
+            ("000007", "head", "mid-head-3.jpg", "offset", 100),      # inside the fourth sample's header
+            ("000008", "edge", "mid-edge-2.txt", "offset", 0)]        # after the third image, before its caption
+
+
+def cut_tar(path: Path, member: str, where: str, plus: int) -> None:
+    """Cut a tar file `plus` bytes after `member`'s header (where="offset") or data ("offset_data")."""
+    with tarfile.open(path) as tf:
+        cut = getattr(tf.getmember(member), where) + plus
+    path.write_bytes(path.read_bytes()[:cut])
 
 
 def write_damaged_shards(folder: Path) -> Path:
-    """Six shards holding every input case of the matrix next to good samples."""
+    """Nine shards holding every input case of the matrix next to good samples."""
     folder.mkdir(parents=True)
     cmyk = image("CMYK", color=(0, 200, 200, 0))
     write_tar(folder / "000000.tar", [
@@ -101,9 +123,7 @@ def write_damaged_shards(folder: Path) -> Path:
         *sample("cap-good-1"),
     ])
     full = write_tar(folder / "000002.tar", [*sample("trunc-good-0"), *sample("trunc-good-1"), *sample("trunc-cut")])
-    with tarfile.open(full) as tf:
-        cut = tf.getmember("trunc-cut.jpg").offset_data + 50
-    full.write_bytes(full.read_bytes()[:cut])  # cut inside the third sample's image
+    cut_tar(full, "trunc-cut.jpg", "offset_data", 50)  # cut inside the last sample's image
     (folder / "000003.tar").write_bytes(b"key\tcaption\nthis file is not a tar\n" * 40)
     write_tar(folder / "000004.tar", [])
     write_tar(folder / "000005.tar", [
@@ -112,6 +132,9 @@ def write_damaged_shards(folder: Path) -> Path:
         ("/abs/evil.jpg", image()), ("/abs/evil.txt", CAPTION.encode()),
         *sample("safe-good-1"),
     ])
+    for shard, cut, member, where, plus in MID_CUTS:
+        full = write_tar(folder / f"{shard}.tar", [m for i in range(6) for m in sample(f"mid-{cut}-{i}")])
+        cut_tar(full, member, where, plus)
     return folder
 
 
@@ -159,6 +182,11 @@ def test_every_shard_accounts_for_every_sample(damaged):
         entry = manifest.shards[shard]
         assert (entry[ROWS], entry[REJECTED]) == (len(kept), len(rejected)), shard
         assert len(kept) + len(rejected) == count, shard
+        # Counted again by a plain tarfile walk, not by the reader that wrote the store: the same
+        # samples, key by key (the lost tail of a tar cut mid-way is in neither).
+        walked = tar_sample_keys(data / f"{shard}.tar")
+        assert len(walked) == count, (shard, walked)
+        assert collections.Counter(walked) == collections.Counter(kept + [key for key, _ in rejected]), shard
     # And key by key, in tar order, against the input (DuckDB over the store).
     result = invoke("signals", "validate", store, "--data", data)
     assert result.exit_code == 0, result.output
