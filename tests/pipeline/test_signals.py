@@ -37,7 +37,8 @@ TOL32 = dict(atol=1e-4, rtol=1e-4)  # float32 columns: only batching/padding rou
 def dirs(tmp_path_factory):
     from transformers import BlipForImageTextRetrieval
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored after the module: later tests (a student resumed in-process) need theirs
     clip_dir, blip_dir = make_tiny_teachers(tmp_path_factory.mktemp("teachers"), CAPTIONS)
     # A freshly initialised ITM head gives nearly equal logits for every pair
     # (spread ~1e-4); a wide random head makes a mixed-up pair visible.
@@ -45,7 +46,8 @@ def dirs(tmp_path_factory):
     torch.manual_seed(1)
     torch.nn.init.normal_(blip.itm_head.weight, std=1.0)
     blip.save_pretrained(blip_dir)
-    return clip_dir, blip_dir
+    yield clip_dir, blip_dir
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
