@@ -274,6 +274,8 @@ def _pid_start(pid: int) -> int | None:
 # refuses other teachers, P, K or calibration rows, so the command repeats them.
 _RESUME_FLAGS = (("data", "--data"), ("dual", "--dual"), ("single", "--single"),
                  ("pool_size", "--pool"), ("topk", "--topk"), ("calibration_rows", "--calibration-rows"))
+_VIEW_FLAGS = (("views", "--views"), ("single_views", "--single-views"), ("crop_scale", "--crop-scale"),
+               ("crop_ratio", "--crop-ratio"), ("seed", "--seed"))
 
 
 def incomplete_line(store: str | os.PathLike, manifest) -> str:
@@ -299,6 +301,10 @@ def resume_command(store: str | os.PathLike) -> str:
     try:
         saved = json.loads(fs.read_bytes(store_file(store, PASS_CONFIG_NAME)).decode())
         args = [a for key, flag in _RESUME_FLAGS for a in (flag, str(saved[key]))]
+        if saved.get("views", 1) > 1:  # a pass with views (schema v2) resumes only with its own view recipe
+            for key, flag in _VIEW_FLAGS:
+                value = saved[key]
+                args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         args = ["..."]
     return shlex.join(["mcad", "pipeline", "teacher-pass", *args[:6], "--out", str(store), *args[6:], "--resume"])

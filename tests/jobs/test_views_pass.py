@@ -73,19 +73,28 @@ def test_a_views_pass_writes_a_v2_store_whose_signals_are_the_v1_ones(view_store
         assert pq.read_table(signals_path(view_store, name)).equals(pq.read_table(signals_path(tiny_store, name)))
 
 
-def test_views_are_the_same_with_two_workers_and_after_a_resume(view_store, make_job, tmp_path):
-    """One pass covers both: the 1-worker store, its shards lost after its calibration (a crash before
-    any shard was recorded), resumed by 2 workers, one shard each."""
+def test_views_are_the_same_with_two_workers_and_after_a_resume(view_store, tmp_path):
+    """One pass covers both: the 1-worker store, its shards lost after its calibration, resumed by the
+    command the incomplete store names (its view recipe included), with 2 workers, one shard each."""
+    import shlex
+
+    from mcad.storage.errors import InputError
+
     resumed = tmp_path / "resumed"
     shutil.copytree(view_store, resumed)
     manifest = Manifest.load(resumed)
     for name in SHARDS:
-        del manifest.shards[name]
+        manifest.shards[name]["status"] = "pending"
         signals_path(resumed, name).unlink()
         views_path(resumed, name).unlink()
     manifest.save(resumed)
-    summary = run_teacher_pass(make_job(resumed, mode="resume", workers=2), progress=False)
-    assert (summary["shards_run"], summary["shards_skipped"]) == (2, 0)
+    with pytest.raises(InputError, match="incomplete: 0 of 2 shards done") as refused:
+        open_store(resumed)
+    command = shlex.split(str(refused.value).split("finish it with ", 1)[1])
+    assert command[-11:] == ["--views", "3", "--single-views", "2", "--crop-scale", "0.3,0.9", "--crop-ratio",
+                             f"0.75,{4 / 3!r}", "--seed", "11", "--resume"]
+    result = invoke(*command[1:], "--workers", "2")
+    assert result.exit_code == 0, result.output
     for folder in ("signals", VIEWS_DIR):
         want, got = _tables(view_store, folder), _tables(resumed, folder)
         assert got.keys() == want.keys() and all(got[n].equals(want[n]) for n in want), folder
