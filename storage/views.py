@@ -182,10 +182,8 @@ def view_stats(store) -> dict[str, Any]:
     views = {"per_sample": m.num_views, "single_scored": m.single_views,
              **{k: recipe.get(key) for k, key in (("crop_scale", VIEW_CROP_SCALE), ("crop_ratio", VIEW_CROP_RATIO),
                                                     ("seed", VIEW_SEED))}}
-    folders = [SIGNALS_DIR] + ([VIEWS_DIR] if m.num_views > 1 else []) + [REJECTS_DIR]
     sizes = {folder: sum(fs.size_and_mtime(store_file(store.path, folder, f"{s}.parquet"))[0] for s in store.shards)
-             for folder in folders}
-    sizes.setdefault(VIEWS_DIR, 0)
+             if folder != VIEWS_DIR or m.num_views > 1 else 0 for folder in (SIGNALS_DIR, VIEWS_DIR, REJECTS_DIR)}
     sizes["total"] = sum(sizes.values())
     rows = store.num_rows
     return {"views": views,

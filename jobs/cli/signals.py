@@ -224,8 +224,9 @@ def format_stats(s: dict) -> str:
         v, b = s["views"], s["bytes_per_sample"]
         crops = (f"; crops: area {v['crop_scale'][0]:g}-{v['crop_scale'][1]:g}, ratio {v['crop_ratio'][0]:.3g}-"
                  f"{v['crop_ratio'][1]:.3g}, seed {v['seed']}" if v["per_sample"] > 1 else "")
-        lines += ["", f"views per sample: {v['per_sample']} (the first {v['single_scored']} scored by the single "
-                      f"teacher){crops}",
+        scored = (f"the first {v['single_scored']} scored by the single teacher" if v["per_sample"] > 1
+                  else "the whole image: a store without views")
+        lines += ["", f"views per sample: {v['per_sample']} ({scored}){crops}",
                   "store bytes per sample: " + ", ".join(f"{k} {_bytes(x)}" for k, x in b.items())]
     lines += ["", "candidate distributions (softmax over the K stored logits, padding excluded):"]
     cand = s["candidates"]
