@@ -45,12 +45,15 @@ class ShardWorker:
         import torch
 
         from mcad.pipeline.signals import load_projection
+        from mcad.pipeline.teacher_flops import DEVICE_SHARE
         from mcad.pipeline.teachers import load_teachers
 
         torch.set_num_threads(threads)
         self.job = job
         self.cfg = job.pass_config()
-        self.dual, self.single = load_teachers(job.dual, job.single)
+        # Actors sharing a GPU (--gpus-per-worker 0.5) each size their micro-batches to their share.
+        share = DEVICE_SHARE * min(1.0, job.gpus_per_worker or 1.0)
+        self.dual, self.single = load_teachers(job.dual, job.single, device_share=share)
         self.projection = load_projection(projection_path)
 
     def __call__(self, batch: dict) -> dict:

@@ -24,7 +24,7 @@ class TeacherPassJob:
     out: str
     pool_size: int = 256
     topk: int = 32
-    pair_batch: int = 256           # pairs per single-teacher forward (memory only; results unchanged)
+    pair_batch: int = 0             # pairs per single-teacher forward (memory only; results unchanged); 0: the device's
     calibration_rows: int = 2048    # rows the fusion projection W is fitted on
     workers: int = 1
     gpus_per_worker: float = 0.0

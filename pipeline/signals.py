@@ -18,7 +18,8 @@ also returns the view columns (pipeline/views.py cuts the crops); view 0's colum
 computed exactly as without views, so the signals do not change.
 
 Teachers only produce features; every product, sort and logsumexp runs here
-on the CPU in float32, so results do not depend on the teachers' device.
+on the CPU in float32, so the signals depend on the teachers' device and dtype
+only through their features (bfloat16 on CUDA: docs/design.md, section 3).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class PassConfig:
 
     pool_size: int = 256          # P: samples per pool (the paper's batch)
     topk: int = 32                # K: candidates per sample and direction
-    pair_batch: int = 256         # single-teacher pairs per forward (memory, not results)
+    pair_batch: int = 0           # single-teacher pairs per forward (memory, not results); 0: sized to the device
     calibration_rows: int = 2048  # first kept samples of the pass that fit W
     ridge: float = 1e-2           # ridge penalty of the fusion projection
     views: ViewConfig = field(default_factory=ViewConfig)  # views per sample (1: the whole image only)
@@ -63,8 +64,8 @@ class PassConfig:
             raise InputError(f"top-k must be at least 1, got {self.topk}")
         if self.topk > self.pool_size:
             raise InputError(f"top-k ({self.topk}) must not exceed the pool size ({self.pool_size})")
-        if self.pair_batch < 1:
-            raise InputError(f"pair batch must be at least 1, got {self.pair_batch}")
+        if self.pair_batch < 0:
+            raise InputError(f"pair batch must be 0 (sized to the device) or positive, got {self.pair_batch}")
         if self.calibration_rows < 1:
             raise InputError(f"calibration rows must be at least 1, got {self.calibration_rows}")
         if not self.ridge >= 0:
@@ -191,6 +192,7 @@ def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, 
     txt = torch.cat([i2t[i2t != PAD_IDX], own.expand_as(t2i)[t2i != PAD_IDX], own[:, 0]])
     pair_ids = torch.unique(img * p + txt)  # sorted: a fixed, image-major order
 
+    batch = single.pair_batch(batch)  # 0: the device's size (256 on the CPU)
     states = single.encode_images(images)
     tokens = single.tokenize(texts)
     itm = torch.full((p, p), float("nan"))
@@ -282,8 +284,9 @@ def calibrate(dual, single, items: Iterable, *, config: PassConfig,
     shards chained; only what is needed is read, in chunks of `pair_batch`.
     """
     fused, target = [], []
-    for chunk in batched(islice(_kept(items), config.calibration_rows), config.pair_batch):
-        f, y = calibration_pairs(dual, single, chunk, batch=config.pair_batch)
+    size = single.pair_batch(config.pair_batch)
+    for chunk in batched(islice(_kept(items), config.calibration_rows), size):
+        f, y = calibration_pairs(dual, single, chunk, batch=size)
         fused.append(f)
         target.append(y)
         if progress is not None:

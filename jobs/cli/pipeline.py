@@ -53,7 +53,8 @@ Examples:
 @PASS("--pool", "pool_size", type=int, help="Samples per pool (P).")
 @PASS("--topk", type=int, help="Candidates per sample and direction (K <= P).")
 @PASS("--pair-batch", type=int,
-      help="Image-text pairs per single-teacher forward (memory only: the signals do not change).")
+      help="Image-text pairs per single-teacher forward (memory only: the signals do not change); "
+           "0: sized to the device (256 on a CPU).")
 @PASS("--calibration-rows", type=int, help="Rows the fusion projection W is fitted on (the first of the pass).")
 @PASS("--workers", type=int, help="Teacher actors (each loads both teachers).")
 @PASS("--gpus-per-worker", type=float, help="GPUs per actor (0: CPU).")

@@ -187,12 +187,17 @@ def test_deterministic_and_pair_batch_free(teachers, items, config, projection, 
     again = shard_signals(*teachers, items, shard="shard-000", config=config, projection=projection)[0]
     big_batch = PassConfig(pool_size=POOL_SIZE, topk=K, pair_batch=64)
     other = shard_signals(*teachers, items, shard="shard-000", config=big_batch, projection=projection)[0]
+    sized = PassConfig(pool_size=POOL_SIZE, topk=K, pair_batch=0)  # 0: the device's size (256 on a CPU)
+    device = shard_signals(*teachers, items, shard="shard-000", config=sized, projection=projection)[0]
     for name, value in result[0].items():
         if isinstance(value, list):
-            assert again[name] == value and other[name] == value
+            assert again[name] == value and other[name] == value == device[name]
         else:
             np.testing.assert_array_equal(again[name], value)
             np.testing.assert_allclose(other[name], value, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(device[name], value, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="pair batch"):
+        PassConfig(pool_size=POOL_SIZE, topk=K, pair_batch=-1)
 
 
 def test_compute_pool_matches_shard_rows(teachers, samples, result, projection):
