@@ -16,7 +16,7 @@ Examples:
 
 
 def synth_option(*decls, **kwargs):
-    return field_option("mcad.pipeline.shapes.synth:SynthConfig", *decls, **kwargs)
+    return field_option("mcad.pipeline.shapes.synth_config:SynthConfig", *decls, **kwargs)
 
 
 @click.group()

@@ -19,66 +19,25 @@ from __future__ import annotations
 import io
 import itertools
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from mcad.pipeline.shapes.world import (MIN_IMAGE_SIZE, SWAPS, VOCABULARY, Scene, canonical, captions, make_scene, relation,
-                             render)
+from mcad.pipeline.shapes.synth_config import PAIRED_SPLITS, SPLITS, SynthConfig  # noqa: F401 (re-exported)
+from mcad.pipeline.shapes.world import SWAPS, VOCABULARY, Scene, canonical, captions, make_scene, relation, render
 from mcad.storage.atomic import atomic_write, atomic_write_json
 from mcad.storage.errors import InputError
 
-SPLITS = ("train", "val", "test")
 # Fixed per-split key offsets: keys are unique over the benchmark and a split's
 # keys do not move when another split's size changes.
 KEY_OFFSETS = {"train": 0, "val": 100_000_000, "test": 200_000_000}
-MAX_PER_SPLIT = 100_000_000
 OBJECT_COUNTS = {1: 0.10, 2: 0.65, 3: 0.25}  # train; val and test draw 2 or 3 in the same ratio
 N_CAPTIONS = 5  # exactly 5 per val/test image (COCO/Flickr protocol); up to 5 for train
-PAIRED_SPLITS = ("val", "test")  # made of swap pairs, 5 captions per image
 JPEG_QUALITY = 95
 CONFIG_NAME = "synth_config.json"
 FORMAT = "mcad-shapes-v2"  # v2: val made of pairs, meanings held out of train
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    train: int = 10_000
-    val: int = 1_000
-    test: int = 2_000
-    image_size: int = 48
-    shard_size: int = 1000
-    seed: int = 0
-    # Share of train/val samples written as adjacent swap pairs (as in test): pools of
-    # consecutive samples then hold the hard negatives a binding-aware teacher knows.
-    train_pairs: float = 0.0
-    # Benchmarks of these seeds (same sizes) also keep their val and test meanings
-    # out of this train split: teachers trained on it can be evaluated on any of them.
-    hold_out_seeds: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        object.__setattr__(self, "hold_out_seeds", tuple(sorted({int(s) for s in self.hold_out_seeds})))
-        for name in ("train", "val", "test", "shard_size"):
-            value = getattr(self, name)
-            if value < 1:
-                raise InputError(f"{name} must be positive, got {value}")
-            if name != "shard_size" and value >= MAX_PER_SPLIT:
-                raise InputError(f"{name} must be below {MAX_PER_SPLIT:,} (9-digit keys), got {value}")
-        for name in PAIRED_SPLITS:
-            if getattr(self, name) % 2:
-                raise InputError(f"{name} must be even (the {name} split is made of pairs), "
-                                 f"got {getattr(self, name)}")
-        if not 0.0 <= self.train_pairs <= 1.0:
-            raise InputError(f"train_pairs must be within [0, 1], got {self.train_pairs}")
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise InputError(f"image_size must be at least {MIN_IMAGE_SIZE} px to fit 3 shapes, "
-                             f"got {self.image_size}")
-
-    @property
-    def total(self) -> int:
-        return self.train + self.val + self.test
 
 
 def _object_count(rng: np.random.Generator, minimum: int) -> int:

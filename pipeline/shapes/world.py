@@ -28,7 +28,6 @@ INVERSE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 PHRASES = {"left": ("left of", "to the left of"), "right": ("right of", "to the right of"),
            "above": ("above",), "below": ("below",)}
 ARTICLES = ("a", "the", "")
-MIN_IMAGE_SIZE = 24  # 3 shapes fit
 SUPERSAMPLE = 4  # draw 4x larger and box-filter down: clean edges, still deterministic
 GAP = 1.0  # pixels kept free between shapes and to the border
 VOCABULARY = sorted(
