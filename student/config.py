@@ -15,25 +15,32 @@ from mcad.storage.errors import InputError
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the three MCAD terms; a zero weight skips its term entirely."""
+    """Weights of the MCAD terms (and the ranking term, issue #18); a zero weight skips its term entirely."""
 
     con: float = 1.0
     dist: float = 1.0
     feat: float = 1.0
+    rank: float = 0.0   # ranking distillation over the stored candidates (student/losses.rank_distillation)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
             if not (ok and math.isfinite(value) and value >= 0):
                 raise InputError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
-        if self.con == self.dist == self.feat == 0:
-            raise InputError("at least one loss weight (con, dist, feat) must be > 0")
+        if self.con == self.dist == self.feat == self.rank == 0:
+            raise InputError("at least one loss weight (con, dist, feat, rank) must be > 0")
 
 
 MODES = ("replay", "remix")
 # Which stored view a sample shows in an epoch (docs/design.md, section 3, "Views"): cycle: view
 # (epoch + row) mod N; random: drawn from (seed, epoch, shard, row); canonical: view 0, the whole image.
 VIEW_POLICIES = ("cycle", "random", "canonical")
+# How the ITM logits are scaled in the distribution target (docs/design.md, section 3, Targets):
+# none: m as stored; pool: each pool block's m rescaled to the spread of its dual logits.
+ITM_NORMS = ("none", "pool")
+# The teacher order the ranking term follows: the single teacher's ITM logits, or the combined
+# target z = s·v'·t' + β·m̃ (student/targets.py).
+RANK_TARGETS = ("itm", "combined")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ class TrainConfig:
     w_con: float = 1.0
     w_dist: float = 1.0
     w_feat: float = 1.0
+    # Issue #18, defaults keep the behaviour before it: no ranking term, ITM logits as stored.
+    w_rank: float = 0.0           # ranking distillation (ListMLE over the stored top-K' candidates)
+    rank_by: str = "itm"          # RANK_TARGETS: whose order of the candidates the ranking term follows
+    itm_temperature: float = 1.0  # the ITM part of the distribution target is beta * m / itm_temperature
+    itm_norm: str = "none"        # ITM_NORMS: "pool" rescales m to the dual logits' spread per pool first
     # 10: on shapes the students still gain from epoch 6 to 10 (README, Results).
     epochs: int = 10
     pools_per_batch: int = 1      # replay
@@ -67,7 +79,13 @@ class TrainConfig:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.views not in VIEW_POLICIES:
             raise InputError(f"views must be one of {VIEW_POLICIES}, got {self.views!r}")
-        for name in ("alpha", "beta", "w_con", "w_dist", "w_feat", "lr", "weight_decay"):
+        if self.rank_by not in RANK_TARGETS:
+            raise InputError(f"rank_by must be one of {RANK_TARGETS}, got {self.rank_by!r}")
+        if self.itm_norm not in ITM_NORMS:
+            raise InputError(f"itm_norm must be one of {ITM_NORMS}, got {self.itm_norm!r}")
+        if not (self.itm_temperature > 0 and math.isfinite(self.itm_temperature)):
+            raise InputError(f"itm_temperature must be a finite number > 0, got {self.itm_temperature}")
+        for name in ("alpha", "beta", "w_con", "w_dist", "w_feat", "w_rank", "lr", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "pools_per_batch", "batch_size"):
@@ -80,8 +98,8 @@ class TrainConfig:
         self.weights()  # refuses all-zero weights
 
     def weights(self) -> LossWeights:
-        return LossWeights(con=self.w_con, dist=self.w_dist, feat=self.w_feat)
+        return LossWeights(con=self.w_con, dist=self.w_dist, feat=self.w_feat, rank=self.w_rank)
 
     @property
     def needs_targets(self) -> bool:
-        return self.w_dist > 0 or self.w_feat > 0
+        return self.w_dist > 0 or self.w_feat > 0 or self.w_rank > 0
