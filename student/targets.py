@@ -12,6 +12,12 @@ path (teachers run in the loop) hand in the same signals, so both call this;
                            alpha=0.5, beta=0.1, k_prime=16)
     targets[I2T_LOGITS]   # (B, B) float32, -inf outside each row's block
 
+Issue #18 adds two optional parts: the scale of the ITM part of z
+(`itm_temperature`, and `itm_norm="pool"`: m rescaled per pool block to the spread
+of the dual logits, so β weighs the two teachers the same whatever their logit
+ranges), and, with `rank_by`, each row's candidates in the teacher's order, the
+targets of the ranking term (student/losses.rank_distillation).
+
 Candidate indices arrive batch-local: 0..B-1, or PAD_IDX (-1) for list padding
 and, in remix mode, for stored candidates that are not in this batch. Row i's
 positive is column i (image i and text i share a row).
@@ -25,12 +31,15 @@ import torch.nn.functional as F
 
 from mcad.storage.errors import InputError
 from mcad.storage.schema import PAD_IDX
+from mcad.student.config import ITM_NORMS, RANK_TARGETS
 
 # Keys of the dict `mcad_targets` returns (targets, not store columns).
 IMG_FEAT = "img_feat"      # v'_i (B, D)
 TXT_FEAT = "txt_feat"      # t'_i (B, D)
 I2T_LOGITS = "i2t_logits"  # z (B, B): row i = image i over texts j
 T2I_LOGITS = "t2i_logits"  # (B, B): row i = text i over images j
+I2T_RANK = "i2t_rank"      # (B, K') image i's candidate texts in the teacher's order (with rank_by)
+T2I_RANK = "t2i_rank"      # (B, K') text i's candidate images in the teacher's order (with rank_by)
 
 
 def _check_params(alpha: float, beta: float, logit_scale: float, k_prime: int | None, k: int) -> None:
@@ -44,14 +53,24 @@ def _check_params(alpha: float, beta: float, logit_scale: float, k_prime: int | 
         raise InputError(f"K' must be between 1 and the store's K ({k}), got {k_prime}")
 
 
-def _itm_dense(idx: torch.Tensor, itm: torch.Tensor, *, block: torch.Tensor, k_prime: int,
-               name: str) -> torch.Tensor:
-    """m̃ (B, B): m_ij for j in C_i, else min over C_i of m (block masking is the caller's).
+def _check_itm_params(itm_temperature: float, itm_norm: str, rank_by: str | None) -> None:
+    if not (itm_temperature > 0 and math.isfinite(itm_temperature)):
+        raise InputError(f"the ITM temperature must be a finite number > 0, got {itm_temperature}")
+    if itm_norm not in ITM_NORMS:
+        raise InputError(f"itm_norm must be one of {ITM_NORMS}, got {itm_norm!r}")
+    if rank_by is not None and rank_by not in RANK_TARGETS:
+        raise InputError(f"rank_by must be None or one of {RANK_TARGETS}, got {rank_by!r}")
+
+
+def _head(idx: torch.Tensor, itm: torch.Tensor, *, block: torch.Tensor, k_prime: int,
+          name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """C'_i of every row: (head_idx, head_m, cand), each (B, K').
 
     idx (B, K) batch-local candidates, highest dual logit first; itm (B, K) their m.
     C_i = the first k_prime entries, positive (i) forced into the last of them when
-    absent, PAD_IDX entries dropped; an entry's itm is read only where it is a candidate,
-    so padding's -inf (or a finite m of a candidate missing from the batch) never counts.
+    absent, PAD_IDX entries dropped (cand False there); an entry's itm is read only where
+    it is a candidate, so padding's -inf (or a finite m of a candidate missing from the
+    batch) never counts.
     """
     b = idx.shape[0]
     rows = torch.arange(b, device=idx.device)
@@ -70,18 +89,56 @@ def _itm_dense(idx: torch.Tensor, itm: torch.Tensor, *, block: torch.Tensor, k_p
     cand = head_idx != PAD_IDX
     if bool((head_idx[cand] < 0).any() or (head_idx[cand] >= b).any()):
         raise ValueError(f"{name}: candidate indices must be batch-local (0..{b - 1}) or {PAD_IDX}")
-    q_rows = rows[:, None].expand_as(head_idx)[cand]
-    q_cols = head_idx[cand]
     if not bool(torch.isfinite(head_m[cand]).all()):
         raise InputError(f"{name}: a candidate's ITM logit is not finite (corrupt signals)")
-    if not bool((block[q_rows] == block[q_cols]).all()):
+    q_rows = rows[:, None].expand_as(head_idx)[cand]
+    if not bool((block[q_rows] == block[head_idx[cand]]).all()):
         raise ValueError(f"{name}: a candidate lies outside its row's pool block")
+    return head_idx, head_m, cand
 
-    # Non-candidates take +inf so amin sees only C_i (never empty: the positive is in it).
+
+def _itm_dense(head_idx: torch.Tensor, head_m: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """m̃ (B, B): m_ij for j in C'_i, else min over C'_i of m (block masking is the caller's)."""
+    b = head_idx.shape[0]
+    rows = torch.arange(b, device=head_idx.device)
+    # Non-candidates take +inf so amin sees only C'_i (never empty: the positive is in it).
     m_min = head_m.masked_fill(~cand, float("inf")).amin(dim=1)
     dense = m_min[:, None].expand(b, b).clone()
-    dense[q_rows, q_cols] = head_m[cand]
+    dense[rows[:, None].expand_as(head_idx)[cand], head_idx[cand]] = head_m[cand]
     return dense
+
+
+def _pool_spread_ratio(dual_rows: torch.Tensor, head_idx: torch.Tensor, head_m: torch.Tensor,
+                       cand: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """(B,) per row, its block's σ_dual / σ_itm over the candidate entries (0 where σ_itm ≈ 0).
+
+    σ² of a block is the pooled within-row variance: the squared deviations of the
+    candidates' values from their row's mean, summed over the block's rows and divided
+    by its candidate count. Within-row, because a constant per row does not change a
+    row's softmax; over the block, so one pool shares one scale. dual_rows (B, B) holds
+    the dual part of the target in the rows' direction, read at the same candidates.
+    """
+    n = cand.sum(dim=1).clamp(min=1).to(dual_rows.dtype)
+    spreads = []
+    for values in (dual_rows.gather(1, head_idx.clamp(min=0)), head_m):
+        values = values.masked_fill(~cand, 0.0)
+        dev = ((values - values.sum(dim=1, keepdim=True) / n[:, None]) ** 2).masked_fill(~cand, 0.0)
+        spreads.append(dev.sum(dim=1))
+    groups, inverse = torch.unique(block, return_inverse=True)
+    count = torch.zeros(len(groups), dtype=n.dtype, device=n.device).index_add_(0, inverse, cand.sum(1).to(n.dtype))
+    var_dual, var_itm = (torch.zeros_like(count).index_add_(0, inverse, s) / count for s in spreads)
+    ratio = torch.where(var_itm > 1e-12, (var_dual / var_itm.clamp(min=1e-12)).sqrt(), torch.zeros_like(var_itm))
+    return ratio[inverse]
+
+
+def _rank_list(head_idx: torch.Tensor, score: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """(B, K') row i's candidates C'_i, highest `score` first, PAD_IDX after them.
+
+    Ties keep the stored (dual) order: the sort is stable over the stored list.
+    """
+    order = torch.sort(score.masked_fill(~cand, float("-inf")), dim=1, descending=True, stable=True).indices
+    ranked = head_idx.gather(1, order)
+    return ranked.masked_fill(~cand.gather(1, order), PAD_IDX)
 
 
 @torch.no_grad()
@@ -99,6 +156,9 @@ def mcad_targets(
     alpha: float,
     beta: float,
     k_prime: int | None = None,
+    itm_temperature: float = 1.0,
+    itm_norm: str = "none",
+    rank_by: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """MCAD feature and distribution targets of one student batch (no grad, float32).
 
@@ -109,13 +169,21 @@ def mcad_targets(
       block                         (B,)    int, pool block id (one id for the whole batch in remix)
       logit_scale                   s, the dual teacher's logit scale (already exp'd)
       alpha, beta >= 0; k_prime     K' in 1..K (None: K)
+      itm_temperature > 0, itm_norm the ITM part's scale: β·c_b·m̃/itm_temperature, with
+                                    c_b = 1 ("none") or, "pool", block b's σ_dual/σ_itm over
+                                    the candidates (`_pool_spread_ratio`)
+      rank_by                       None, "itm" or "combined": also return each row's C'_i in
+                                    that teacher's order (the ranking term's targets)
 
     Returns, on img_emb's device, all float32:
       IMG_FEAT (B, D)  v'_i = normalise(v_i + α g_i)
       TXT_FEAT (B, D)  t'_i = normalise(t_i + α g_i)
-      I2T_LOGITS (B, B)  z_ij = s·v'_i·t'_j + β·m̃_ij, image i over texts j
-      T2I_LOGITS (B, B)  s·t'_i·v'_j + β·m̃_ij from the t2i lists, text i over images j
+      I2T_LOGITS (B, B)  z_ij = s·v'_i·t'_j + β·c_b·m̃_ij/τ_m, image i over texts j
+      T2I_LOGITS (B, B)  the same from the t2i lists, text i over images j
     with -inf wherever block[i] != block[j], so a row's softmax stays in its block.
+    With rank_by, also I2T_RANK, T2I_RANK (B, K') int64: C'_i (the m̃ rule's K' candidates,
+    positive included, in the batch) sorted by m ("itm") or by z ("combined"), highest
+    first, ties in stored order, PAD_IDX after them.
     α = β = 0 gives plain dual-teacher distillation, z = s·v·t.
     """
     device = img_emb.device
@@ -124,7 +192,7 @@ def mcad_targets(
     b = v.shape[0]
     signals = {"i2t": (torch.as_tensor(i2t_idx, device=device).long(),
                         torch.as_tensor(i2t_itm, device=device).float()),
-                "t2i": (torch.as_tensor(t2i_idx, device=device).long(),
+               "t2i": (torch.as_tensor(t2i_idx, device=device).long(),
                         torch.as_tensor(t2i_itm, device=device).float())}
     if v.ndim != 2 or t.shape != v.shape or g.shape != v.shape or block.shape != (b,):
         raise ValueError(f"need img_emb, txt_emb, fused_proj (B, D) and block (B,), got "
@@ -135,19 +203,32 @@ def mcad_targets(
             raise ValueError(f"{name}: need idx and itm of shape ({b}, {k}), "
                              f"got {tuple(idx.shape)} and {tuple(itm.shape)}")
     _check_params(alpha, beta, logit_scale, k_prime, k)
+    _check_itm_params(itm_temperature, itm_norm, rank_by)
 
     v_mod = F.normalize(v + alpha * g, dim=-1)
     t_mod = F.normalize(t + alpha * g, dim=-1)
     dual = logit_scale * (v_mod @ t_mod.T)  # rows images, columns texts
     logits = {"i2t": dual, "t2i": dual.T.clone()}
+    heads = {}
+    if beta > 0 or rank_by is not None:
+        heads = {name: _head(idx, itm, block=block, k_prime=k_prime or k, name=name)
+                 for name, (idx, itm) in signals.items()}
     if beta > 0:
-        for name, (idx, itm) in signals.items():
-            logits[name] = logits[name] + beta * _itm_dense(
-                idx, itm, block=block, k_prime=k_prime or k, name=name)
+        for name, head in heads.items():
+            scale = beta / itm_temperature
+            if itm_norm == "pool":
+                scale = scale * _pool_spread_ratio(logits[name], *head, block=block)[:, None]
+            logits[name] = logits[name] + scale * _itm_dense(*head)
     outside = block[:, None] != block[None, :]
-    return {
+    out = {
         IMG_FEAT: v_mod,
         TXT_FEAT: t_mod,
         I2T_LOGITS: logits["i2t"].masked_fill(outside, float("-inf")),
         T2I_LOGITS: logits["t2i"].masked_fill(outside, float("-inf")),
     }
+    if rank_by is not None:
+        for name, key in (("i2t", I2T_RANK), ("t2i", T2I_RANK)):
+            head_idx, head_m, cand = heads[name]
+            score = head_m if rank_by == "itm" else logits[name].gather(1, head_idx.clamp(min=0))
+            out[key] = _rank_list(head_idx, score, cand)
+    return out

@@ -8,7 +8,7 @@ import torch
 
 from mcad.storage.errors import InputError
 from mcad.storage.schema import PAD_IDX
-from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
+from mcad.student.targets import I2T_LOGITS, I2T_RANK, IMG_FEAT, T2I_LOGITS, T2I_RANK, TXT_FEAT, mcad_targets
 
 SCALE = 7.0
 
@@ -50,7 +50,7 @@ def make_signals(block_sizes, *, d=4, k=4, seed=0, drop=0.0):
     return ev
 
 
-def naive_targets(ev, *, alpha, beta, k_prime=None):
+def naive_targets(ev, *, alpha, beta, k_prime=None, itm_temperature=1.0, itm_norm="none", rank_by=None):
     """Python loops over rows and pairs, floats only."""
     v, t, g, block = ev["img_emb"].tolist(), ev["txt_emb"].tolist(), ev["fused_proj"].tolist(), ev["block"].tolist()
     b = len(v)
@@ -65,19 +65,47 @@ def naive_targets(ev, *, alpha, beta, k_prime=None):
     out = {IMG_FEAT: torch.tensor(vm), TXT_FEAT: torch.tensor(tm)}
     for name, q, c, key in (("i2t", vm, tm, I2T_LOGITS), ("t2i", tm, vm, T2I_LOGITS)):
         idx, itm = ev[f"{name}_idx"].tolist(), ev[f"{name}_itm"].tolist()
-        z = [[-math.inf] * b for _ in range(b)]
+        heads = []  # per row: [(j, m)] of C'_i in stored order
         for i in range(b):
             kp = k_prime or len(idx[i])
             head = list(zip(idx[i], itm[i]))[:kp]
             if i not in [j for j, _ in head]:
                 head[kp - 1] = (i, next(m for j, m in zip(idx[i], itm[i]) if j == i))
-            cands = {j: m for j, m in head if j != PAD_IDX}
+            heads.append([(j, m) for j, m in head if j != PAD_IDX])
+
+        def dual(i, j):
+            return SCALE * sum(a * e for a, e in zip(q[i], c[j]))
+
+        ratio = [1.0] * b
+        if itm_norm == "pool":
+            for blk in set(block):
+                rows = [i for i in range(b) if block[i] == blk]
+                sq = {"dual": 0.0, "itm": 0.0}
+                count = 0
+                for i in rows:
+                    for part, vals in (("dual", [dual(i, j) for j, _ in heads[i]]), ("itm", [m for _, m in heads[i]])):
+                        mean = sum(vals) / len(vals)
+                        sq[part] += sum((x - mean) ** 2 for x in vals)
+                    count += len(heads[i])
+                var_dual, var_itm = sq["dual"] / count, sq["itm"] / count
+                for i in rows:
+                    ratio[i] = math.sqrt(var_dual / var_itm) if var_itm > 1e-12 else 0.0
+        z = [[-math.inf] * b for _ in range(b)]
+        for i in range(b):
+            cands = dict(heads[i])
             m_min = min(cands.values())
             for j in range(b):
                 if block[j] == block[i]:
-                    dot = sum(a * e for a, e in zip(q[i], c[j]))
-                    z[i][j] = SCALE * dot + beta * cands.get(j, m_min)
+                    z[i][j] = dual(i, j) + beta * ratio[i] * cands.get(j, m_min) / itm_temperature
         out[key] = torch.tensor(z)
+        if rank_by is not None:
+            rank = []
+            for i in range(b):
+                score = {j: (m if rank_by == "itm" else z[i][j]) for j, m in heads[i]}
+                ordered = sorted(range(len(heads[i])), key=lambda p: (-score[heads[i][p][0]], p))
+                rank.append([heads[i][p][0] for p in ordered] + [PAD_IDX] * (k_prime or len(idx[i])))
+            width = k_prime or len(idx[0])
+            out[f"{name}_rank"] = torch.tensor([r[:width] for r in rank])
     return out
 
 
@@ -216,3 +244,78 @@ def test_beta_zero_never_reads_the_candidate_lists():
     ev["t2i_idx"][2] = torch.tensor([PAD_IDX, PAD_IDX])
     got = run(ev, alpha=0.0, beta=0.0)
     torch.testing.assert_close(got[I2T_LOGITS], SCALE * ev["img_emb"].float() @ ev["txt_emb"].float().T)
+
+
+# ---------------------------------------------------------------- issue #18: ITM scale, rank lists
+
+@pytest.mark.parametrize("itm_temperature,itm_norm", [(4.0, "none"), (0.5, "none"), (1.0, "pool"), (2.0, "pool")])
+@pytest.mark.parametrize("k_prime", [None, 2])
+def test_itm_scale_matches_naive(itm_temperature, itm_norm, k_prime):
+    ev = make_signals((5, 4, 3), k=4, seed=11)
+    kw = dict(alpha=0.5, beta=0.7, k_prime=k_prime, itm_temperature=itm_temperature, itm_norm=itm_norm)
+    assert_targets_equal(run(ev, **kw), naive_targets(ev, **kw))
+
+
+def test_itm_scale_pool_in_remix_and_the_defaults_keep_todays_targets():
+    ev = make_signals((10,), k=6, seed=12, drop=0.5)
+    kw = dict(alpha=0.2, beta=0.8, k_prime=3, itm_norm="pool")
+    assert_targets_equal(run(ev, **kw), naive_targets(ev, **kw))
+    # itm_temperature 1 and itm_norm "none" are the targets from before issue #18
+    assert_targets_equal(run(ev, alpha=0.2, beta=0.8, itm_temperature=1.0, itm_norm="none"),
+                         naive_targets(ev, alpha=0.2, beta=0.8))
+
+
+def test_pool_norm_makes_beta_free_of_the_itm_logit_range():
+    # The same ITM order at 10x the range: with "pool" the targets do not move; with "none" they do.
+    ev = make_signals((6, 5), k=4, seed=13)
+    wide = {**ev, "i2t_itm": ev["i2t_itm"] * 10, "t2i_itm": ev["t2i_itm"] * 10}
+    kw = dict(alpha=0.5, beta=1.0)
+    assert_targets_equal(run(wide, **kw, itm_norm="pool"), run(ev, **kw, itm_norm="pool"))
+    assert not torch.allclose(run(wide, **kw)[I2T_LOGITS], run(ev, **kw)[I2T_LOGITS])
+    # and a temperature of 10 undoes the range
+    assert_targets_equal(run(wide, **kw, itm_temperature=10.0), run(ev, **kw))
+
+
+def test_pool_norm_of_a_block_whose_itm_logits_are_all_equal_adds_nothing():
+    ev = make_signals((4, 4), k=3, seed=14)
+    flat = {**ev, "i2t_itm": torch.ones_like(ev["i2t_itm"]).masked_fill(torch.isneginf(ev["i2t_itm"]), -math.inf)}
+    got = run(flat, alpha=0.0, beta=1.0, itm_norm="pool")
+    same = ev["block"][:, None] == ev["block"][None, :]
+    torch.testing.assert_close(got[I2T_LOGITS][same], (SCALE * ev["img_emb"] @ ev["txt_emb"].T)[same])
+
+
+@pytest.mark.parametrize("rank_by", ["itm", "combined"])
+@pytest.mark.parametrize("k_prime,drop", [(None, 0.0), (2, 0.0), (3, 0.5)])
+def test_rank_lists_match_naive(rank_by, k_prime, drop):
+    ev = make_signals((5, 4, 3) if not drop else (10,), k=4, seed=15, drop=drop)
+    kw = dict(alpha=0.3, beta=0.6, k_prime=k_prime, rank_by=rank_by)
+    got, want = run(ev, **kw), naive_targets(ev, **kw)
+    assert_targets_equal(got, want)
+    for name, key in (("i2t", I2T_RANK), ("t2i", T2I_RANK)):
+        assert got[key].dtype == torch.int64
+        assert got[key].tolist() == want[f"{name}_rank"].tolist(), name
+
+
+def test_rank_lists_hand_worked_and_ties_keep_the_stored_order():
+    eye = torch.eye(3)
+    ev = {"img_emb": eye, "txt_emb": eye, "fused_proj": eye, "block": torch.zeros(3, dtype=torch.long),
+          "i2t_idx": torch.tensor([[2, 1, 0], [1, 0, 2], [2, 0, 1]]),
+          "i2t_itm": torch.tensor([[5.0, 1.0, 3.0], [0.0, 1.0, 2.0], [4.0, 4.0, 4.0]]),
+          "t2i_idx": torch.tensor([[0, 1, 2], [1, 0, 2], [2, 0, 1]]),
+          "t2i_itm": torch.zeros(3, 3)}
+    got = run(ev, alpha=0.0, beta=0.0, rank_by="itm")
+    # row 0 by m: text 2 (5), text 0 (3), text 1 (1); row 1: 2, 0, 1; row 2: all 4, stored order
+    assert got[I2T_RANK].tolist() == [[2, 0, 1], [2, 0, 1], [2, 0, 1]]
+    # K' = 2 with row 0's positive forced in: C'_0 = [2, 0]
+    assert run(ev, alpha=0.0, beta=0.0, k_prime=2, rank_by="itm")[I2T_RANK][0].tolist() == [2, 0]
+    # combined at beta 0 is the dual order (s·v·t: the positive first, the rest tied in stored order)
+    assert run(ev, alpha=0.0, beta=0.0, rank_by="combined")[I2T_RANK].tolist() == [[0, 2, 1], [1, 0, 2], [2, 0, 1]]
+    assert set(run(ev, alpha=0.0, beta=0.0)) == {IMG_FEAT, TXT_FEAT, I2T_LOGITS, T2I_LOGITS}
+
+
+@pytest.mark.parametrize("kw", [{"itm_temperature": 0.0}, {"itm_temperature": math.inf},
+                                {"itm_norm": "batch"}, {"rank_by": "dual"}])
+def test_bad_itm_and_rank_parameters_raise_input_error(kw):
+    ev = make_signals((4,), k=4, seed=6)
+    with pytest.raises(InputError):
+        run(ev, alpha=0.0, beta=0.5, **kw)
