@@ -1,6 +1,6 @@
 """Student losses of MCAD (docs/design.md, section 3): pure functions returning (loss, metrics).
 
-    L = w_con·L_con + w_dist·L_dist + w_feat·L_feat
+    L = w_con·L_con + w_dist·L_dist + w_feat·L_feat + w_rank·L_rank
 
     loss, metrics = mcad_loss(weights=LossWeights(con=1, dist=1, feat=1),
                               image=u, text=w, logit_scale=model.logit_scale.exp(),
@@ -12,6 +12,10 @@
   candidates.
 - L_feat (`feature_loss`): 1 − cos between the student's head outputs h(u_i),
   h(w_i) and the modified teacher features v'_i, t'_i.
+- L_rank (`rank_distillation`, issue #18; weight 0 by default): ListMLE, the
+  student's scores over each query's stored top-K' candidates must follow the
+  order the teacher gives them (the single teacher's ITM logits, or the combined
+  score), both directions.
 
 Replay vs remix. The losses do not know the mode; only the block structure
 of the teacher logits differs, and the student follows it (its logits are
@@ -38,7 +42,8 @@ import torch.nn.functional as F
 
 from mcad.storage.errors import InputError
 from mcad.student.config import LossWeights
-from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT
+from mcad.storage.schema import PAD_IDX
+from mcad.student.targets import I2T_LOGITS, I2T_RANK, IMG_FEAT, T2I_LOGITS, T2I_RANK, TXT_FEAT
 
 
 def _scores(a: torch.Tensor, b: torch.Tensor, logit_scale) -> torch.Tensor:
@@ -124,6 +129,56 @@ def distribution_kl(*, image: torch.Tensor, text: torch.Tensor, logit_scale: tor
     return loss, metrics
 
 
+def _listmle_rows(scores: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) Plackett–Luce negative log-likelihood of each row's teacher order, per ranked step, and
+    the (B,) mask of rows that have an order at all (at least two candidates).
+
+    rank (B, L): batch-local columns, the teacher's best first, PAD_IDX after them. Step k
+    of row i costs logsumexp_{j >= k} S_{i, rank_j} - S_{i, rank_k}; a row of n candidates
+    has n - 1 steps (the last one costs 0) and returns their mean. Padding never enters a
+    logsumexp: each step's set is a boolean mask over the row, never -inf arithmetic.
+    """
+    valid = rank != PAD_IDX
+    n = valid.sum(dim=1)
+    g = scores.gather(1, rank.clamp(min=0)).masked_fill(~valid, 0.0)  # (B, L)
+    length = rank.shape[1]
+    pos = torch.arange(length, device=rank.device)
+    # later[i, k, j]: candidate j is still unplaced at step k (j >= k), or is step k itself
+    later = (valid[:, None, :] & (pos[None, None, :] >= pos[None, :, None])) | torch.eye(
+        length, dtype=torch.bool, device=rank.device)
+    lse = torch.logsumexp(g[:, None, :].expand(-1, length, -1).masked_fill(~later, float("-inf")), dim=2)
+    steps = valid & (pos[None, :] < (n - 1)[:, None])
+    per_row = (lse - g).masked_fill(~steps, 0.0).sum(dim=1) / (n - 1).clamp(min=1)
+    return per_row, n >= 2
+
+
+def rank_distillation(*, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                      i2t_rank: torch.Tensor, t2i_rank: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ListMLE (Plackett–Luce) ranking distillation over each query's stored candidates, both directions.
+
+    image, text: (B, D) normalised student embeddings u_i, w_i; logit_scale: scalar (exp'd).
+    i2t_rank: (B, L) for image i, its candidate texts (batch-local columns) in the teacher's
+      order, best first, PAD_IDX after them (student.targets, rank_by); t2i_rank: (B, L), text
+      i's candidate images.
+    Per row: the negative log-likelihood of the teacher's order under the Plackett–Luce model
+    of the student's scores S_ij = s·u_i·w_j over the same candidates, averaged over the
+    row's ranked steps (n - 1 of them); rows with fewer than two candidates are left out of
+    the mean; directions averaged. Only the order of the candidates is distilled, not the
+    teacher's margins: the partial-ranking form CPRD (CVPR 2024) proposes for
+    cross-encoder teachers, whose calibrated scores a dual encoder cannot match.
+    """
+    scores = _scores(image, text, logit_scale)
+    terms = {}
+    for name, rows, rank in (("i2t", scores, i2t_rank), ("t2i", scores.T, t2i_rank)):
+        per_row, ranked = _listmle_rows(rows, torch.as_tensor(rank, device=scores.device).long())
+        # no row with an order (K' = 1): 0, still attached to the graph
+        terms[name] = (per_row[ranked].mean() if bool(ranked.any()) else scores.sum() * 0.0)
+    loss = (terms["i2t"] + terms["t2i"]) / 2
+    metrics = {"rank": loss.detach(), "rank_i2t": terms["i2t"].detach(), "rank_t2i": terms["t2i"].detach()}
+    return loss, metrics
+
+
 def feature_loss(*, image_proj: torch.Tensor, text_proj: torch.Tensor, img_feat: torch.Tensor,
                  txt_feat: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean of 1 − cos(h_v(u_i), v'_i) and 1 − cos(h_t(w_i), t'_i) over rows and both sides.
@@ -144,15 +199,16 @@ def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
               logit_scale: torch.Tensor, targets: Mapping[str, torch.Tensor] | None = None,
               image_proj: torch.Tensor | None = None, text_proj: torch.Tensor | None = None,
               temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = w_con·L_con + w_dist·L_dist + w_feat·L_feat; terms of weight 0 are not computed.
+    """L = w_con·L_con + w_dist·L_dist + w_feat·L_feat + w_rank·L_rank; terms of weight 0 are not computed.
 
     image, text: (B, D) normalised student embeddings; logit_scale: scalar (exp'd).
-    targets: the dict of `student.targets.mcad_targets` (needed when dist or feat > 0).
+    targets: the dict of `student.targets.mcad_targets` (needed when dist, feat or rank > 0;
+      with rank > 0, made with rank_by so it holds the rank lists).
     image_proj, text_proj: (B, D) feature-head outputs (needed when feat > 0).
     Metrics: each computed term's metrics, plus "loss" (the weighted total).
     """
-    if (weights.dist > 0 or weights.feat > 0) and targets is None:
-        raise ValueError("mcad_loss: targets are needed when the dist or feat weight is > 0")
+    if (weights.dist > 0 or weights.feat > 0 or weights.rank > 0) and targets is None:
+        raise ValueError("mcad_loss: targets are needed when the dist, feat or rank weight is > 0")
     if weights.feat > 0 and (image_proj is None or text_proj is None):
         raise ValueError("mcad_loss: image_proj and text_proj are needed when the feat weight is > 0")
     terms = []
@@ -166,6 +222,13 @@ def mcad_loss(*, weights: LossWeights, image: torch.Tensor, text: torch.Tensor,
         terms.append((weights.feat, feature_loss(
             image_proj=image_proj, text_proj=text_proj,
             img_feat=targets[IMG_FEAT], txt_feat=targets[TXT_FEAT])))
+    if weights.rank > 0:
+        if I2T_RANK not in targets:
+            raise ValueError("mcad_loss: the rank weight is > 0 but the targets hold no rank lists "
+                             "(mcad_targets(..., rank_by=...))")
+        terms.append((weights.rank, rank_distillation(
+            image=image, text=text, logit_scale=logit_scale,
+            i2t_rank=targets[I2T_RANK], t2i_rank=targets[T2I_RANK])))
     total = sum(w * loss for w, (loss, _) in terms)
     metrics: dict[str, torch.Tensor] = {}
     for _, (_, term_metrics) in terms:

@@ -9,8 +9,11 @@ import torch
 
 from mcad.storage.errors import InputError
 from mcad.student.config import LossWeights
-from mcad.student.losses import distribution_kl, feature_loss, info_nce, mcad_loss, metrics_to_floats
-from mcad.student.targets import I2T_LOGITS, IMG_FEAT, T2I_LOGITS, TXT_FEAT, mcad_targets
+from mcad.storage.schema import PAD_IDX
+from mcad.student.losses import (
+    distribution_kl, feature_loss, info_nce, mcad_loss, metrics_to_floats, rank_distillation,
+)
+from mcad.student.targets import I2T_LOGITS, I2T_RANK, IMG_FEAT, T2I_LOGITS, T2I_RANK, TXT_FEAT, mcad_targets
 
 
 def _unit(gen, n, d, dtype=torch.float32):
@@ -75,6 +78,37 @@ def naive_feature(hv, ht, vf, tf):
     img = sum(one_minus_cos(a, c) for a, _, c, _ in rows) / len(rows)
     txt = sum(one_minus_cos(b, d) for _, b, _, d in rows) / len(rows)
     return (img + txt) / 2
+
+
+def naive_listmle(u, w, s, i2t_rank, t2i_rank):
+    """Plackett–Luce by the book: per row, the mean over steps k < n-1 of
+    -log(exp(S_k) / sum_{j >= k} exp(S_j)); rows with under two candidates left out."""
+    u, w, s = u.tolist(), w.tolist(), float(s)
+    out = []
+    for query, cand, ranks in ((u, w, i2t_rank.tolist()), (w, u, t2i_rank.tolist())):
+        rows = []
+        for i, order in enumerate(ranks):
+            order = [j for j in order if j != PAD_IDX]
+            if len(order) < 2:
+                continue
+            sc = [s * sum(x * y for x, y in zip(query[i], cand[j])) for j in order]
+            steps = [-sc[k] + math.log(sum(math.exp(x) for x in sc[k:])) for k in range(len(sc) - 1)]
+            rows.append(sum(steps) / len(steps))
+        out.append(sum(rows) / len(rows) if rows else 0.0)
+    return sum(out) / 2
+
+
+def _ranks(seed, b=6, width=4, pad_rows=(1,)):
+    """Random rank lists: each row i its positive plus other columns, best first; padded rows."""
+    gen = torch.Generator().manual_seed(seed)
+    lists = []
+    for i in range(b):
+        others = [j for j in torch.randperm(b, generator=gen).tolist() if j != i]
+        n = 2 if i in pad_rows else width
+        row = ([i] + others)[:n]
+        row = [row[p] for p in torch.randperm(n, generator=gen).tolist()]
+        lists.append(row + [PAD_IDX] * (width - n))
+    return torch.tensor(lists)
 
 
 # ---------------------------------------------------------------- values
@@ -279,3 +313,79 @@ def test_mcad_loss_asks_for_what_each_weighted_term_needs():
     for proj in ({"image_proj": None}, {"text_proj": None}):
         with pytest.raises(ValueError, match="image_proj and text_proj"):
             mcad_loss(weights=LossWeights(con=0.0, dist=0.0, feat=0.5), **{**batch, **proj})
+
+
+# ---------------------------------------------------------------- ranking distillation (issue #18)
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_distillation_matches_naive(seed):
+    u, w, s = _student(seed + 20)
+    i2t, t2i = _ranks(seed, pad_rows=(1, 4)), _ranks(seed + 100, pad_rows=())
+    i2t[3] = torch.tensor([3, PAD_IDX, PAD_IDX, PAD_IDX])  # one candidate: no order, left out
+    loss, metrics = rank_distillation(image=u, text=w, logit_scale=s, i2t_rank=i2t, t2i_rank=t2i)
+    assert loss.item() == pytest.approx(naive_listmle(u, w, s, i2t, t2i), rel=1e-5)
+    assert metrics["rank"].item() == pytest.approx(((metrics["rank_i2t"] + metrics["rank_t2i"]) / 2).item())
+
+
+def test_rank_distillation_falls_as_the_student_follows_the_order():
+    # Every image scores text j as s·c_j, c falling with j: in the teacher's order the loss falls
+    # towards 0 as the scale grows; against it the loss is larger. Only the order is a target.
+    c = torch.tensor([1.0, 0.6, 0.3, 0.0])
+    text = torch.stack([c, (1 - c ** 2).sqrt(), torch.zeros(4), torch.zeros(4)], dim=1)
+    image = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(4, 4)
+    order = torch.tensor([[0, 1, 2, 3]] * 4)
+
+    def rank_i2t(scale, rank):
+        return rank_distillation(image=image, text=text, logit_scale=torch.tensor(scale), i2t_rank=rank,
+                                 t2i_rank=order)[1]["rank_i2t"].item()
+
+    losses = [rank_i2t(sc, order) for sc in (1.0, 10.0, 100.0)]
+    assert losses[0] > losses[1] > losses[2] >= 0 and losses[2] < 1e-3
+    assert rank_i2t(10.0, order.flip(1)) > losses[0]
+
+
+def test_rank_distillation_of_single_candidate_lists_is_zero_with_a_gradient():
+    u, w, s = _student(30)
+    u.requires_grad_()
+    lone = torch.arange(6)[:, None]
+    loss, metrics = rank_distillation(image=u, text=w, logit_scale=s, i2t_rank=lone, t2i_rank=lone)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(u.grad, torch.zeros_like(u))
+
+
+def test_gradcheck_rank_distillation_with_padding():
+    u, w, s = _student(31, b=5, d=3, dtype=torch.float64)
+    i2t, t2i = _ranks(3, b=5, width=3, pad_rows=(0, 2)), _ranks(4, b=5, width=3, pad_rows=(4,))
+    args = tuple(x.clone().requires_grad_() for x in (u, w, s))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: rank_distillation(image=a, text=b, logit_scale=c, i2t_rank=i2t, t2i_rank=t2i)[0], args)
+
+
+def test_mcad_loss_adds_the_weighted_rank_term_from_the_targets():
+    # Targets made with rank_by: the rank lists reach the loss; without them a rank weight is refused.
+    gen = torch.Generator().manual_seed(32)
+    block = torch.tensor([0, 0, 0, 1, 1])
+    v, t, g = (_unit(gen, 5, 4) for _ in range(3))
+    idx = torch.tensor([[0, 1, 2], [1, 2, 0], [2, 0, 1], [3, 4, -1], [4, 3, -1]])
+    itm = torch.randn(5, 3, generator=gen).masked_fill(idx == -1, -math.inf)
+    signals = dict(img_emb=v, txt_emb=t, fused_proj=g, i2t_idx=idx, i2t_itm=itm, t2i_idx=idx, t2i_itm=itm,
+                   block=block, logit_scale=10.0, alpha=0.5, beta=0.5)
+    targets = mcad_targets(**signals, rank_by="itm")
+    u, w = (_unit(gen, 5, 4).requires_grad_() for _ in range(2))
+    scale = torch.tensor(3.0, requires_grad=True)
+    weights = LossWeights(con=1.0, dist=0.5, feat=0.0, rank=2.0)
+    loss, metrics = mcad_loss(weights=weights, image=u, text=w, logit_scale=scale, targets=targets)
+    rank = naive_listmle(u.detach(), w.detach(), 3.0, targets[I2T_RANK], targets[T2I_RANK])
+    con = naive_info_nce(u.detach(), w.detach(), 3.0)
+    dist = naive_kl(u.detach(), w.detach(), 3.0, targets[I2T_LOGITS], targets[T2I_LOGITS])
+    assert loss.item() == pytest.approx(con + 0.5 * dist + 2.0 * rank, rel=1e-5)
+    assert {"rank", "rank_i2t", "rank_t2i"} <= metrics.keys()
+    loss.backward()
+    assert all(torch.isfinite(x.grad).all() for x in (u, w, scale))
+    with pytest.raises(ValueError, match="rank lists"):
+        mcad_loss(weights=weights, image=u, text=w, logit_scale=scale, targets=mcad_targets(**signals))
+    with pytest.raises(ValueError, match="targets"):
+        mcad_loss(weights=LossWeights(con=0.0, dist=0.0, feat=0.0, rank=1.0), image=u, text=w, logit_scale=scale)
+    assert LossWeights().rank == 0.0
+    with pytest.raises(InputError):
+        LossWeights(rank=-1.0)
