@@ -12,6 +12,8 @@ Examples:
   mcad data synth --out data/shapes              10k/1k/2k images, 48 px
   mcad data synth --out /tmp/tiny --train 200 --val 20 --test 40 --shard-size 100
   mcad data synth --out data/shapes --seed 1 --overwrite
+  mcad data synth --out data/photos --image-size 480 --texture photo --train 512 --val 2 --test 2
+                  the same scenes as 640x480 photo-like JPEGs (40-120 KB), for input benches
 """
 
 
@@ -29,7 +31,10 @@ def data():
 @synth_option("--train", type=int, help="Training images (never a val or test meaning).")
 @synth_option("--val", type=int, help="Validation images (even: swap pairs, 5 captions each, meanings held out).")
 @synth_option("--test", type=int, help="Test images (even: swap pairs, 5 captions each, meanings held out).")
-@synth_option("--image-size", type=int, help="Image side in pixels (at least 24).")
+@synth_option("--image-size", type=int, help="Image side in pixels (at least 24); photo: the height.")
+@synth_option("--texture", type=click.Choice(["flat", "photo"]),
+              help="flat: shapes on black (the benchmark); photo: the same scenes and captions in a 4:3 "
+                   "frame of gradients and noise, JPEG quality 90 (web photos' size and decode cost).")
 @synth_option("--shard-size", type=int, help="Samples per tar shard.")
 @synth_option("--seed", type=int, help="Same seed and arguments give byte-identical shards.")
 @synth_option("--train-pairs", type=float,
@@ -38,7 +43,7 @@ def data():
               help="Also keep the val/test meanings of these seeds' benchmarks out of train "
                    "(data for teachers that are evaluated on those seeds).")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
-def synth(out, train, val, test, image_size, shard_size, seed, train_pairs, hold_out_seeds, overwrite):
+def synth(out, train, val, test, image_size, texture, shard_size, seed, train_pairs, hold_out_seeds, overwrite):
     """Write the shapes benchmark as WebDataset tar shards (img2dataset layout).
 
     OUT/{train,val,test}/000000.tar, ... hold KEY.jpg, KEY.txt (one caption) and
@@ -58,12 +63,14 @@ def synth(out, train, val, test, image_size, shard_size, seed, train_pairs, hold
     except ValueError:
         raise InputError(f"--hold-out-seeds takes seeds separated by commas (e.g. 0,1,2), got {hold_out_seeds!r}")
     cfg = SynthConfig(train=train, val=val, test=test, image_size=image_size,
-                      shard_size=shard_size, seed=seed, train_pairs=train_pairs, hold_out_seeds=seeds)
+                      shard_size=shard_size, seed=seed, train_pairs=train_pairs, hold_out_seeds=seeds,
+                      texture=texture)
     existing_shards(out, overwrite=overwrite)  # refuse before the progress bar starts
     with tqdm(total=cfg.total, desc="synth", unit="img", file=sys.stderr) as bar:
         summary = write_benchmark(cfg, out, overwrite=overwrite, on_sample=bar.update)
     for split in SPLITS:
         click.echo(f"{split:5s} {summary['counts'][split]:7d} images in {len(summary['shards'][split])} "
                    f"shards under {out}/{split}/")
-    click.echo(f"config: {out}/synth_config.json ({image_size} px, seed {seed}, "
+    size = f"{image_size} px" if texture == "flat" else f"{image_size * 4 // 3}x{image_size} px {texture}"
+    click.echo(f"config: {out}/synth_config.json ({size}, seed {seed}, "
                f"vocabulary of {len(summary['vocabulary'])} words)")

@@ -13,6 +13,9 @@ occurs in two splits, so recall is never recall of a scene seen in training
 Everything is deterministic from the seed; the same config gives byte-identical
 WebDataset shards (img2dataset layout: OUT/{train,val,test}/000000.tar with
 KEY.jpg, KEY.txt, KEY.json). Run: `mcad data synth --out data/shapes`.
+`--texture photo` draws the same scenes and captions as photo-like JPEGs
+(world.render_photo: 4:3, gradients and noise, quality 90), whose pixels come
+from a generator of their own keyed by (seed, split, index).
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from mcad.pipeline.shapes.synth_config import PAIRED_SPLITS, SPLITS, SynthConfig  # noqa: F401 (re-exported)
-from mcad.pipeline.shapes.world import SWAPS, VOCABULARY, Scene, canonical, captions, make_scene, relation, render
+from mcad.pipeline.shapes.synth_config import PAIRED_SPLITS, SPLITS, TEXTURES, SynthConfig  # noqa: F401 (re-exported)
+from mcad.pipeline.shapes.world import (
+    SWAPS, VOCABULARY, Scene, canonical, captions, make_scene, relation, render, render_photo,
+)
 from mcad.storage.atomic import atomic_write, atomic_write_json
 from mcad.storage.errors import InputError
 
@@ -36,6 +41,7 @@ KEY_OFFSETS = {"train": 0, "val": 100_000_000, "test": 200_000_000}
 OBJECT_COUNTS = {1: 0.10, 2: 0.65, 3: 0.25}  # train; val and test draw 2 or 3 in the same ratio
 N_CAPTIONS = 5  # exactly 5 per val/test image (COCO/Flickr protocol); up to 5 for train
 JPEG_QUALITY = 95
+PHOTO_JPEG_QUALITY = 90  # texture "photo": web photos' usual quality, default 4:2:0 chroma
 CONFIG_NAME = "synth_config.json"
 FORMAT = "mcad-shapes-v2"  # v2: val made of pairs, meanings held out of train
 
@@ -147,8 +153,13 @@ def _samples(split: str, cfg: SynthConfig) -> Iterator[dict]:
     for index, (scene, pair, caps) in enumerate(split_scenes(split, cfg, held_out_meanings(split, cfg))):
         key = f"{KEY_OFFSETS[split] + index:09d}"
         buf = io.BytesIO()
-        # 4:4:4 chroma keeps the colours of 5-pixel shapes; no optimize/EXIF: stable bytes.
-        render(scene).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        if cfg.texture == "photo":
+            # Its own generator: the scenes and captions are those of the flat benchmark.
+            pixels = np.random.default_rng([cfg.seed, SPLITS.index(split), index, 1])
+            render_photo(scene, pixels).save(buf, format="JPEG", quality=PHOTO_JPEG_QUALITY)
+        else:
+            # 4:4:4 chroma keeps the colours of 5-pixel shapes; no optimize/EXIF: stable bytes.
+            render(scene).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
         meta = _meta(scene, key=key, split=split, caps=caps, pair=pair)
         yield {"__key__": key, "jpg": buf.getvalue(), "txt": caps[0].encode(),
                "json": json.dumps(meta, sort_keys=True).encode()}

@@ -13,6 +13,10 @@ SPLITS = ("train", "val", "test")
 PAIRED_SPLITS = ("val", "test")  # made of swap pairs, 5 captions per image
 MAX_PER_SPLIT = 100_000_000
 MIN_IMAGE_SIZE = 24  # 3 shapes fit
+# flat: shapes on black, image-size square JPEGs (quality 95, 4:4:4), the benchmark as it always was;
+# photo: the same scenes in a 4:3 frame of gradients and noise, JPEG quality 90 (web-photo size and
+# decode cost: --image-size 480 gives 640 x 480 at about 40-120 KB), for input-path benches.
+TEXTURES = ("flat", "photo")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SynthConfig:
     # Benchmarks of these seeds (same sizes) also keep their val and test meanings
     # out of this train split: teachers trained on it can be evaluated on any of them.
     hold_out_seeds: tuple[int, ...] = ()
+    texture: str = "flat"  # TEXTURES; scenes and captions do not depend on it
 
     def __post_init__(self):
         object.__setattr__(self, "hold_out_seeds", tuple(sorted({int(s) for s in self.hold_out_seeds})))
@@ -42,6 +47,8 @@ class SynthConfig:
             if getattr(self, name) % 2:
                 raise InputError(f"{name} must be even (the {name} split is made of pairs), "
                                  f"got {getattr(self, name)}")
+        if self.texture not in TEXTURES:
+            raise InputError(f"texture must be one of {', '.join(TEXTURES)}, got {self.texture!r}")
         if not 0.0 <= self.train_pairs <= 1.0:
             raise InputError(f"train_pairs must be within [0, 1], got {self.train_pairs}")
         if self.image_size < MIN_IMAGE_SIZE:

@@ -7,6 +7,12 @@ paraphrase; `canonical` is its meaning in one normal form (two scenes with the
 same canonical string mean the same to every caption). `swap_colours` and
 `swap_places` make the partner scenes the benchmark's test pairs are built from.
 pipeline/shapes/synth.py draws scenes from a seed and writes them as WebDataset shards.
+
+`render_photo` draws the same scene the way web photos load: a 4:3 frame
+(width 4/3 of the scene's side) of smooth gradients and blobs in muted tones,
+sensor-like noise over everything, the shapes in the middle square. Saved as
+JPEG (quality 90) a 480 px scene makes a 640 x 480 image of about 40-120 KB,
+which costs what a web photo costs to decode; the captions stay true.
 """
 from __future__ import annotations
 
@@ -205,3 +211,44 @@ def render(scene: Scene, size: int | None = None) -> Image.Image:
         else:
             draw.polygon(_polygon(o.shape, cx, cy, h), fill=fill)
     return img.resize((size, size), Image.Resampling.BOX)
+
+
+PHOTO_ASPECT = (4, 3)  # render_photo's frame: width / height
+PHOTO_NOISE = (4.0, 12.0)  # per-image noise sigma (grey levels), drawn uniformly: sets the JPEG size
+
+
+def photo_width(image_size: int) -> int:
+    """render_photo's frame width for a scene side (its height)."""
+    return image_size * PHOTO_ASPECT[0] // PHOTO_ASPECT[1]
+
+
+def render_photo(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """The scene in a photo-like frame of photo_width(side) x side pixels (module doc).
+
+    The background is muted (grey with a tint, levels 15-125) so no shape's
+    colour is lost in it; every draw comes from `rng`, so the same generator
+    gives the same pixels.
+    """
+    h = scene.image_size
+    w = photo_width(h)
+    y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    x = np.linspace(0.0, w / h, w, dtype=np.float32)[None, :, None]
+    grey = rng.uniform(15.0, 95.0, size=2)
+    tint = rng.uniform(-12.0, 12.0, size=(2, 3))
+    start, end = (grey[i] + tint[i] for i in range(2))
+    angle = rng.uniform(0.0, 2 * math.pi)
+    t = np.clip((math.cos(angle) * x + math.sin(angle) * y) / (w / h), 0.0, 1.0)
+    canvas = (start * (1 - t) + end * t).astype(np.float32)
+    for _ in range(4):  # soft blobs: the low frequencies of a scene behind the shapes
+        cx, cy, radius = rng.uniform(0.0, w / h), rng.uniform(0.0, 1.0), rng.uniform(0.08, 0.35)
+        blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * radius * radius))
+        canvas += blob * (rng.uniform(-30.0, 30.0) + rng.uniform(-8.0, 8.0, size=3)).astype(np.float32)
+    # On black, render() gives each shape's colour times its pixel coverage (antialiased edges); the
+    # same scene in white gives the coverage itself.
+    shapes = np.asarray(render(scene), dtype=np.float32)
+    white = Scene(tuple(replace(o, colour="white") for o in scene.objects), h)
+    coverage = np.asarray(render(white), dtype=np.float32)[..., :1] / COLOURS["white"][0]
+    left = (w - h) // 2
+    canvas[:, left:left + h] = canvas[:, left:left + h] * (1 - coverage) + shapes
+    canvas += rng.normal(0.0, rng.uniform(*PHOTO_NOISE), size=canvas.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))

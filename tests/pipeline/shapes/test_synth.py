@@ -246,8 +246,51 @@ def test_other_image_size_decodes_to_that_size(tmp_path):
     assert sizes == {(32, 32)}
 
 
+def _tar_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.tar")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_texture_keeps_the_benchmarks_bytes(bench):
+    """The flat texture writes the very shards it wrote before textures existed (digest taken then)."""
+    root, _ = bench
+    assert TINY.texture == "flat"
+    assert _tar_digest(root) == "0bb56fed5b4617a04e47046ac9ab4d5d7ddcd779b4526752575fbcdcee3d51f8"
+
+
+def test_photo_texture_same_scenes_and_captions_as_web_photo_jpegs(tmp_path):
+    import io
+
+    from PIL import Image
+
+    cfg = dict(train=4, val=2, test=2, shard_size=8, seed=0)
+    write_benchmark(SynthConfig(**cfg, image_size=48), tmp_path / "flat")
+    write_benchmark(SynthConfig(**cfg, image_size=480, texture="photo"), tmp_path / "photo")
+    write_benchmark(SynthConfig(**cfg, image_size=480, texture="photo"), tmp_path / "again")
+    assert _tar_digest(tmp_path / "photo") == _tar_digest(tmp_path / "again")
+    for split in synth.SPLITS:
+        flat, photo = (list(wds.WebDataset([str(p) for p in sorted((tmp_path / f / split).glob("*.tar"))],
+                                           shardshuffle=False)) for f in ("flat", "photo"))
+        assert [s["__key__"] for s in flat] == [s["__key__"] for s in photo]
+        assert [s["txt"] for s in flat] == [s["txt"] for s in photo]
+        for a, b in zip(flat, photo):
+            meta_a, meta_b = json.loads(a["json"]), json.loads(b["json"])
+            assert meta_b["captions"] == meta_a["captions"] and meta_b["canonical"] == meta_a["canonical"]
+            image = Image.open(io.BytesIO(b["jpg"]))
+            assert image.format == "JPEG" and image.size == (640, 480)
+            assert 30_000 <= len(b["jpg"]) <= 130_000  # web photos: about 40-120 KB
+    # The shapes sit in the middle square with their colours: the first object's centre shows it.
+    sample = next(iter(wds.WebDataset(str(tmp_path / "photo" / "train" / "000000.tar"), shardshuffle=False)))
+    obj = json.loads(sample["json"])["objects"][0]
+    pixel = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=float)[obj["y"], 80 + obj["x"]]
+    assert np.abs(pixel - world.COLOURS[obj["colour"]]).max() < 45  # noise and JPEG, not another colour
+
+
 @pytest.mark.parametrize("field,value", [("test", 3), ("val", 5), ("image_size", 16), ("shard_size", 0), ("train", 0),
-                                         ("train_pairs", 1.5)])
+                                         ("train_pairs", 1.5), ("texture", "wood")])
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(InputError):
         SynthConfig(**{field: value})
