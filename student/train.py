@@ -114,7 +114,8 @@ def batch_loss(cfg: TrainConfig, student, batch: dict, teacher_logit_scale: floa
     if cfg.needs_targets:
         targets = mcad_targets(**{k: batch[k] for k in SIGNALS}, block=batch[BLOCK],
                                logit_scale=teacher_logit_scale, alpha=cfg.alpha, beta=cfg.beta,
-                               k_prime=cfg.k_prime)
+                               k_prime=cfg.k_prime, itm_temperature=cfg.itm_temperature,
+                               itm_norm=cfg.itm_norm, rank_by=cfg.rank_by if cfg.w_rank > 0 else None)
     return mcad_loss(weights=cfg.weights(), image=out["image"], text=out["text"],
                      logit_scale=out["logit_scale"], targets=targets,
                      image_proj=out["image_head"], text_proj=out["text_head"], temperature=cfg.kd_temperature)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mcad.storage.errors import InputError
-from mcad.student.data import ATTENTION, INPUT_IDS, PIXELS
+from mcad.student.data import ATTENTION, BLOCK, INPUT_IDS, PIXELS
 from mcad.student.models import build_student
 from mcad.student.config import TrainConfig
-from mcad.student.train import train, warmup_cosine
+from mcad.student.train import batch_loss, train, warmup_cosine
 
 
 def test_warmup_then_cosine_to_zero():
@@ -23,7 +23,11 @@ def test_warmup_then_cosine_to_zero():
 
 @pytest.mark.parametrize("kw, message", [(dict(w_con=-1.0), "w_con must be >= 0"),
                                          (dict(mode="shuffle"), "mode must be one of"),
-                                         (dict(epochs=0), "epochs must be at least 1")])
+                                         (dict(epochs=0), "epochs must be at least 1"),
+                                         (dict(w_rank=-0.5), "w_rank must be >= 0"),
+                                         (dict(rank_by="dual"), "rank_by must be one of"),
+                                         (dict(itm_norm="batch"), "itm_norm must be one of"),
+                                         (dict(itm_temperature=0.0), "itm_temperature must be")])
 def test_config_refuses_bad_values(kw, message):
     with pytest.raises(InputError, match=message):
         TrainConfig(**kw)
@@ -121,3 +125,37 @@ def test_checkpoint_loads_without_pickle(tiny_clip_dir, tmp_path):
     last = tmp_path / "checkpoints" / "last"
     assert load_file(last / "student.safetensors").keys() == student.state_dict().keys()
     torch.load(last / "optimizer.pt", weights_only=True)  # plain tensors and numbers only
+
+
+def _with_signals(batch, seed=0, d=8, k=3):
+    """A replay batch of two pools (3 + 3 rows) with random stored signals, as student/data.collate gives."""
+    gen = torch.Generator().manual_seed(seed)
+    b = len(batch[INPUT_IDS])
+    unit = [torch.nn.functional.normalize(torch.randn(b, d, generator=gen), dim=1) for _ in range(3)]
+    idx = torch.tensor([[0, 1, 2], [1, 2, 0], [2, 0, 1], [3, 4, 5], [4, 5, 3], [5, 3, 4]])[:, :k]
+    itm = torch.randn(b, k, generator=gen) * 3
+    return {**batch, "img_emb": unit[0], "txt_emb": unit[1], "fused_proj": unit[2], "i2t_idx": idx,
+            "i2t_itm": itm, "t2i_idx": idx, "t2i_itm": itm.flip(1), BLOCK: torch.tensor([0, 0, 0, 1, 1, 1])}
+
+
+def test_the_ranking_term_and_the_itm_scale_reach_the_loss(tiny_clip_dir, tmp_path):
+    """w_rank > 0 adds the ranking term (its lists from rank_by); the ITM scale changes the KL;
+    the defaults (w_rank 0) compute no ranking term. A short run logs the term."""
+    student, processor = _student(tiny_clip_dir)
+    batch = _with_signals(_batches(processor, n_batches=1)[0])
+    torch.manual_seed(0)
+    _, plain = batch_loss(TrainConfig(), student, batch, 10.0)
+    assert "rank" not in plain
+    _, ranked = batch_loss(TrainConfig(w_rank=0.5), student, batch, 10.0)
+    assert ranked["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * ranked["rank"].item(), rel=1e-5)
+    _, combined = batch_loss(TrainConfig(w_rank=0.5, rank_by="combined"), student, batch, 10.0)
+    assert combined["rank"].item() != pytest.approx(ranked["rank"].item())
+    _, scaled = batch_loss(TrainConfig(itm_temperature=4.0), student, batch, 10.0)
+    _, pooled = batch_loss(TrainConfig(itm_norm="pool"), student, batch, 10.0)
+    assert len({round(x["dist"].item(), 6) for x in (plain, scaled, pooled)}) == 3
+    assert scaled["feat"].item() == pytest.approx(plain["feat"].item())  # the features do not read m
+    cfg = TrainConfig(w_rank=1.0, w_dist=0.0, w_feat=0.0, epochs=1, log_every=1)
+    train(cfg, student=student, batches=lambda epoch: iter([batch]), steps_per_epoch=1, teacher_logit_scale=10.0,
+          run=tmp_path, progress=False)
+    step = next(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert {"rank", "rank_i2t", "rank_t2i"} <= step.keys() and "dist" not in step
