@@ -123,6 +123,13 @@ Examples:
 @TRAIN("--w-con", type=float, help="Weight of the contrastive loss.")
 @TRAIN("--w-dist", type=float, help="Weight of the distribution KL.")
 @TRAIN("--w-feat", type=float, help="Weight of the feature loss.")
+@TRAIN("--w-rank", type=float,
+       help="Weight of the ranking distillation (ListMLE over each query's K' stored candidates; 0: off).")
+@TRAIN("--rank-by", type=click.Choice(["itm", "combined"]),
+       help="Whose order the ranking term follows: the single teacher's ITM logits, or the combined target.")
+@TRAIN("--itm-temperature", type=float, help="The ITM part of the distribution target is beta * m / this.")
+@TRAIN("--itm-norm", type=click.Choice(["none", "pool"]),
+       help="none: ITM logits as stored; pool: rescaled per pool to the spread of the dual logits first.")
 @TRAIN("--epochs", type=int)
 @TRAIN("--pools-per-batch", type=int, help="Replay: pools per student batch.")
 @TRAIN("--batch-size", type=int, help="Remix: rows per student batch.")
