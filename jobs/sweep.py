@@ -63,7 +63,9 @@ class SweepJob:
 
 
 def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
-    """["alpha=0,0.5", "preset=smoke,s"] -> {"alpha": [0.0, 0.5], "preset": ["smoke", "s"]}, typed."""
+    """["alpha=0,0.5", "preset=smoke,s"] -> {"alpha": [0.0, 0.5], "preset": ["smoke", "s"]}, typed
+    as the TrainConfig field's default (int, float, or str for the settings that take words), each
+    value checked by TrainConfig."""
     from mcad.student.models import PRESETS
     from mcad.student.config import TrainConfig
 
@@ -87,11 +89,18 @@ def parse_grid(specs: list[str] | tuple[str, ...]) -> dict[str, list]:
                 raise InputError(f"grid preset: unknown presets {unknown}; choose from {sorted(PRESETS)}")
             grid[name] = items
             continue
-        kind = int if isinstance(defaults[name], int) or name == "k_prime" else float
+        # Typed as the field's default: a string setting (rank_by, itm_norm, views) keeps its words.
+        default = defaults[name]
+        kind = str if isinstance(default, str) else int if isinstance(default, int) or name == "k_prime" else float
         try:
             grid[name] = [kind(v) for v in items]
         except ValueError:
             raise InputError(f"grid {name}: values must be {kind.__name__}s, got {values!r}") from None
+        for value in grid[name]:  # a value TrainConfig refuses (a word not among its choices) fails here, not in a trial
+            try:
+                TrainConfig(**{name: value})
+            except InputError as exc:
+                raise InputError(f"grid {name}={value}: {exc}") from None
     return grid
 
 

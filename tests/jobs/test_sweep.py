@@ -18,9 +18,24 @@ def test_parse_grid_types_values_by_setting():
     assert trial_name({"preset": "s", "alpha": 0.5}) == "alpha=0.5,preset=s"
 
 
+def test_parse_grid_takes_the_issue_18_levers_and_string_settings():
+    grid = parse_grid(["w_rank=0,1", "itm-temperature=1,4", "itm_norm=none,pool", "rank_by=itm,combined",
+                       "views=cycle,random"])
+    assert grid == {"w_rank": [0.0, 1.0], "itm_temperature": [1.0, 4.0], "itm_norm": ["none", "pool"],
+                    "rank_by": ["itm", "combined"], "views": ["cycle", "random"]}
+    assert trial_name({"itm_norm": "pool", "w_rank": 0.5}) == "itm_norm=pool,w_rank=0.5"
+    # mcad bench select's --factor reuses the sweep's grid
+    from mcad.jobs.bench.select import parse_factors
+
+    assert parse_factors(("w_rank=0,0.5,1", "itm_norm=none,pool")) == (
+        ("w_rank", (0.0, 0.5, 1.0)), ("itm_norm", ("none", "pool")))
+
+
 @pytest.mark.parametrize("spec, message", [
     ("alpha", "expected NAME=V1"), ("gamma=1", "unknown setting"), ("preset=xl", "unknown presets"),
     ("alpha=a,b", "must be floats"), ("epochs=1,2", "same for every trial"),
+    ("itm_norm=none,batch", "grid itm_norm=batch: itm_norm must be one of"),
+    ("w_rank=1,-1", "grid w_rank=-1.0: w_rank must be >= 0"), ("itm_temperature=0", "itm_temperature must be"),
 ])
 def test_parse_grid_refuses_bad_specs(spec, message):
     with pytest.raises(InputError, match=message):
