@@ -69,6 +69,14 @@ def view_key(column: str) -> str:
     """The batch key of a view column in a pool, e.g. view_key(BOX) == "view_box"."""
     return VIEW_PREFIX + column
 
+# --- pool membership (issue #18): the teacher pass config's "pools" field --------
+# consecutive: pool = row // P over the kept samples in shard order (rows follow the input).
+# neighbours: the pass groups look-alike samples (pipeline/pools.py) and writes each shard's
+# rows pool by pool, so rows no longer follow the input's order; pool = row // P still holds.
+PASS_POOLS = "pools"
+POOLS_CONSECUTIVE, POOLS_NEIGHBOURS = "consecutive", "neighbours"
+POOL_MODES = (POOLS_CONSECUTIVE, POOLS_NEIGHBOURS)
+
 # --- rejects columns -------------------------------------------------------
 REJECT_KEY = "key"
 REJECT_REASON = "reason"
