@@ -40,18 +40,31 @@ Rules for one shard (tar order, one member in memory at a time):
   the break plus one TRUNCATED_TAR Reject keyed by the sample being read (or
   the shard name); a non-tar (or zero-byte) file yields one NOT_A_TAR Reject
   keyed by the shard name; an empty tar yields nothing. .tar.gz/bz2/xz work.
+
+Decoding (the costly part with web photos) can move off the reading thread:
+`iter_shard(..., decode_threads=N)` decodes in N threads (Pillow releases the
+GIL while it decodes), in order, the same items as a serial read; `read_ahead`
+reads, decodes and prepares the next pools in a background thread while the
+caller works on the current one (the teacher pass); `decode=False` yields
+`EncodedSample`s whose image is decoded only when asked for (the student's
+loader decodes just the batches it builds), optionally in JPEG draft mode.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import queue
+import re
 import tarfile
+import threading
 import warnings
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
@@ -107,6 +120,51 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class EncodedSample:
+    """A sample whose image is still encoded (`iter_shard(..., decode=False)`): its captions are
+    checked, its image is not. `image` decodes it on every access; `decoded(draft=)` returns
+    the Sample. Readers that know from a store which samples were kept use it to decode only
+    what they show (a corrupt image raises InputError naming the key)."""
+
+    key: str
+    data: bytes
+    captions: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def caption(self) -> str:
+        return self.captions[0]
+
+    @property
+    def image(self) -> Image.Image:
+        return self.decoded().image
+
+    def decoded(self, draft: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
+        """The Sample, its image decoded (with `draft`, at the smallest JPEG scale whose size covers
+        `draft` in both dimensions: see decode_image)."""
+        try:
+            image = _decode_image(self.data, max_pixels, draft=draft)
+        except _Unusable as bad:
+            raise InputError(f"sample {self.key}: {bad.reason}: {bad.detail}") from None
+        return Sample(key=self.key, image=image, captions=self.captions, meta=self.meta)
+
+
+def decode_image(raw: bytes, *, draft: tuple[int, int] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An image member's bytes as 8-bit RGB, as iter_shard decodes it (InputError if unusable).
+
+    draft=(w, h): a JPEG is decoded at the smallest of its DCT scales (1/1, 1/2, 1/4, 1/8)
+    that still gives at least w x h pixels (Pillow's Image.draft); other formats, and JPEGs
+    already that small, decode in full. Faster, and not the same pixels: docs/design.md,
+    section 1, "The input path", states how close.
+    """
+    try:
+        return _decode_image(raw, max_pixels, draft=draft)
+    except _Unusable as bad:
+        raise InputError(f"{bad.reason}: {bad.detail}") from None
+
+
+@dataclass(frozen=True)
 class Reject:
     """A sample that cannot be used; `reason` is one of REASONS."""
 
@@ -150,7 +208,7 @@ class _Group:
 
 
 def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               digest=None) -> Iterator[Sample | Reject]:
+               digest=None, decode: bool = True, decode_threads: int = 0) -> Iterator[Sample | Reject]:
     """Stream one shard: a Sample or a Reject per sample, in tar order.
 
     Raises InputError only when the file itself cannot be opened (missing,
@@ -158,6 +216,10 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     hashlib object, e.g. sha256) is fed every byte of the file as it is read,
     in the same single read: once the iterator is exhausted it holds the
     whole file's digest (the bytes after the tar's end marker are read too).
+    decode_threads > 0: images are decoded by that many threads, a few
+    samples ahead of the reader; the items are the same, in the same order.
+    decode=False: EncodedSamples instead of Samples, images neither decoded
+    nor checked (the image rejects are left to whoever decodes them).
     """
     path = os.fspath(path)
     name = shard_name(path)
@@ -173,10 +235,95 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             yield Reject(name, NOT_A_TAR, f"{path}: {exc}")
         else:
             seen: set[str] = set()
-            for group in _read_groups(tf, name):
-                yield group if isinstance(group, Reject) else _to_item(group, seen, max_pixels)
+            checked = (group if isinstance(group, Reject) else _check(group, seen) for group in _read_groups(tf, name))
+            if not decode:
+                yield from (_encoded(item) for item in checked)
+            elif decode_threads > 0:
+                yield from _decode_in_threads(checked, decode_threads, max_pixels)
+            else:
+                yield from (_finish(item, max_pixels) for item in checked)
         if digest is not None:
             src.drain()
+
+
+def _decode_in_threads(checked: Iterator, threads: int, max_pixels: int) -> Iterator[Sample | Reject]:
+    """_finish over `checked` by a pool of threads, in order, at most 2 x threads ahead of the caller."""
+    window: deque = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="mcad-decode") as pool:
+        for item in checked:
+            window.append(pool.submit(_finish, item, max_pixels))
+            while len(window) > 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+_END, _ERROR = object(), object()
+
+
+def read_ahead(items: Iterable, *, pool_size: int, depth: int = 1,
+               prepare: Callable[[list], None] | None = None) -> Iterator:
+    """The same items, read (and decoded) in a background thread up to `depth` pools ahead.
+
+    Items are a shard's Samples and Rejects (iter_shard) or anything else; a
+    pool is `pool_size` consecutive non-Reject items, as the teacher pass
+    groups them. Once the thread has a pool's samples it calls
+    `prepare(samples)` there (the pass precomputes the teachers' pixels), then
+    queues them. So while the caller works on pool i, pool i + 1 is read,
+    decoded and prepared. An exception in the thread is raised in the caller
+    at the point it happened; a caller that stops early stops the thread.
+    depth 0: no thread, the items as they come (prepare is not called).
+    """
+    if depth < 1:
+        yield from items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        chunk: list = []
+        try:
+            kept = 0
+            for item in items:
+                chunk.append(item)
+                kept += not isinstance(item, Reject)
+                if kept == pool_size:
+                    if prepare is not None:
+                        prepare([x for x in chunk if not isinstance(x, Reject)])
+                    if not put(chunk):
+                        return
+                    chunk, kept = [], 0
+            if chunk and kept and prepare is not None:
+                prepare([x for x in chunk if not isinstance(x, Reject)])
+            if (chunk and not put(chunk)) or not put(_END):
+                return
+        except BaseException as exc:  # raised again in the caller's thread, after the items before it
+            if not chunk or put(chunk):
+                put((_ERROR, exc))
+
+    thread = threading.Thread(target=work, name="mcad-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = ready.get()
+            if got is _END:
+                return
+            if isinstance(got, tuple) and got and got[0] is _ERROR:
+                raise got[1]
+            yield from got
+    finally:
+        stop.set()
+        thread.join()
+        getattr(items, "close", lambda: None)()
 
 
 class _Hashing:
@@ -245,7 +392,18 @@ def _add_member(tf: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, suffi
         group.data[suffix] = tf.extractfile(info).read()
 
 
-def _to_item(group: _Group, seen: set[str], max_pixels: int) -> Sample | Reject:
+@dataclass(frozen=True)
+class _Checked:
+    """A sample whose members passed every check but the image's: the image still encoded."""
+
+    key: str
+    raw: bytes
+    captions: tuple[str, ...]
+    meta: dict
+
+
+def _check(group: _Group, seen: set[str]) -> _Checked | Reject:
+    """Every check but decoding, in the order of the module doc (first failure wins)."""
     key = group.key
     try:
         if group.unsafe:
@@ -257,10 +415,24 @@ def _to_item(group: _Group, seen: set[str], max_pixels: int) -> Sample | Reject:
         if image_ext is None:
             raise _Unusable(NO_IMAGE, f"no {'/'.join(IMAGE_EXTS)} member; members: {sorted(group.suffixes)}")
         captions, meta = _read_captions(group.data)
-        image = _decode_image(group.data[image_ext], max_pixels)
     except _Unusable as bad:
         return Reject(key, bad.reason, bad.detail)
-    return Sample(key=key, image=image, captions=captions, meta=meta)
+    return _Checked(key, group.data[image_ext], captions, meta)
+
+
+def _finish(item: _Checked | Reject, max_pixels: int) -> Sample | Reject:
+    """Decode a checked sample's image: the Sample, or the image's Reject."""
+    if isinstance(item, Reject):
+        return item
+    try:
+        image = _decode_image(item.raw, max_pixels)
+    except _Unusable as bad:
+        return Reject(item.key, bad.reason, bad.detail)
+    return Sample(key=item.key, image=image, captions=item.captions, meta=item.meta)
+
+
+def _encoded(item: _Checked | Reject) -> EncodedSample | Reject:
+    return item if isinstance(item, Reject) else EncodedSample(item.key, item.raw, item.captions, item.meta)
 
 
 def _read_captions(data: dict) -> tuple[tuple[str, ...], dict]:
@@ -300,7 +472,7 @@ def _parse_json(raw: bytes) -> dict:
     return meta
 
 
-def _decode_image(raw: bytes, max_pixels: int) -> Image.Image:
+def _decode_image(raw: bytes, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
     if not raw:
         raise _Unusable(CORRUPT_IMAGE, "image member is empty (0 bytes)")
     try:
@@ -313,11 +485,19 @@ def _decode_image(raw: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _Unusable(IMAGE_TOO_LARGE, str(exc)) from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... per plugin
-        raise _Unusable(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from None
+        raise _Unusable(CORRUPT_IMAGE, _stable(exc)) from None
     if width * height > max_pixels:
         raise _Unusable(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
     try:
+        if draft is not None and image.format in ("JPEG", "MPO"):
+            image.draft(None, (int(draft[0]), int(draft[1])))  # the JPEG DCT scale: the mode is kept
         image.load()
         return to_rgb(image)
     except Exception as exc:  # truncated or corrupt data surfaces only when decoding
-        raise _Unusable(CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from None
+        raise _Unusable(CORRUPT_IMAGE, _stable(exc)) from None
+
+
+def _stable(exc: Exception) -> str:
+    """An exception as a reject's detail, without the object addresses Pillow puts in some messages
+    ("cannot identify image file <_io.BytesIO object at 0x7f...>"), so two reads record the same."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")

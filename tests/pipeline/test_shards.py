@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import encoded, png_header
+from helpers import encoded, noise_images, png_header
 from mcad.pipeline import shards
 from mcad.pipeline.shard_list import list_shards, shard_name
 from mcad.pipeline.shards import Reject, Sample, iter_shard
@@ -361,3 +361,123 @@ def test_shard_name():
     assert shard_name("/x/y/000003.tar") == "000003"
     assert shard_name("a/b.tar.gz") == "b"
     assert shard_name("a/odd.bin") == "odd"
+
+
+# ------------------------------------------- decoding off the reading thread
+
+
+@pytest.fixture
+def mixed_shard(make_tar, sample_members):
+    """Good JPEGs and PNGs of several sizes between samples every kind of check rejects."""
+    members = []
+    for i, (h, w) in enumerate([(48, 64), (30, 30), (480, 640), (17, 9), (64, 48), (240, 320)]):
+        fmt, ext = ("PNG", "png") if i % 3 == 1 else ("JPEG", "jpg")
+        members += [(f"{i:04d}.{ext}", encoded(noise_images([(h, w)], seed=i)[0], fmt)),
+                    (f"{i:04d}.txt", f"caption {i}".encode())]
+    members += [("bad1.jpg", b"\xff\xd8 not a jpeg"), ("bad1.txt", b"broken")]    # corrupt image
+    members += [("bad2.jpg", encoded(noise_images([(8, 8)])[0], "JPEG"))]         # no caption
+    members += sample_members("0000")                                              # duplicate key
+    members += [("zlast.jpg", encoded(noise_images([(32, 40)], seed=9)[0], "JPEG")), ("zlast.txt", b"last")]
+    return make_tar("mixed.tar", members)
+
+
+def _same_items(a, b):
+    assert [(type(x), x.key) for x in a] == [(type(x), x.key) for x in b]
+    for x, y in zip(a, b):
+        if isinstance(x, Reject):
+            assert (x.reason, x.detail) == (y.reason, y.detail)
+        else:
+            assert x.captions == y.captions and x.meta == y.meta
+            assert x.image.size == y.image.size and x.image.tobytes() == y.image.tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_threads_give_the_serial_items(mixed_shard, threads):
+    import hashlib
+
+    serial_digest, threaded_digest = hashlib.sha256(), hashlib.sha256()
+    serial = read(mixed_shard, digest=serial_digest)
+    assert {r.reason for r in rejected(serial)} == {"corrupt_image", "no_caption", "duplicate_key"}
+    _same_items(serial, read(mixed_shard, decode_threads=threads, digest=threaded_digest))
+    assert threaded_digest.hexdigest() == serial_digest.hexdigest()
+
+
+def test_encoded_samples_decode_to_the_same_images_when_asked(mixed_shard):
+    serial = read(mixed_shard)
+    lazy = list(iter_shard(mixed_shard, decode=False))
+    # Only the image checks are left to the decoder: the corrupt image comes out encoded.
+    assert [x.key for x in lazy] == [x.key for x in serial]
+    assert [(x.key, x.reason) for x in lazy if isinstance(x, Reject)] == \
+        [(x.key, x.reason) for x in rejected(serial) if x.reason != "corrupt_image"]
+    encoded_ = {x.key: x for x in lazy if isinstance(x, shards.EncodedSample)}
+    for sample in kept(serial):
+        again = encoded_[sample.key].decoded()
+        assert again.captions == sample.captions and again.image.tobytes() == sample.image.tobytes()
+        assert encoded_[sample.key].image.tobytes() == sample.image.tobytes()
+        assert encoded_[sample.key].caption == sample.caption
+    with pytest.raises(InputError, match="sample bad1: corrupt_image"):
+        encoded_["bad1"].decoded()
+
+
+def test_draft_decodes_a_jpeg_at_the_smallest_scale_that_covers_the_size():
+    photo = encoded(noise_images([(480, 640)])[0], "JPEG")
+    full = shards.decode_image(photo)
+    assert full.size == (640, 480)
+    assert shards.decode_image(photo, draft=(48, 48)).size == (80, 60)      # 1/8
+    assert shards.decode_image(photo, draft=(224, 224)).size == (320, 240)  # 1/2
+    assert shards.decode_image(photo, draft=(300, 250)).size == (640, 480)  # 1/2 would be too small
+    assert shards.decode_image(photo, draft=(1000, 1000)).tobytes() == full.tobytes()
+    png = encoded(noise_images([(480, 640)])[0], "PNG")
+    assert shards.decode_image(png, draft=(48, 48)).size == (640, 480)      # JPEG only
+    cmyk = encoded(Image.new("CMYK", (64, 64), (0, 200, 200, 0)), "JPEG")
+    small = shards.decode_image(cmyk, draft=(8, 8))
+    assert small.mode == "RGB" and small.size == (8, 8)
+    with pytest.raises(InputError, match="corrupt_image"):
+        shards.decode_image(b"\xff\xd8 nothing")
+
+
+def test_read_ahead_yields_the_items_and_prepares_each_pool_before_it_is_read(mixed_shard):
+    serial = read(mixed_shard)
+    prepared: list[list[str]] = []
+    ahead = shards.read_ahead(iter_shard(mixed_shard), pool_size=3, depth=1,
+                              prepare=lambda pool: prepared.append([s.key for s in pool]))
+    got = []
+    for item in ahead:
+        if isinstance(item, Sample):  # its pool was prepared before the caller saw it
+            assert any(item.key in pool for pool in prepared)
+        got.append(item)
+    _same_items(serial, got)
+    keys = [s.key for s in kept(serial)]
+    assert prepared == [keys[i:i + 3] for i in range(0, len(keys), 3)]
+    _same_items(serial, list(shards.read_ahead(iter_shard(mixed_shard), pool_size=2, depth=0)))
+
+
+def test_read_ahead_raises_in_the_caller_and_stops_when_the_caller_stops(tmp_path):
+    import threading
+
+    def items():
+        yield from range(5)
+        raise InputError("shard broke")
+
+    got = []
+    with pytest.raises(InputError, match="shard broke"):
+        for x in shards.read_ahead(items(), pool_size=2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]  # everything before the error first
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()
+
+    ahead = shards.read_ahead(endless(), pool_size=4, depth=2)
+    assert [next(ahead) for _ in range(6)] == list(range(6))
+    ahead.close()
+    assert closed.is_set()
+    assert not any(t.name == "mcad-read-ahead" for t in threading.enumerate())
