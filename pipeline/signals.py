@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mcad.pipeline.pools import neighbour_order
 from mcad.pipeline.shards import Reject
 from mcad.pipeline.views import ViewConfig, empty_view_columns, pool_views
 from mcad.storage import fs
@@ -40,7 +41,7 @@ from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.schema import (
     DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
-    ROW, SHARD, TXT_EMB, col,
+    POOL_MODES, POOLS_CONSECUTIVE, POOLS_NEIGHBOURS, ROW, SHARD, TXT_EMB, col,
 )
 
 PROJECTION_TENSOR = "fusion_proj"  # tensor name inside fusion_proj.safetensors; shape (F, D)
@@ -56,6 +57,7 @@ class PassConfig:
     calibration_rows: int = 2048  # first kept samples of the pass that fit W
     ridge: float = 1e-2           # ridge penalty of the fusion projection
     views: ViewConfig = field(default_factory=ViewConfig)  # views per sample (1: the whole image only)
+    pools: str = POOLS_CONSECUTIVE  # POOL_MODES: how a shard's kept samples are grouped (pipeline/pools.py)
 
     def __post_init__(self):
         if self.pool_size < 2:
@@ -70,6 +72,8 @@ class PassConfig:
             raise InputError(f"calibration rows must be at least 1, got {self.calibration_rows}")
         if not self.ridge >= 0:
             raise InputError(f"ridge must be >= 0, got {self.ridge}")
+        if self.pools not in POOL_MODES:
+            raise InputError(f"pools must be one of {POOL_MODES}, got {self.pools!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,14 +214,18 @@ def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, 
 
 
 def _pool_signals(dual, single, samples: Sequence, *, k: int, projection: torch.Tensor | None,
-                  pair_batch: int, start: int) -> tuple[dict[str, Any], int]:
+                  pair_batch: int, start: int, embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, Any], int]:
     p = len(samples)
     if p == 0:
         raise ValueError("empty pool")
     images = [s.image for s in samples]
     texts = [s.caption for s in samples]
-    v = dual.encode_images(images).cpu().float()
-    t = dual.encode_texts(texts).cpu().float()
+    if embeddings is None:
+        v = dual.encode_images(images).cpu().float()
+        t = dual.encode_texts(texts).cpu().float()
+    else:  # neighbour pools: the dual teacher embedded the whole shard to group it
+        v, t = embeddings
     logits = dual_logits(v, t, dual.logit_scale)
     if not torch.isfinite(logits).all():
         raise RuntimeError("the dual teacher produced non-finite logits (half-precision overflow?)")
@@ -345,11 +353,15 @@ def shard_signals_and_views(dual, single, items: Iterable, *, shard: str, config
 
     `items` are the shard's Samples and Rejects in order. Samples are kept in
     order (row = index among kept samples) and grouped into pools of
-    `config.pool_size`; rejects become (key, reason, detail) tuples. Columns
+    `config.pool_size`; with `config.pools` "neighbours" they are grouped by
+    look-alike (pipeline/pools.py) and rows follow the pools instead (row =
+    index in pool order, pool = row // P as always, keys unchanged). Rejects
+    become (key, reason, detail) tuples. Columns
     are every signal column of storage.schema, keyed by its names, ready for
     `storage.writer.write_shard`; stats has rows, rejected, pools, pairs
     (single-teacher pair passes, views' included) and seconds. Only one pool
-    of images (and its views) is held in memory at a time. With
+    of images (and its views) is held in memory at a time (neighbours: the
+    shard's decoded samples, to group them). With
     `config.views.n` > 1 the view columns come from `pool_views`, pool by pool.
     """
     want = (single.dim_fused, dual.dim)
@@ -369,9 +381,9 @@ def shard_signals_and_views(dual, single, items: Iterable, *, shard: str, config
             else:
                 yield item
 
-    for pool in batched(kept(), config.pool_size):
+    for pool, embeddings in _grouped(dual, kept(), config):
         part, n_pairs = _pool_signals(dual, single, pool, k=config.topk, projection=projection,
-                                      pair_batch=config.pair_batch, start=rows)
+                                      pair_batch=config.pair_batch, start=rows, embeddings=embeddings)
         part[POOL] = np.full(len(pool), len(parts), dtype=np.int32)
         parts.append(part)
         if config.views.n > 1:
@@ -391,6 +403,28 @@ def shard_signals_and_views(dual, single, items: Iterable, *, shard: str, config
     stats = {"rows": rows, "rejected": len(rejects), "pools": len(parts), "pairs": pairs,
              "seconds": time.perf_counter() - started}
     return columns, views, rejects, stats
+
+
+def _grouped(dual, samples: Iterable, config: PassConfig) -> Iterator[tuple[list, tuple | None]]:
+    """The shard's pools in row order, each with the dual embeddings of its samples when known.
+
+    consecutive: P samples at a time as they stream in (one pool in memory), embeddings left to
+    `_pool_signals`. neighbours: every kept sample of the shard is held, the dual teacher embeds
+    them all once, `neighbour_order` groups them, and each pool gets its members' embeddings
+    (so the stored v, t are those the grouping used); rows then follow the pools, not the input.
+    """
+    if config.pools == POOLS_CONSECUTIVE:
+        yield from ((pool, None) for pool in batched(samples, config.pool_size))
+        return
+    held = list(samples)  # POOLS_NEIGHBOURS
+    if not held:
+        return
+    v = dual.encode_images([s.image for s in held]).cpu().float()
+    t = dual.encode_texts([s.caption for s in held]).cpu().float()
+    order = torch.from_numpy(neighbour_order(v.numpy(), config.pool_size))
+    for lo in range(0, len(held), config.pool_size):
+        members = order[lo:lo + config.pool_size]
+        yield [held[int(i)] for i in members], (v[members], t[members])
 
 
 def _concat(parts: list[dict[str, Any]], *, d: int, f: int, k: int, empty=None) -> dict[str, Any]:

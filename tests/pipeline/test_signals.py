@@ -15,6 +15,7 @@ import torch
 
 from helpers import noise_images
 from mcad.pipeline.shards import Reject, Sample
+from mcad.pipeline.pools import neighbour_order
 from mcad.pipeline.signals import (
     PassConfig, calibrate, calibration_pairs, candidates, compute_pool, fit_projection,
     load_projection, pools, project, save_projection, shard_signals, shard_signals_and_views,
@@ -272,7 +273,8 @@ def test_projection_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [dict(topk=0), dict(pool_size=1, topk=1), dict(pool_size=4, topk=5),
-                                    dict(pair_batch=0), dict(calibration_rows=0), dict(ridge=-1.0)])
+                                    dict(pair_batch=-1), dict(calibration_rows=0), dict(ridge=-1.0),
+                                    dict(pools="random")])
 def test_pass_config_refuses_bad_values(kwargs):
     with pytest.raises(InputError):
         PassConfig(**kwargs)
@@ -421,3 +423,46 @@ def test_a_stored_box_reapplied_gives_the_pixels_the_pass_embedded(tmp_path, tea
             replayed = np.asarray(apply_box(sample.image, boxes[i, v - 1]))
             assert np.array_equal(replayed, recording.pixels[v][i]), (i, v)
             assert replayed.shape == np.asarray(sample.image).shape and not np.array_equal(replayed, recording.pixels[0][i])
+
+
+# ---------------------------------------------------------------- neighbour pools (issue #18)
+
+def test_neighbour_pools_group_look_alikes_and_keep_the_pool_maths(tmp_path, teachers, samples, items, config,
+                                                                  projection, result):
+    """--pools neighbours: the shard's rows follow neighbour_order of the dual image embeddings (keys
+    keep their identity, pool = row // P), each pool's signals are the pool maths of its members
+    (compute_pool, the online path, gives them again), the writer takes the columns, and a rerun
+    gives the same bytes."""
+    from mcad.storage.writer import write_shard
+
+    cfg = dataclasses.replace(config, pools="neighbours")
+    columns, rejects, stats = shard_signals(*teachers, items, shard="shard-000", config=cfg, projection=projection)
+    dual, single = teachers
+    v = dual.encode_images([s.image for s in samples]).float().numpy()
+    order = neighbour_order(v, POOL_SIZE)
+    assert order.tolist() != list(range(N))  # the grouping moved samples between pools here
+    assert columns[schema.KEY] == [samples[i].key for i in order]
+    np.testing.assert_array_equal(columns[schema.ROW], np.arange(N))
+    np.testing.assert_array_equal(columns[schema.POOL], np.arange(N) // POOL_SIZE)
+    assert rejects == result[1] and (stats["rows"], stats["pools"]) == (N, 3)
+    for lo in range(0, N, POOL_SIZE):
+        members = [samples[i] for i in order[lo:lo + POOL_SIZE]]
+        pool = compute_pool(dual, single, members, k=K, projection=projection, pair_batch=5, start=lo)
+        for name, value in pool.items():
+            if isinstance(value, list):
+                assert value == columns[name][lo:lo + POOL_SIZE]
+            else:
+                np.testing.assert_allclose(value, columns[name][lo:lo + POOL_SIZE], **TOL32, err_msg=name)
+    # a sample's own columns do not depend on its pool
+    by_key = {k: i for i, k in enumerate(result[0][schema.KEY])}
+    back = [by_key[k] for k in columns[schema.KEY]]
+    for name in (schema.IMG_EMB, schema.TXT_EMB, schema.FUSED, schema.ITM_POS):
+        np.testing.assert_allclose(columns[name], result[0][name][back], **TOL32, err_msg=name)
+    written = write_shard(tmp_path, "shard-000", columns, rejects, d=dual.dim, f=single.dim_fused, k=K,
+                          pool_size=POOL_SIZE)
+    again = shard_signals(*teachers, items, shard="shard-000", config=cfg, projection=projection)[0]
+    for name, value in columns.items():
+        assert again[name] == value if isinstance(value, list) else np.array_equal(again[name], value), name
+    assert written["rows"] == N and written["pools"] == 3
+    assert shard_signals(*teachers, [Reject("k", "decode", "x")], shard="e", config=cfg,
+                         projection=projection)[2]["rows"] == 0
