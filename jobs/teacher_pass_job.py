@@ -41,6 +41,10 @@ class TeacherPassJob:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 4 / 3)
     seed: int = 0
+    # How a shard's kept samples form pools (issue #18; storage/schema.POOL_MODES, pipeline/pools.py):
+    # consecutive, or neighbours (look-alikes by the dual teacher's image embeddings, rows written pool
+    # by pool). A literal here: this module must not import storage/schema (pyarrow) for --help.
+    pools: str = "consecutive"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -49,12 +53,34 @@ class TeacherPassJob:
             raise InputError(f"workers must be at least 1, got {self.workers}")
         if self.gpus_per_worker < 0:
             raise InputError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        if self.mode == "resume":
+            self._check_stored_pools()
+
+    def _check_stored_pools(self) -> None:
+        """A resume keeps the stored pass's pool mode: done shards were written with it, and readers
+        take the store's row order from it (teacher_pass_config.json, written at the pass's start).
+        A store without a readable config is left to the pass's own resume checks."""
+        import json
+
+        from mcad.storage import fs
+        from mcad.storage.manifest import PASS_CONFIG_NAME, store_file
+        from mcad.storage.schema import PASS_POOLS, POOLS_CONSECUTIVE
+
+        path = store_file(self.out, PASS_CONFIG_NAME)
+        try:
+            saved = json.loads(fs.read_bytes(path)) if fs.exists(path) else None
+        except (OSError, ValueError):
+            return
+        stored = saved.get(PASS_POOLS, POOLS_CONSECUTIVE) if isinstance(saved, dict) else self.pools
+        if stored != self.pools:
+            raise InputError(f"cannot resume {self.out}: the pool mode ({self.pools}) differs from the stored "
+                             f"pass's ({stored}); resume with --pools {stored}, or use --overwrite to start again")
 
     def pass_config(self):
         from mcad.pipeline.signals import PassConfig
 
         return PassConfig(pool_size=self.pool_size, topk=self.topk, pair_batch=self.pair_batch,
-                          calibration_rows=self.calibration_rows, views=self.view_config())
+                          calibration_rows=self.calibration_rows, views=self.view_config(), pools=self.pools)
 
     def view_config(self):
         from mcad.pipeline.views import ViewConfig

@@ -42,6 +42,7 @@ Examples:
   mcad pipeline teacher-pass ... --workers 4 --gpus-per-worker 1 --ray-address auto
   mcad pipeline teacher-pass ... --views 4 --single-views 2 --crop-scale 0.4,1 --seed 1
                   three random resized crops per sample beside the whole image (schema v2)
+  mcad pipeline teacher-pass ... --pools neighbours    pools of look-alike samples (hard negatives)
 """)
 @click.option("--data", required=True,
               help="Shards: a folder, glob, {a..b} pattern or a text file of paths; local or a URI.")
@@ -68,6 +69,10 @@ Examples:
 @PASS("--crop-scale", type=FloatPair(), help="Share of the image's area a crop covers, LO,HI.")
 @PASS("--crop-ratio", type=FloatPair(), help="A crop's width / height, LO,HI (drawn log-uniform).")
 @PASS("--seed", type=int, help="Seed of the crops' boxes (one generator per shard, row and view).")
+@PASS("--pools", type=click.Choice(["consecutive", "neighbours"]),
+      help="How a shard's samples form pools: consecutive, or neighbours (look-alikes grouped by the dual "
+           "teacher's image embeddings; rows are then written pool by pool, and readers hold a shard's "
+           "samples to join them).")
 @click.option("--resume", "mode", flag_value="resume", help="Continue a store: skip finished shards.")
 @click.option("--overwrite", "mode", flag_value="overwrite", help="Replace an existing store.")
 @click.option("--break-lock", is_flag=True,
