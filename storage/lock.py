@@ -41,6 +41,7 @@ from mcad.storage import fs
 from mcad.storage.atomic import TMP_PREFIX
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import LOCK_NAME, PASS_CONFIG_NAME, store_file
+from mcad.storage.schema import PASS_POOLS, POOLS_CONSECUTIVE
 
 _READ_WAIT_S = 2.0  # a lock just created may be read before its holder has written it
 
@@ -305,6 +306,8 @@ def resume_command(store: str | os.PathLike) -> str:
             for key, flag in _VIEW_FLAGS:
                 value = saved[key]
                 args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        if saved.get(PASS_POOLS, POOLS_CONSECUTIVE) != POOLS_CONSECUTIVE:  # ... and its own pool mode (issue #18)
+            args += ["--pools", str(saved[PASS_POOLS])]
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
         args = ["..."]
     return shlex.join(["mcad", "pipeline", "teacher-pass", *args[:6], "--out", str(store), *args[6:], "--resume"])

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mcad.storage import fs
-from mcad.storage.errors import InputError
+from mcad.storage import schema
+from mcad.storage.errors import InputError, error_line
 from mcad.storage.schema import SCHEMA_VERSION, VIEWS_SCHEMA_VERSION, check_version
 
 MANIFEST_NAME = "manifest.json"
@@ -271,3 +272,20 @@ def verify_projection(store: str | os.PathLike, manifest: Manifest) -> bool:
                          f"{PARAM_FUSION_PROJ_SHA256}: the file is damaged or was replaced; "
                          f"restore it or rerun the teacher pass")
     return True
+
+
+def pass_pool_mode(store) -> str:
+    """How the store's teacher pass formed pools: its PASS_CONFIG_NAME's schema.PASS_POOLS field
+    (issue #18); consecutive for a store without that file or field. With neighbours, each shard's
+    rows are written pool by pool, not in the input's order."""
+    path = store_file(store, PASS_CONFIG_NAME)
+    if not fs.exists(path):
+        return schema.POOLS_CONSECUTIVE
+    try:
+        saved = json.loads(fs.read_bytes(path))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{store}: unreadable {PASS_CONFIG_NAME} ({error_line(exc)})") from None
+    mode = saved.get(schema.PASS_POOLS, schema.POOLS_CONSECUTIVE) if isinstance(saved, dict) else None
+    if mode not in schema.POOL_MODES:
+        raise InputError(f"{store}: {PASS_CONFIG_NAME} names pool mode {mode!r}, not one of {schema.POOL_MODES}")
+    return mode

@@ -273,7 +273,8 @@ def check_data_keys(store: Store, shard: str, data_keys: Iterable[str]) -> dict[
     """Check that a shard's input keys, in order, are exactly its kept rows plus its rejects.
 
     Walks the data's keys in order: each must be the next kept key (kept rows
-    are in data order) or one of the rejected keys not yet matched (rejects
+    are in data order; in a store of neighbour pools, any kept key not yet
+    matched) or one of the rejected keys not yet matched (rejects
     are matched as a multiset: a duplicate key is kept once and rejected
     after). Anything left over on either side is an error. Returns
     {"kept", "rejected"} counts; raises InputError naming the first mismatch.
@@ -285,17 +286,28 @@ def check_data_keys(store: Store, shard: str, data_keys: Iterable[str]) -> dict[
             schema.REJECT_KEY).to_pylist():
         rejected[key] = rejected.get(key, 0) + 1
     total_rejected = sum(rejected.values())
+    # Neighbour pools (issue #18): rows follow the pools, not the data, so a kept key matches wherever
+    # its first occurrence comes; consecutive pools keep the data's order, checked row by row.
+    unread = dict.fromkeys(kept) if store.pool_mode == schema.POOLS_NEIGHBOURS else None
     nxt = 0
     for pos, key in enumerate(data_keys):
-        if nxt < len(kept) and kept[nxt] == key:
+        if unread is None and nxt < len(kept) and kept[nxt] == key:
             nxt += 1
+        elif unread is not None and key in unread:
+            del unread[key]
         elif rejected.get(key, 0) > 0:
             rejected[key] -= 1
         else:
             want = f"kept row {nxt} has key {kept[nxt]!r}" if nxt < len(kept) else "all kept rows are matched"
+            if unread is not None:
+                want = f"{len(unread)} kept rows are not matched yet"
             raise InputError(f"{where}: data sample {pos} has key {key!r}, which the store neither kept "
                              f"next nor rejected ({want})")
-    if nxt < len(kept):
+    if unread:
+        first = next(iter(unread))
+        raise InputError(f"{where}: kept row {kept.index(first)} (key {first!r}) and {len(unread) - 1} more "
+                         f"are not in the data")
+    if unread is None and nxt < len(kept):
         raise InputError(f"{where}: kept row {nxt} (key {kept[nxt]!r}) and {len(kept) - nxt - 1} more "
                          f"are not in the data")
     left = sorted(k for k, n in rejected.items() if n > 0)

@@ -50,7 +50,7 @@ from mcad.storage.lock import incomplete_line
 from mcad.storage.manifest import (
     FILE_DIGEST_FIELDS, MTIME, PARAM_D, PARAM_F, PARAM_K, PARAM_POOL_SIZE, POOLS, REJECTED, REQUIRED_PARAMS,
     ROWS, REJECTS_DIR, SIGNALS_DIR, SIZE, SOURCE, STATUS, STATUS_DONE, VIEW_DIGEST_FIELDS, VIEWS_DIR, Manifest,
-    file_digest, rejects_path, signals_path, store_file, verify_projection,
+    file_digest, pass_pool_mode, rejects_path, signals_path, store_file, verify_projection,
 )
 from mcad.storage.parquet_files import decode_file, parquet_file, read_checked
 from mcad.storage.views import check_view_file, pool_views
@@ -85,7 +85,7 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False) -> "S
     names = manifest.done_shards()
     starts = {name: _check_shard(path, name, manifest) for name in names}
     view_starts = {name: check_view_file(path, name, manifest) for name in names} if manifest.num_views > 1 else {}
-    return Store(path, manifest, names, starts, view_starts)
+    return Store(path, manifest, names, starts, view_starts, pool_mode=pass_pool_mode(path))
 
 
 def _check_shard(store: Path | str, name: str, manifest: Manifest) -> np.ndarray:
@@ -124,8 +124,11 @@ class Store:
     """An opened, checked signal store. Iterators open files lazily and close them when done."""
 
     def __init__(self, path: Path, manifest: Manifest, shards: Sequence[str],
-                 row_group_starts: dict[str, np.ndarray], view_group_starts: dict[str, np.ndarray] | None = None):
+                 row_group_starts: dict[str, np.ndarray], view_group_starts: dict[str, np.ndarray] | None = None,
+                 pool_mode: str = schema.POOLS_CONSECUTIVE):
         self.path = path
+        # neighbours: each shard's rows are in pool order, not the input's (the join holds samples read ahead)
+        self.pool_mode = pool_mode
         self.manifest = manifest
         self.shards: tuple[str, ...] = tuple(shards)
         params = manifest.params
@@ -158,7 +161,17 @@ class Store:
         }
         if m.views:  # a store without views keeps the fingerprint it always had
             fingerprint["views"] = m.views
+        if self.pool_mode != schema.POOLS_CONSECUTIVE:  # so does a store of consecutive pools
+            fingerprint[schema.PASS_POOLS] = self.pool_mode
         return fingerprint
+
+    def _shard_keys(self, shard: str) -> set[str]:
+        """Every kept key of one shard (its signals file's key column, pages checked)."""
+        self.verify_file(shard, SIGNALS_DIR)
+        with parquet_file(signals_path(self.path, shard)) as pf:
+            table = read_checked(pf, list(range(pf.metadata.num_row_groups)), [schema.KEY],
+                                 self.file_where(shard, SIGNALS_DIR))
+        return set(table.column(schema.KEY).to_pylist())
 
     def rejected_keys(self, shard: str) -> set[str]:
         self.verify_file(shard, REJECTS_DIR)
@@ -293,6 +306,11 @@ class Store:
                       views: bool = False) -> Iterator[Batch]:
         samples = iter(open_samples(self.manifest.shards[name][SOURCE]))
         rejected: set[str] | None = None
+        # Neighbour pools: rows are in pool order, the data in input order. A kept sample read before
+        # its row waits in `ahead` (up to a shard's samples in memory); `own` holds the kept keys not
+        # yet read (a kept key's first occurrence is its sample, a later one a rejected duplicate).
+        ahead: dict[str, Any] = {}
+        own = self._shard_keys(name) if self.pool_mode == schema.POOLS_NEIGHBOURS else None
         files = _Files(self, max_open=1)
         view_files = _Files(self, max_open=1, folder=VIEWS_DIR) if views else None
         try:
@@ -303,6 +321,9 @@ class Store:
                 data = []
                 for offset, key in enumerate(pool[schema.KEY]):
                     row = pool_index * self.pool_size + offset
+                    if key in ahead:
+                        data.append(ahead.pop(key))
+                        continue
                     while True:
                         got = next(samples, None)
                         if got is None:
@@ -310,10 +331,16 @@ class Store:
                                              f"has key {key!r}")
                         if got[0] == key:
                             break
+                        if own is not None and got[0] in own:
+                            own.discard(got[0])
+                            ahead[got[0]] = got[1]
+                            continue
                         rejected = self.rejected_keys(name) if rejected is None else rejected
                         if got[0] not in rejected:
                             raise InputError(f"shard {name}, row {row}: the data has key {got[0]!r} "
                                              f"where the store has key {key!r}")
+                    if own is not None:
+                        own.discard(key)
                     data.append(got[1])
                 pool[schema.DATA] = data
                 yield pool
