@@ -6,6 +6,11 @@ come from the store or from the teachers in the loop (pipeline.online),
 student/data.py batches and collates, student/train.py trains, student/models.py exports.
 
     mcad pipeline train-student --store store/ --data data/shapes/train --out runs/mcad
+
+Input path (docs/design.md, section 1, "The input path"): batches are built by
+`--loader-workers` processes (student/loader.py: a torch DataLoader; the same
+batches whatever their number), images decoded in JPEG draft mode at the
+student's size unless `--decode full`.
 """
 from __future__ import annotations
 
@@ -13,13 +18,19 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
 from mcad.student.config import TrainConfig
 
 CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerprint.json", "model"
+# How the student decodes its images: draft, a JPEG at the smallest DCT scale that still covers the
+# student's input size (the dual teacher's image embeddings move by a cosine of at most 1e-3 on
+# photo-like shards: `mcad bench input`); full, every pixel, as the teacher pass decodes.
+DECODES = ("draft", "full")
+AUTO = -1  # loader_workers: chosen from the CPUs this process may use (auto_loader_workers)
+AUTO_LOADER_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,21 @@ class StudentJob:
     verify_data: bool = False             # hash each tar as it streams; refuse one the pass read otherwise
     report_to: tuple[str, ...] = ()       # ("tensorboard",): rank 0 also writes RUN/tensorboard/
     hparams: dict | None = None           # written with the tensorboard run (a sweep's grid point)
+    # Processes that read, decode and collate batches (per rank): 0 builds them in the training
+    # process; -1 (auto): as many as the CPUs this process may use, up to 8, none below 2 CPUs.
+    loader_workers: int = AUTO
+    decode: str = "draft"                 # DECODES
 
     def __post_init__(self):
         if self.workers < 1:
             raise InputError(f"workers must be at least 1, got {self.workers}")
+        if self.loader_workers < AUTO:
+            raise InputError(f"loader_workers must be >= 0 (or -1: auto), got {self.loader_workers}")
+        if self.decode not in DECODES:
+            raise InputError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        if self.online_teachers and self.loader_workers > 0:
+            raise InputError("--loader-workers: with --online-teachers the teachers run in the training "
+                             "process on every pool; use --loader-workers 0")
         if self.stall_timeout_s <= 0:
             raise InputError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if self.gpus_per_worker < 0:
@@ -101,13 +123,19 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
     run = Path(job.out)
     student, processor = build_student(None if job.init else job.preset, tokenizer_from=job.tokenizer_from,
                                        teacher_dim=store.dims["d"], init=job.init, seed=job.train.seed)
-    signals = online_signals(store, *job.online_teachers) if job.online_teachers else None
-    samples = verified_samples(store) if job.verify_data else kept_samples
     crop = view_crop(store, job.train)
-    record = train(job.train, student=student,
-                   batches=lambda epoch: student_batches(store, job.train, processor, samples=samples,
-                                                         epoch=epoch, signals=signals, crop=crop, rank=rank,
-                                                         world_size=world_size),
+    loader_workers = auto_loader_workers(job)
+    if job.online_teachers:  # the teachers see every pool's images in this process: decoded here
+        signals = online_signals(store, *job.online_teachers)
+        samples = verified_samples(store) if job.verify_data else kept_samples
+
+        def batches(epoch: int):
+            return student_batches(store, job.train, processor, samples=samples, epoch=epoch, signals=signals,
+                                   crop=crop, rank=rank, world_size=world_size)
+    else:
+        batches = loader(job, store, processor, crop=crop, workers=loader_workers, rank=rank,
+                         world_size=world_size, pin_memory=torch_device_type(device) == "cuda")
+    record = train(job.train, student=student, batches=batches,
                    steps_per_epoch=steps_per_epoch(store, job.train, world_size),
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
                    validate=_validator(job.val_data, processor), resume=job.resume, progress=progress,
@@ -115,8 +143,95 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
     if rank == 0:
         export_hf(student.cpu(), processor, run / MODEL_DIR,
                   extra={"train": dataclasses.asdict(job.train), "preset": job.preset, "workers": world_size,
+                         "loader_workers": loader_workers, "decode": job.decode,
                          "store": fingerprint_digest(store.fingerprint())})
     return record
+
+
+def loader(job: StudentJob, store, processor, *, crop, workers: int, rank: int = 0, world_size: int = 1,
+           pin_memory: bool = False) -> Callable[[int], Iterable[dict]]:
+    """batches(epoch) for train(): this rank's batches, built by `workers` loader processes (0: inline)
+    from EncodedSamples, each image decoded once, full or in draft mode, and cut to its view."""
+    from functools import partial
+
+    from mcad.pipeline.store_data import kept_samples, verified_samples
+    from mcad.student.data import student_parts
+    from mcad.student.loader import defer_crop, epoch_batches
+
+    samples = verified_samples(store, decode=False) if job.verify_data else partial(kept_samples, decode=False)
+    decode = sample_decoder(job.decode, processor, crop)
+    if workers:
+        store.verify_files()  # hashed once here: the forked workers inherit it and skip it, every epoch
+
+    def batches(epoch: int) -> Iterable[dict]:
+        def parts():
+            return student_parts(store, job.train, samples=samples, epoch=epoch,
+                                 crop=defer_crop if crop is not None else None, rank=rank, world_size=world_size)
+
+        return epoch_batches(parts, processor=processor, decode=decode, workers=workers, pin_memory=pin_memory)
+
+    return batches
+
+
+def sample_decoder(mode: str, processor, crop=None) -> Callable:
+    """decode(sample, box) for the loader: the sample with its image decoded (draft mode: at the
+    smallest JPEG scale that still gives the student's side in both dimensions, of the view's box
+    when there is one) and, given a box, cut to that view by `crop` (pipeline.views.crop_sample)."""
+    import math
+
+    from mcad.student.models import image_size
+
+    side = image_size(processor.image_processor)
+
+    def decode(sample, box):
+        if hasattr(sample, "decoded"):  # an EncodedSample
+            draft = None
+            if mode == "draft":
+                width, height = (1.0, 1.0) if box is None else (float(box[2] - box[0]), float(box[3] - box[1]))
+                draft = (math.ceil(side / width), math.ceil(side / height))
+            sample = sample.decoded(draft=draft)
+        return sample if box is None else crop(sample, box)
+
+    return decode
+
+
+def auto_loader_workers(job: StudentJob) -> int:
+    """job.loader_workers, or with -1 (auto): 0 with online teachers, else one loader process per CPU
+    this process may use (its Ray CPUs inside a Ray task, trial or rank; else its CPU affinity), up
+    to AUTO_LOADER_MAX, and 0 below 2 CPUs (a loader process needs a core beside the training)."""
+    import os
+
+    if job.loader_workers != AUTO:
+        return job.loader_workers
+    if job.online_teachers:
+        return 0
+    cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    ray_cpus = _ray_assigned_cpus()
+    if ray_cpus is not None:
+        cpus = ray_cpus
+    return min(int(cpus), AUTO_LOADER_MAX) if cpus >= 2 else 0
+
+
+def _ray_assigned_cpus() -> float | None:
+    """The CPUs Ray assigned this process when it is a Ray task, actor, trial or rank; None otherwise."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        context = ray.get_runtime_context()
+        if context.worker.mode != ray.WORKER_MODE:  # the driver: nothing is assigned to it
+            return None
+        return float(context.get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 (an older or newer Ray without these: use the affinity)
+        return None
+
+
+def torch_device_type(device) -> str:
+    import torch
+
+    return torch.device(device).type
 
 
 def view_crop(store, cfg: TrainConfig):

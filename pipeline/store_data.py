@@ -18,17 +18,18 @@ from typing import Callable, Iterator
 
 from mcad.pipeline.shard_list import list_shards, shard_name
 
-from mcad.pipeline.shards import Sample, iter_shard
+from mcad.pipeline.shards import Reject, Sample, iter_shard
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import SOURCE, SOURCE_SHA256, same_source, source_identity
 
 
-def kept_samples(source: str) -> Iterator[tuple[str, Sample]]:
-    """(key, Sample) of one tar in order; the store's reader skips what the pass rejected."""
-    return ((s.key, s) for s in iter_shard(source) if isinstance(s, Sample))
+def kept_samples(source: str, *, decode: bool = True) -> Iterator[tuple[str, Sample]]:
+    """(key, Sample) of one tar in order; the store's reader skips what the pass rejected.
+    decode=False: EncodedSamples, decoded by whoever shows them (student/loader.py)."""
+    return ((s.key, s) for s in iter_shard(source, decode=decode) if not isinstance(s, Reject))
 
 
-def verified_samples(store) -> Callable[[str], Iterator[tuple[str, Sample]]]:
+def verified_samples(store, *, decode: bool = True) -> Callable[[str], Iterator[tuple[str, Sample]]]:
     """kept_samples that also hash each tar as it streams (the one read the student makes anyway)
     and, when the tar has been read to its end, compare the digest with the one the teacher pass
     recorded: a mismatch raises InputError naming the shard.
@@ -49,8 +50,8 @@ def verified_samples(store) -> Callable[[str], Iterator[tuple[str, Sample]]]:
     def samples(source: str) -> Iterator[tuple[str, Sample]]:
         name, want = entries[source]
         digest = hashlib.sha256()
-        for item in iter_shard(source, digest=digest):
-            if isinstance(item, Sample):
+        for item in iter_shard(source, digest=digest, decode=decode):
+            if not isinstance(item, Reject):
                 yield item.key, item
         got = digest.hexdigest()
         if got != want:

@@ -53,6 +53,21 @@ def student_batches(store, cfg, processor, *, samples: Callable, epoch: int, sig
     crop(sample, box) -> the sample showing that view (pipeline.views.crop_sample),
     needed when the store has views and cfg.views is not "canonical".
     """
+    for parts, remix in student_parts(store, cfg, samples=samples, epoch=epoch, signals=signals, crop=crop,
+                                      rank=rank, world_size=world_size):
+        yield collate(parts, processor=processor, remix=remix)
+
+
+def student_parts(store, cfg, *, samples: Callable, epoch: int, signals: Callable | None = None,
+                  crop: Callable | None = None, rank: int = 0,
+                  world_size: int = 1) -> Iterator[tuple[list[dict], bool]]:
+    """What student_batches collates, batch by batch: (parts, remix) for collate(parts, remix=remix).
+
+    Nothing is encoded here: the samples are whatever `samples` and `crop`
+    give (student/loader.py hands in ones that decode later, and collates only
+    the batches a loader worker owns). The order depends on the store, cfg,
+    epoch, rank and world_size only.
+    """
     replay = store.num_views > 1 and cfg.views != "canonical"
     if replay and crop is None:
         raise ValueError(f"the store has {store.num_views} views per sample: pass crop= to replay them "
@@ -67,11 +82,11 @@ def student_batches(store, cfg, processor, *, samples: Callable, epoch: int, sig
         pools = map(signals, pools)
     if cfg.mode == "replay":
         for group in replay_batches(pools, cfg.pools_per_batch):
-            yield collate(group, processor=processor)
+            yield group, False
     else:
         rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
         for rows in rebatch(pools, batch_size=cfg.batch_size, buffer_size=4 * cfg.batch_size, rng=rng):
-            yield collate([rows], processor=processor, remix=True)
+            yield [rows], True
 
 
 def steps_per_epoch(store, cfg, world_size: int = 1) -> int:

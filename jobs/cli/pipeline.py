@@ -107,6 +107,7 @@ Examples:
   mcad pipeline train-student ... --out runs/mcad --resume                   continue a run
   mcad pipeline train-student ... --workers 4 --ray-address auto             data parallel, Ray Train
   mcad pipeline train-student ... --views random       a store's crops, one drawn per sample and epoch
+  mcad pipeline train-student ... --loader-workers 4 --decode full   4 processes build the batches
 """)
 @click.option("--store", required=True, help="Signal store: a folder or a URI (s3://, gs://, hdfs://, file://).")
 @click.option("--data", required=True, help="The shards the store was made from.")
@@ -155,9 +156,16 @@ Examples:
          help="Existing cluster ('auto', 'ray://host:port'); default: a local one when --workers > 1.")
 @STUDENT("--stall-timeout", "stall_timeout_s", type=float,
          help="With --workers > 1: fail when the ranks cannot be placed for this many seconds.")
+@STUDENT("--loader-workers", type=click.IntRange(min=-1),
+         help="Processes that read, decode and collate the batches, per rank (the same batches whatever the "
+              "number); 0: in the training process; -1: one per CPU this process may use, up to 8, none below 2.")
+@STUDENT("--decode", type=click.Choice(["draft", "full"]),
+         help="draft: JPEGs decoded at the smallest scale that still covers the student's input size; "
+              "full: every pixel, as the teacher pass decodes.")
 @report_to_option("RUN/tensorboard/ (data parallel: rank 0 writes)")
 def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume, verify_data,
-                  workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, report_to, **train):
+                  workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, loader_workers, decode,
+                  report_to, **train):
     """Train a small dual-encoder student from the signal store, as cheaply as a CLIP fine-tune.
 
     Streams each shard's tar beside its signals file. Writes RUN/checkpoints/,
@@ -172,7 +180,8 @@ def train_student(store, data, out, preset, init, tokenizer_from, val_data, onli
                      online_teachers=tuple(online_teachers) if online_teachers else None, resume=resume,
                      verify_data=verify_data,
                      workers=workers, gpus_per_worker=gpus_per_worker, threads_per_worker=threads_per_worker,
-                     ray_address=ray_address, stall_timeout_s=stall_timeout_s, report_to=report_to)
+                     ray_address=ray_address, stall_timeout_s=stall_timeout_s, report_to=report_to,
+                     loader_workers=loader_workers, decode=decode)
     result = run_train_student(job)
     rsum = result["record"].get("val_rsum")
     click.echo(f"student -> {result['model']}" + (f" (val rsum {rsum:.1f})" if rsum is not None else ""))

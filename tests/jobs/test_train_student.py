@@ -110,3 +110,70 @@ def test_refuses_other_online_teachers(tiny_store, shapes_data, tmp_path):
 def test_negative_weight_exits_2(tiny_store, shapes_data, tmp_path):
     result = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r", "--w-dist", "-1"))
     assert_one_line_error(result, "w_dist must be >= 0")
+
+
+# ------------------------------------------------------ batches built by loader workers (#16)
+
+
+@pytest.fixture(scope="module")
+def views_store(ray_local, shapes_data, tiny_teachers, tiny_pass, tmp_path_factory):
+    """A real schema v2 store (three views, two scored by the single teacher) of one toy shard."""
+    from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+
+    data = tmp_path_factory.mktemp("one_shard")
+    (data / "000000.tar").symlink_to(shapes_data / "train" / "000000.tar")
+    out = tmp_path_factory.mktemp("views_store")
+    run_teacher_pass(TeacherPassJob(data=str(data), dual=tiny_teachers[0], single=tiny_teachers[1], out=str(out),
+                                    **tiny_pass, views=3, single_views=2, crop_scale=(0.3, 0.9), seed=5),
+                     progress=False)
+    return out, data
+
+
+@pytest.mark.parametrize("policy", ["random", "cycle"])
+def test_loader_workers_replay_the_stored_views_as_the_classic_path_does(views_store, policy):
+    """Same pools, order and pixels with 0 and 2 loader workers, views cut from the stored boxes."""
+    from mcad.jobs.train_student import StudentJob, loader, view_crop
+    from mcad.pipeline.views import crop_sample
+    from mcad.student.models import load_processor
+
+    path, data = views_store
+    store = open_store(path)
+    processor = load_processor(store.manifest.teachers["dual"]["path"])
+    cfg = TrainConfig(views=policy, mode="remix", batch_size=6, seed=2)
+    job = StudentJob(store=str(path), data=str(data), out="unused", train=cfg)
+    crop = view_crop(store, cfg)
+    assert crop is crop_sample
+    for epoch in (0, 1):
+        classic = list(student_batches(store, cfg, processor, samples=kept_samples, epoch=epoch, crop=crop))
+        for workers in (0, 2):
+            got = list(loader(job, store, processor, crop=crop, workers=workers)(epoch))
+            assert len(got) == len(classic) == 4  # 20 rows in 6s
+            for a, b in zip(classic, got):
+                assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_loader_options_and_refusal(tiny_store, shapes_data, tiny_teachers, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, _args(tiny_store, shapes_data, run, "--loader-workers", "2",
+                                            "--decode", "full"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "train_config.json").read_text())
+    assert (config["loader_workers"], config["decode"]) == (2, "full")
+    exported = json.loads((run / "model" / "mcad_student.json").read_text())
+    assert (exported["loader_workers"], exported["decode"]) == (2, "full")
+    refused = CliRunner().invoke(main, _args(tiny_store, shapes_data, tmp_path / "r", "--loader-workers", "1",
+                                             "--online-teachers", *tiny_teachers))
+    assert_one_line_error(refused, "--loader-workers 0")
+
+
+def test_auto_loader_workers_inside_ray_count_the_cpus_ray_gave(ray_local, tmp_path):
+    from mcad.jobs.train_student import StudentJob, auto_loader_workers
+
+    job = StudentJob(store="s", data="d", out=str(tmp_path))
+
+    @ray_local.remote
+    def resolved(job):
+        return auto_loader_workers(job)
+
+    assert ray_local.get(resolved.options(num_cpus=1).remote(job), timeout=120) == 0  # a Ray Train rank, a trial
+    assert ray_local.get(resolved.options(num_cpus=2).remote(job), timeout=120) == 2

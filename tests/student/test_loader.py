@@ -1,0 +1,172 @@
+"""student/loader.py: batches built by DataLoader workers are the inline batches, batch by batch.
+
+A store written by storage's own writer (random signals) beside real tars of
+photo-like JPEGs (noise, 4:3, larger than the student's side, so draft mode
+changes the decode); the tiny CLIP processor; real torch DataLoader workers.
+"""
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import build_store, sample_key, shard_name
+from helpers import write_tar
+from mcad.jobs.train_student import StudentJob, auto_loader_workers, sample_decoder
+from mcad.pipeline.shards import EncodedSample, iter_shard
+from mcad.pipeline.store_data import kept_samples
+from mcad.storage.errors import InputError
+from mcad.storage.reader import open_store
+from mcad.student.config import TrainConfig
+from mcad.student.data import student_batches, student_parts
+from mcad.student.loader import Deferred, defer_crop, epoch_batches
+
+ROWS = (10, 7, 9)  # three shards, one rejected sample each, pools of 4
+
+
+def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    gradient = np.linspace(0, 160, width, dtype=np.float32)[None, :, None]
+    pixels = gradient + rng.normal(0, 25, (height, width, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo_store(tmp_path_factory):
+    """(store path, {shard: tar path}): every tar holds every key of its shard, kept or rejected."""
+    root = tmp_path_factory.mktemp("loader")
+    store = build_store(root / "store", shards=len(ROWS), rows_per_shard=ROWS, pool=4)
+    rng = np.random.default_rng(0)
+    tars = {}
+    for i, rows in enumerate(ROWS):
+        name = shard_name(i)
+        members = []
+        for j in range(rows + 1):
+            key = sample_key(name, j)
+            members += [(f"{key}.jpg", _jpeg(rng, 128 + 8 * (j % 3), 96)), (f"{key}.txt", f"caption {j}".encode())]
+        tars[name] = write_tar(root / f"{name}.tar", members)
+    return store, tars
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
+    from mcad.student.models import load_processor
+
+    dual, _ = make_tiny_teachers(tmp_path_factory.mktemp("t"), ["caption 0 1 2 3 4 5 6 7 8 9 10"])
+    return load_processor(dual)
+
+
+def _samples(tars, *, decode: bool):
+    def samples(source: str):
+        return kept_samples(str(tars[Path(source).stem]), decode=decode)
+    return samples
+
+
+def _assert_same(a: list[dict], b: list[dict]):
+    assert len(a) == len(b) > 1
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+
+
+def _loader(store, tars, cfg, processor, *, epoch, workers, mode="full", rank=0, world_size=1):
+    decode = sample_decoder(mode, processor)
+    parts = functools.partial(student_parts, store, cfg, samples=_samples(tars, decode=False), epoch=epoch,
+                              rank=rank, world_size=world_size)
+    return list(epoch_batches(parts, processor=processor, decode=decode, workers=workers))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("cfg", [TrainConfig(pools_per_batch=2, seed=3), TrainConfig(mode="remix", batch_size=5)],
+                         ids=["replay", "remix"])
+def test_two_workers_give_the_inline_batches_batch_by_batch(photo_store, processor, cfg):
+    path, tars = photo_store
+    store = open_store(path)
+    for epoch in (0, 1):
+        classic = list(student_batches(store, cfg, processor, samples=_samples(tars, decode=True), epoch=epoch))
+        inline = _loader(store, tars, cfg, processor, epoch=epoch, workers=0)
+        workers = _loader(store, tars, cfg, processor, epoch=epoch, workers=2)
+        _assert_same(classic, inline)  # full decode: the loader's batches are the classic path's
+        _assert_same(inline, workers)
+        assert len(inline) == (4 if cfg.mode == "replay" else 6)  # 3 + 2 + 3 pools in 2s; 26 rows in 5s
+    # Draft mode: the same batches whatever the number of workers, pixels decoded smaller first.
+    draft0 = _loader(store, tars, cfg, processor, epoch=0, workers=0, mode="draft")
+    _assert_same(draft0, _loader(store, tars, cfg, processor, epoch=0, workers=3, mode="draft"))
+    full = _loader(store, tars, cfg, processor, epoch=0, workers=0)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full, draft0))
+    assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(full, draft0))
+
+
+def test_each_rank_gets_its_own_split(photo_store, processor):
+    path, tars = photo_store
+    store, cfg = open_store(path), TrainConfig()
+    for rank in (0, 1):
+        classic = list(student_batches(store, cfg, processor, samples=_samples(tars, decode=True), epoch=2,
+                                       rank=rank, world_size=2))
+        _assert_same(classic, _loader(store, tars, cfg, processor, epoch=2, workers=2, rank=rank, world_size=2))
+
+
+def test_the_loader_leaves_the_global_torch_rng_alone(photo_store, processor):
+    path, tars = photo_store
+    store = open_store(path)
+    before = torch.random.get_rng_state()
+    _loader(store, tars, TrainConfig(), processor, epoch=0, workers=2)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_that_no_longer_decodes_is_one_line(photo_store, processor, tmp_path, workers):
+    path, tars = photo_store
+    store = open_store(path)
+    broken = dict(tars)
+    members = []
+    for item in iter_shard(tars["00001"], decode=False):
+        data = b"\xff\xd8 garbage" if item.key == sample_key("00001", 4) else item.data
+        members += [(f"{item.key}.jpg", data), (f"{item.key}.txt", item.caption.encode())]
+    broken["00001"] = write_tar(tmp_path / "00001.tar", members)
+    with pytest.raises(InputError) as err:
+        _loader(store, broken, TrainConfig(), processor, epoch=0, workers=workers)
+    message = str(err.value)
+    assert "\n" not in message and f"sample {sample_key('00001', 4)}: corrupt_image" in message
+
+
+def test_draft_covers_the_students_side_and_a_views_box(photo_store, processor):
+    from mcad.student.models import image_size
+
+    _, tars = photo_store
+    side = image_size(processor.image_processor)
+    sample = next(s for _, s in kept_samples(str(tars["00000"]), decode=False))
+    assert isinstance(sample, EncodedSample)
+    full = sample_decoder("full", processor)(sample, None)
+    draft = sample_decoder("draft", processor)(sample, None)
+    assert full.image.size == (128, 96) and full.caption == sample.caption
+    assert min(draft.image.size) >= side and draft.image.size[0] < 128  # a smaller DCT scale
+    seen = []
+    crop = sample_decoder("draft", processor, crop=lambda s, box: seen.append((s.image.size, box)) or s)
+    crop(sample, np.array([0.0, 0.0, 0.25, 0.5], np.float32))  # a quarter of the width: 4 x the side
+    (size, _), = seen
+    assert size[0] * 0.25 >= side and size[1] * 0.5 >= side
+    assert defer_crop(sample, "box") == Deferred(sample, "box")
+
+
+def test_auto_workers_and_refusals(tmp_path):
+    job = dict(store="s", data="d", out=str(tmp_path))
+    assert StudentJob(**job).loader_workers == -1 and StudentJob(**job).decode == "draft"
+    assert auto_loader_workers(StudentJob(**job, loader_workers=3)) == 3
+    assert auto_loader_workers(StudentJob(**job, online_teachers=("a", "b"))) == 0
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert auto_loader_workers(StudentJob(**job)) == (min(cpus, 8) if cpus >= 2 else 0)
+    for bad, message in ((dict(loader_workers=-2), "loader_workers must be"), (dict(decode="fast"), "decode must be"),
+                         (dict(loader_workers=1, online_teachers=("a", "b")), "--loader-workers 0")):
+        with pytest.raises(InputError, match=message):
+            StudentJob(**job, **bad)
