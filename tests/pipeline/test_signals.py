@@ -466,3 +466,19 @@ def test_neighbour_pools_group_look_alikes_and_keep_the_pool_maths(tmp_path, tea
     assert written["rows"] == N and written["pools"] == 3
     assert shard_signals(*teachers, [Reject("k", "decode", "x")], shard="e", config=cfg,
                          projection=projection)[2]["rows"] == 0
+
+
+def test_neighbour_pools_with_views_keep_the_view_table_in_row_order(tmp_path, teachers, items, config, projection):
+    """Views and neighbour pools together: view rows follow the reordered signals rows (their boxes
+    drawn for the sample's new row), and the writer takes both tables."""
+    from mcad.storage.writer import write_shard
+
+    cfg = dataclasses.replace(config, views=VIEWS, pools="neighbours")
+    columns, views, rejects, _ = shard_signals_and_views(*teachers, items, shard="shard-000", config=cfg,
+                                                         projection=projection)
+    assert views[schema.KEY] == [k for k in columns[schema.KEY] for _ in range(VIEWS.n - 1)]
+    np.testing.assert_array_equal(views[schema.ROW], np.repeat(np.arange(N), VIEWS.n - 1))
+    dual, single = teachers
+    written = write_shard(tmp_path, "shard-000", columns, rejects, d=dual.dim, f=single.dim_fused, k=K,
+                          pool_size=POOL_SIZE, views=views, n_views=VIEWS.n, single_views=VIEWS.m)
+    assert written["rows"] == N
