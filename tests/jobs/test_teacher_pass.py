@@ -118,3 +118,72 @@ def test_teacher_dirs_swapped_exit_2(shapes_data, tiny_teachers, tmp_path):
         "--single", dual, "--out", str(tmp_path / "s"), "--pool", "8", "--topk", "3"])
     assert result.exit_code == 2
     assert "expected 'clip'" in result.output
+
+
+# ------------------------------------------------- the next pool prepared while the teachers run (#16)
+
+
+@pytest.fixture(scope="module")
+def shard_with_rejects(shapes_data, tmp_path_factory):
+    """The toy shard 000000 with a corrupt image and a sample without caption among its samples."""
+    import tarfile
+
+    from helpers import image_bytes, write_tar
+
+    with tarfile.open(shapes_data / "train" / "000000.tar") as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    at = len(members) // 2
+    members[at:at] = [("bad0.jpg", b"\xff\xd8 not a jpeg"), ("bad0.txt", b"a red circle"),
+                      ("bad1.jpg", image_bytes())]
+    return write_tar(tmp_path_factory.mktemp("rejects") / "000000.tar", members)
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_prefetch_writes_the_serial_pass_bytes(shard_with_rejects, tiny_teachers, tiny_store, tiny_pass, tmp_path,
+                                               views):
+    """process_shard with the next pool read, decoded and preprocessed ahead (and decode threads)
+    writes the very files of the serial pass: signals, rejects and views."""
+    from mcad.jobs.teacher_pass import PreparedPixels, process_shard
+    from mcad.pipeline.signals import load_projection
+    from mcad.pipeline.teachers import load_teachers
+    from mcad.storage.manifest import REJECTS_SHA256, SIGNALS_SHA256, VIEWS_SHA256
+
+    dual, single = load_teachers(*tiny_teachers)
+    projection = load_projection(tiny_store / FUSION_PROJ_NAME)
+    summaries = {}
+    for name, kw in (("serial", dict(prefetch=0)), ("ahead", dict(prefetch=1)),
+                     ("threads", dict(prefetch=2, decode_threads=2))):
+        job = TeacherPassJob(data=str(shard_with_rejects), dual=tiny_teachers[0], single=tiny_teachers[1],
+                             out=str(tmp_path / name), **tiny_pass, views=views, single_views=min(2, views))
+        summaries[name] = process_shard(dual, single, job, job.pass_config(), projection,
+                                        source=str(shard_with_rejects), shard="000000", **kw)
+        if name == "serial":
+            assert not isinstance(dual.processor, PreparedPixels)  # the serial pass preprocesses in the loop
+        else:  # every kept image's pixels, both teachers, came prepared from the read-ahead thread
+            assert dual.processor.served == single.processor.served == 20 * (1 if name == "ahead" else 2)
+    serial = summaries["serial"]
+    assert (serial["rows"], serial["rejected"]) == (20, 2) and serial[SIGNALS_SHA256]
+    fields = (SIGNALS_SHA256, REJECTS_SHA256, VIEWS_SHA256, "rows", "rejected", "pools", "source_sha256")
+    for name in ("ahead", "threads"):
+        assert {f: summaries[name][f] for f in fields} == {f: serial[f] for f in fields}, name
+    assert bool(serial[VIEWS_SHA256]) == (views > 1)
+    assert isinstance(dual.processor, PreparedPixels) and not dual.processor._ready  # nothing left behind
+
+
+def test_prepared_pixels_are_the_processors(tiny_teachers):
+    import torch
+
+    from helpers import noise_images
+    from mcad.jobs.teacher_pass import PreparedPixels
+    from mcad.pipeline.teachers import load_teachers
+
+    for teacher in load_teachers(*tiny_teachers):
+        images = noise_images([(48, 64), (30, 30), (64, 48)])
+        plain = teacher.processor(images=images, return_tensors="pt")["pixel_values"]
+        prepared = PreparedPixels(teacher.processor)
+        prepared.prepare(images)
+        assert torch.equal(prepared(images=images[1:], return_tensors="pt")["pixel_values"], plain[1:])
+        assert torch.equal(prepared(images=images[:1], return_tensors="pt")["pixel_values"], plain[:1])
+        assert not prepared._ready  # each row handed out once; again: the processor itself
+        assert torch.equal(prepared(images=images, return_tensors="pt")["pixel_values"], plain)
+        assert prepared.tokenizer is teacher.processor.tokenizer
