@@ -410,17 +410,22 @@ def _grouped(dual, samples: Iterable, config: PassConfig) -> Iterator[tuple[list
 
     consecutive: P samples at a time as they stream in (one pool in memory), embeddings left to
     `_pool_signals`. neighbours: every kept sample of the shard is held, the dual teacher embeds
-    them all once, `neighbour_order` groups them, and each pool gets its members' embeddings
-    (so the stored v, t are those the grouping used); rows then follow the pools, not the input.
+    them as they stream in, P at a time (the consecutive pools' batches, so a sample's v and t
+    are those a consecutive pass stores), `neighbour_order` groups them, and each pool gets its
+    members' embeddings (the stored v, t are those the grouping used); rows then follow the
+    pools, not the input.
     """
     if config.pools == POOLS_CONSECUTIVE:
         yield from ((pool, None) for pool in batched(samples, config.pool_size))
         return
-    held = list(samples)  # POOLS_NEIGHBOURS
+    held, v_parts, t_parts = [], [], []  # POOLS_NEIGHBOURS
+    for chunk in batched(samples, config.pool_size):
+        held += chunk
+        v_parts.append(dual.encode_images([s.image for s in chunk]).cpu().float())
+        t_parts.append(dual.encode_texts([s.caption for s in chunk]).cpu().float())
     if not held:
         return
-    v = dual.encode_images([s.image for s in held]).cpu().float()
-    t = dual.encode_texts([s.caption for s in held]).cpu().float()
+    v, t = torch.cat(v_parts), torch.cat(t_parts)
     order = torch.from_numpy(neighbour_order(v.numpy(), config.pool_size))
     for lo in range(0, len(held), config.pool_size):
         members = order[lo:lo + config.pool_size]
