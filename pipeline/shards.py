@@ -48,6 +48,9 @@ reads, decodes and prepares the next pools in a background thread while the
 caller works on the current one (the teacher pass); `decode=False` yields
 `EncodedSample`s whose image is decoded only when asked for (the student's
 loader decodes just the batches it builds), optionally in JPEG draft mode.
+From a local uncompressed tar (and no digest to feed) those samples only
+point at their image's bytes (`MemberRef`): a reader that decodes one batch
+in N reads the headers and captions of the others, not their images.
 """
 from __future__ import annotations
 
@@ -120,20 +123,46 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class MemberRef:
+    """Where a tar member's bytes lie in a local file: read (one pread) only when asked for."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as fh:
+                data = os.pread(fh.fileno(), self.size, self.offset)
+        except OSError as exc:
+            raise InputError(f"cannot read shard {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if len(data) != self.size:
+            raise InputError(f"shard {self.path}: a member of {self.size} bytes at {self.offset} is cut short "
+                             f"(the file changed after it was listed)")
+        return data
+
+
+@dataclass(frozen=True)
 class EncodedSample:
     """A sample whose image is still encoded (`iter_shard(..., decode=False)`): its captions are
     checked, its image is not. `image` decodes it on every access; `decoded(draft=)` returns
     the Sample. Readers that know from a store which samples were kept use it to decode only
-    what they show (a corrupt image raises InputError naming the key)."""
+    what they show (a corrupt image raises InputError naming the key). `encoded` holds the
+    image member's bytes, or where to read them (MemberRef)."""
 
     key: str
-    data: bytes
+    encoded: bytes | MemberRef
     captions: tuple[str, ...]
     meta: dict = field(default_factory=dict)
 
     @property
     def caption(self) -> str:
         return self.captions[0]
+
+    @property
+    def data(self) -> bytes:
+        """The image member's bytes (read now when the sample holds only where they are)."""
+        return self.encoded.read() if isinstance(self.encoded, MemberRef) else self.encoded
 
     @property
     def image(self) -> Image.Image:
@@ -229,13 +258,17 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise InputError(f"cannot read shard {path}: {getattr(exc, 'strerror', None) or exc}") from None
     with fh:
         src = fh if digest is None else _Hashing(fh, digest)
+        # Images only referenced (MemberRef): a local, uncompressed tar that nothing hashes, read with
+        # seeks (mode "r:") so the members' data is skipped, not read; else one front-to-back stream.
+        refs = path if not decode and digest is None and _plain_local_tar(path, fh) else None
         try:
-            tf = tarfile.open(fileobj=src, mode="r|*", tarinfo=_WatchedTarInfo)
+            tf = tarfile.open(fileobj=src, mode="r:" if refs else "r|*", tarinfo=_WatchedTarInfo)
         except _TAR_ERRORS as exc:
             yield Reject(name, NOT_A_TAR, f"{path}: {exc}")
         else:
             seen: set[str] = set()
-            checked = (group if isinstance(group, Reject) else _check(group, seen) for group in _read_groups(tf, name))
+            checked = (group if isinstance(group, Reject) else _check(group, seen)
+                       for group in _read_groups(tf, name, refs))
             if not decode:
                 yield from (_encoded(item) for item in checked)
             elif decode_threads > 0:
@@ -343,7 +376,22 @@ class _Hashing:
             pass
 
 
-def _read_groups(tf: tarfile.TarFile, shard: str) -> Iterator[_Group | Reject]:
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
+
+
+def _plain_local_tar(path: str, fh) -> bool:
+    """A local file that is not compressed (its first bytes are no compressor's magic); fh rewound."""
+    if fs.is_uri(path) or not hasattr(fh, "seek"):
+        return False
+    try:
+        head = fh.read(6)
+        fh.seek(0)
+    except OSError:
+        return False
+    return len(head) > 0 and not head.startswith(_COMPRESSED)
+
+
+def _read_groups(tf: tarfile.TarFile, shard: str, refs: str | None = None) -> Iterator[_Group | Reject]:
     current: _Group | None = None
     try:
         while (info := tf.next()) is not None:
@@ -357,7 +405,7 @@ def _read_groups(tf: tarfile.TarFile, shard: str) -> Iterator[_Group | Reject]:
                 if current is not None:
                     yield current
                 current = _Group(key)
-            _add_member(tf, current, info, suffix)
+            _add_member(tf, current, info, suffix, refs)
     except _TAR_ERRORS as exc:
         yield _truncated(current, shard, f"tar breaks: {type(exc).__name__}: {exc}")
         return
@@ -381,13 +429,16 @@ def _split_name(name: str) -> tuple[str, str]:
     return key, suffix.lower()
 
 
-def _add_member(tf: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, suffix: str) -> None:
+def _add_member(tf: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, suffix: str,
+                refs: str | None = None) -> None:
     group.suffixes.add(suffix)
     parts = PurePosixPath(info.name.replace("\\", "/")).parts
     if info.name.startswith(("/", "\\")) or ".." in parts:
         group.unsafe.append(f"member name {info.name!r} escapes the shard")
     elif not info.isreg():
         group.unsafe.append(f"member {info.name!r} is a link or special file")
+    elif refs is not None and suffix in IMAGE_EXTS:
+        group.data[suffix] = MemberRef(refs, info.offset_data, info.size)
     elif suffix in _READ_EXTS:
         group.data[suffix] = tf.extractfile(info).read()
 
@@ -397,7 +448,7 @@ class _Checked:
     """A sample whose members passed every check but the image's: the image still encoded."""
 
     key: str
-    raw: bytes
+    raw: bytes | MemberRef
     captions: tuple[str, ...]
     meta: dict
 

@@ -417,6 +417,27 @@ def test_encoded_samples_decode_to_the_same_images_when_asked(mixed_shard):
         assert encoded_[sample.key].caption == sample.caption
     with pytest.raises(InputError, match="sample bad1: corrupt_image"):
         encoded_["bad1"].decoded()
+    # A local plain tar: the images are only referenced (offset and size), read when decoded.
+    assert all(isinstance(x.encoded, shards.MemberRef) for x in encoded_.values())
+
+
+def test_encoded_samples_of_a_compressed_tar_hold_their_bytes(make_tar, sample_members):
+    members = sample_members("0000") + sample_members("0001", "a blue circle")
+    plain, packed = make_tar("plain.tar", members), make_tar("packed.tar.gz", members, compress="gz")
+    got = {}
+    for path in (plain, packed):
+        got[path] = [x for x in iter_shard(path, decode=False)]
+    assert [type(x.encoded) for x in got[packed]] == [bytes, bytes]
+    assert [type(x.encoded) for x in got[plain]] == [shards.MemberRef, shards.MemberRef]
+    assert [x.data for x in got[plain]] == [x.data for x in got[packed]] == [x.encoded for x in got[packed]]
+    assert [x.captions for x in got[plain]] == [("a red square",), ("a blue circle",)]
+    # With a digest to feed every byte is read in one stream: the bytes are held.
+    import hashlib
+
+    assert all(isinstance(x.encoded, bytes) for x in iter_shard(plain, decode=False, digest=hashlib.sha256()))
+    ref = got[plain][0].encoded
+    with pytest.raises(InputError, match="cut short"):
+        shards.MemberRef(ref.path, ref.offset, 10**9).read()
 
 
 def test_draft_decodes_a_jpeg_at_the_smallest_scale_that_covers_the_size():
