@@ -25,10 +25,13 @@ from mcad.storage.errors import InputError
 from mcad.student.config import TrainConfig
 
 CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerprint.json", "model"
-# How the student decodes its images: draft, a JPEG at the smallest DCT scale that still covers the
-# student's input size (the dual teacher's image embeddings move by a cosine of at most 1e-3 on
-# photo-like shards: `mcad bench input`); full, every pixel, as the teacher pass decodes.
+# How the student decodes its images: draft, a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that
+# still covers DRAFT_MARGIN times the student's input side; full, every pixel, as the teacher pass
+# decodes. With the margin of 2 the processor still downsamples at least 2x with its own filter, and the
+# dual teacher's image embeddings move less than re-encoding the JPEG at quality 95 moves them
+# (a margin of 1 moved them more; measured by `mcad bench input`, docs/design.md section 1).
 DECODES = ("draft", "full")
+DRAFT_MARGIN = 2
 AUTO = -1  # loader_workers: chosen from the CPUs this process may use (auto_loader_workers)
 AUTO_LOADER_MAX = 8
 
@@ -140,6 +143,7 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
                    validate=_validator(job.val_data, processor), resume=job.resume, progress=progress,
                    device=device, on_epoch=on_epoch, report_to=job.report_to, hparams=job.hparams)
+    getattr(batches, "close", lambda: None)()  # the loader's worker processes
     if rank == 0:
         export_hf(student.cpu(), processor, run / MODEL_DIR,
                   extra={"train": dataclasses.asdict(job.train), "preset": job.preset, "workers": world_size,
@@ -156,27 +160,24 @@ def loader(job: StudentJob, store, processor, *, crop, workers: int, rank: int =
 
     from mcad.pipeline.store_data import kept_samples, verified_samples
     from mcad.student.data import student_parts
-    from mcad.student.loader import defer_crop, epoch_batches
+    from mcad.student.loader import BatchLoader, defer_crop
 
     samples = verified_samples(store, decode=False) if job.verify_data else partial(kept_samples, decode=False)
     decode = sample_decoder(job.decode, processor, crop)
     if workers:
-        store.verify_files()  # hashed once here: the forked workers inherit it and skip it, every epoch
+        store.verify_files()  # hashed once here: the forked workers inherit it and skip it
 
-    def batches(epoch: int) -> Iterable[dict]:
-        def parts():
-            return student_parts(store, job.train, samples=samples, epoch=epoch,
-                                 crop=defer_crop if crop is not None else None, rank=rank, world_size=world_size)
+    def parts(epoch: int):
+        return student_parts(store, job.train, samples=samples, epoch=epoch,
+                             crop=defer_crop if crop is not None else None, rank=rank, world_size=world_size)
 
-        return epoch_batches(parts, processor=processor, decode=decode, workers=workers, pin_memory=pin_memory)
-
-    return batches
+    return BatchLoader(parts, processor=processor, decode=decode, workers=workers, pin_memory=pin_memory)
 
 
-def sample_decoder(mode: str, processor, crop=None) -> Callable:
+def sample_decoder(mode: str, processor, crop=None, *, margin: float = DRAFT_MARGIN) -> Callable:
     """decode(sample, box) for the loader: the sample with its image decoded (draft mode: at the
-    smallest JPEG scale that still gives the student's side in both dimensions, of the view's box
-    when there is one) and, given a box, cut to that view by `crop` (pipeline.views.crop_sample)."""
+    smallest JPEG scale that still gives `margin` x the student's side in both dimensions, of the
+    view's box when there is one) and, given a box, cut to that view by `crop` (pipeline.views.crop_sample)."""
     import math
 
     from mcad.student.models import image_size
@@ -188,7 +189,7 @@ def sample_decoder(mode: str, processor, crop=None) -> Callable:
             draft = None
             if mode == "draft":
                 width, height = (1.0, 1.0) if box is None else (float(box[2] - box[0]), float(box[3] - box[1]))
-                draft = (math.ceil(side / width), math.ceil(side / height))
+                draft = (math.ceil(margin * side / width), math.ceil(margin * side / height))
             sample = sample.decoded(draft=draft)
         return sample if box is None else crop(sample, box)
 

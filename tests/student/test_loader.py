@@ -15,16 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_store, sample_key, shard_name
 from helpers import write_tar
-from mcad.jobs.train_student import StudentJob, auto_loader_workers, sample_decoder
+from mcad.jobs.train_student import DRAFT_MARGIN, StudentJob, auto_loader_workers, sample_decoder
 from mcad.pipeline.shards import EncodedSample, iter_shard
 from mcad.pipeline.store_data import kept_samples
 from mcad.storage.errors import InputError
 from mcad.storage.reader import open_store
 from mcad.student.config import TrainConfig
 from mcad.student.data import student_batches, student_parts
-from mcad.student.loader import Deferred, defer_crop, epoch_batches
+from mcad.student.loader import BatchLoader, Deferred, defer_crop, epoch_batches
 
 ROWS = (10, 7, 9)  # three shards, one rejected sample each, pools of 4
 
@@ -37,21 +36,21 @@ def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def photo_store(tmp_path_factory):
+@pytest.fixture
+def photo_store(tmp_path, make_store):
     """(store path, {shard: tar path}): every tar holds every key of its shard, kept or rejected."""
-    root = tmp_path_factory.mktemp("loader")
-    store = build_store(root / "store", shards=len(ROWS), rows_per_shard=ROWS, pool=4)
-    rng = np.random.default_rng(0)
-    tars = {}
-    for i, rows in enumerate(ROWS):
-        name = shard_name(i)
+    from mcad.storage import schema
+
+    path = make_store(tmp_path / "store", shards=len(ROWS), rows_per_shard=ROWS, pool=4)
+    store, rng, tars = open_store(path), np.random.default_rng(0), {}
+    for name in store.shards:
+        kept = [k for pool in store.iter_pools(columns=[schema.KEY]) if pool[schema.KEY][0].startswith(name)
+                for k in pool[schema.KEY]]
         members = []
-        for j in range(rows + 1):
-            key = sample_key(name, j)
-            members += [(f"{key}.jpg", _jpeg(rng, 128 + 8 * (j % 3), 96)), (f"{key}.txt", f"caption {j}".encode())]
-        tars[name] = write_tar(root / f"{name}.tar", members)
-    return store, tars
+        for j, key in enumerate(kept + sorted(store.rejected_keys(name))):
+            members += [(f"{key}.jpg", _jpeg(rng, 256 + 16 * (j % 3), 192)), (f"{key}.txt", f"caption {j}".encode())]
+        tars[name] = write_tar(tmp_path / f"{name}.tar", members)
+    return path, tars
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +104,29 @@ def test_two_workers_give_the_inline_batches_batch_by_batch(photo_store, process
     assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(full, draft0))
 
 
+def test_persistent_workers_follow_the_epochs_and_stop_when_closed(photo_store, processor):
+    import multiprocessing
+
+    path, tars = photo_store
+    store, cfg = open_store(path), TrainConfig(mode="remix", batch_size=4, seed=1)
+    decode = sample_decoder("draft", processor)
+
+    def parts(epoch):
+        return student_parts(store, cfg, samples=_samples(tars, decode=False), epoch=epoch)
+
+    inline = BatchLoader(parts, processor=processor, decode=decode)
+    loader = BatchLoader(parts, processor=processor, decode=decode, workers=2)
+    first = next(iter(loader(0)))  # an epoch left unfinished: the next one still starts right
+    _assert_same([first, first], [next(iter(inline(0)))] * 2)
+    children = multiprocessing.active_children()
+    assert len(children) >= 2
+    for epoch in (1, 2, 1):
+        _assert_same(list(inline(epoch)), list(loader(epoch)))
+    assert {c.pid for c in multiprocessing.active_children()} >= {c.pid for c in children}  # the same workers
+    loader.close()
+    assert not any(c.is_alive() for c in children)
+
+
 def test_each_rank_gets_its_own_split(photo_store, processor):
     path, tars = photo_store
     store, cfg = open_store(path), TrainConfig()
@@ -127,15 +149,16 @@ def test_an_image_that_no_longer_decodes_is_one_line(photo_store, processor, tmp
     path, tars = photo_store
     store = open_store(path)
     broken = dict(tars)
+    bad = next(iter(store.iter_pools(columns=["key"])))["key"][2]  # a kept sample of the first shard
     members = []
-    for item in iter_shard(tars["00001"], decode=False):
-        data = b"\xff\xd8 garbage" if item.key == sample_key("00001", 4) else item.data
+    for item in iter_shard(tars[store.shards[0]], decode=False):
+        data = b"\xff\xd8 garbage" if item.key == bad else item.data
         members += [(f"{item.key}.jpg", data), (f"{item.key}.txt", item.caption.encode())]
-    broken["00001"] = write_tar(tmp_path / "00001.tar", members)
+    broken[store.shards[0]] = write_tar(tmp_path / "broken.tar", members)
     with pytest.raises(InputError) as err:
         _loader(store, broken, TrainConfig(), processor, epoch=0, workers=workers)
     message = str(err.value)
-    assert "\n" not in message and f"sample {sample_key('00001', 4)}: corrupt_image" in message
+    assert "\n" not in message and f"sample {bad}: corrupt_image" in message
 
 
 def test_draft_covers_the_students_side_and_a_views_box(photo_store, processor):
@@ -143,17 +166,19 @@ def test_draft_covers_the_students_side_and_a_views_box(photo_store, processor):
 
     _, tars = photo_store
     side = image_size(processor.image_processor)
-    sample = next(s for _, s in kept_samples(str(tars["00000"]), decode=False))
+    sample = next(s for _, s in kept_samples(str(next(iter(tars.values()))), decode=False))
     assert isinstance(sample, EncodedSample)
     full = sample_decoder("full", processor)(sample, None)
     draft = sample_decoder("draft", processor)(sample, None)
-    assert full.image.size == (128, 96) and full.caption == sample.caption
-    assert min(draft.image.size) >= side and draft.image.size[0] < 128  # a smaller DCT scale
+    assert full.image.size == (256, 192) and full.caption == sample.caption
+    assert side == 32 and DRAFT_MARGIN == 2
+    assert draft.image.size == (128, 96)  # 1/2 covers 2 x 32 in both dimensions, 1/4 (64 x 48) would not
+    assert sample_decoder("draft", processor, margin=1)(sample, None).image.size == (64, 48)
     seen = []
     crop = sample_decoder("draft", processor, crop=lambda s, box: seen.append((s.image.size, box)) or s)
-    crop(sample, np.array([0.0, 0.0, 0.25, 0.5], np.float32))  # a quarter of the width: 4 x the side
-    (size, _), = seen
-    assert size[0] * 0.25 >= side and size[1] * 0.5 >= side
+    crop(sample, np.array([0.0, 0.0, 0.75, 1.0], np.float32))  # three quarters of the width: 1/2 still covers
+    crop(sample, np.array([0.0, 0.0, 0.25, 1.0], np.float32))  # a quarter: 1/2 would give 32 < 64 px of it
+    assert [size for size, _ in seen] == [(128, 96), (256, 192)]
     assert defer_crop(sample, "box") == Deferred(sample, "box")
 
 
