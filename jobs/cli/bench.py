@@ -17,6 +17,7 @@ STUDENT = functools.partial(field_option, "mcad.jobs.bench.student:StudentBenchC
 TEACHER_PASS = functools.partial(field_option, "mcad.jobs.bench.teacher_pass:TeacherPassBenchConfig")
 PRESETS = functools.partial(field_option, "mcad.jobs.bench.presets:PresetsBenchConfig")
 SWEEP = functools.partial(field_option, "mcad.jobs.bench.sweep:SweepBenchConfig")
+INPUT = functools.partial(field_option, "mcad.jobs.bench.input:InputBenchConfig")
 REPORT = functools.partial(field_option, "mcad.jobs.bench.report:ReportConfig")
 SIZES = click.Choice(["smoke", "demo", "base", "large"])  # pipeline.shapes.teacher_models.TEACHER_SIZES
 
@@ -203,6 +204,34 @@ def sweep_bench(json_path, workdir, ray_address, **options):
 
     get_preset(options["preset"])
     result = run_sweep_bench(SweepBenchConfig(**options), workdir=workdir, ray_address=ray_address)
+    _emit(format_table(result), result, json_path)
+
+
+@bench.command("input", epilog="""\b
+Examples:
+  mcad bench input --json bench-input.json       1024 photo-like 640x480 samples, demo teachers, preset s
+  mcad bench input --samples 64 --image-size 96 --pool 16 --topk 4 --epochs 1 --per-worker 32   a quick look
+""")
+@json_option
+@INPUT("--teachers", type=click.Path(exists=True, file_okay=False), show_default="the shipped demo teachers",
+       help="A folder with dual/ and single/.")
+@INPUT("--samples", type=click.IntRange(min=1), help="Photo-like training samples (mcad data synth --texture photo).")
+@INPUT("--image-size", type=click.IntRange(min=24), help="Their height in pixels (width 4/3 of it).")
+@INPUT("--shard-size", type=click.IntRange(min=1), help="Samples per shard.")
+@INPUT("--pool", "pool_size", type=click.IntRange(min=2), help="Pool size P of the store (a student batch).")
+@INPUT("--topk", type=click.IntRange(min=1), help="Candidates K of the store.")
+@INPUT("--preset", type=str, help="Student size preset.")
+@INPUT("--epochs", type=click.IntRange(min=1), help="Timed student epochs per loader variant.")
+@INPUT("--per-worker", type=click.IntRange(min=1), help="Samples timed for each per-worker input rate.")
+@INPUT("--host-cores", type=click.IntRange(min=1), help="Cores of the GPU host the per-core rates are scaled to.")
+@dir_option("data and store")
+@ray_address_option("Ray cluster for the store's teacher pass (default: a local one started once).")
+def input_bench(json_path, workdir, ray_address, **options):
+    """Input samples/s per worker (student and pass paths, decode options), student epochs with 0 and 2
+    loader workers, the pass with and without the next pool prepared ahead, on photo-like shards."""
+    from mcad.jobs.bench.input import InputBenchConfig, format_table, run_input_bench
+
+    result = run_input_bench(InputBenchConfig(**options), workdir=workdir, ray_address=ray_address)
     _emit(format_table(result), result, json_path)
 
 

@@ -1,0 +1,75 @@
+"""`mcad bench input` at toy size: the JSON shape, ratios are quotients of their figures, checks hold.
+
+Timings are never asserted (a benchmark, not a test); only what must hold on any machine.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mcad.jobs.bench.input import InputBenchConfig, gpu_host
+from mcad.jobs.cli.bench import input_bench
+from mcad.storage.errors import InputError
+
+pytestmark = pytest.mark.ray
+
+TOY = ["--samples", "24", "--image-size", "96", "--shard-size", "12", "--pool", "8", "--topk", "3",
+       "--epochs", "1", "--per-worker", "16"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_input_on_toy_photos(ray_local, teachers_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(input_bench, [*TOY, "--teachers", str(teachers_dir), "--preset", "smoke",
+                                              "--dir", str(tmp_path), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out.read_text())
+    assert got["bench"] == "input" and set(got) >= {"ratios", "figures", "machine", "config", "checks"}
+    assert set(got["ratios"]) == {"loader_2_over_0", "pass_prefetch_over_serial"}
+    fig = got["figures"]
+    student, passes = fig["student"], fig["pass"]
+    assert got["ratios"]["loader_2_over_0"] == pytest.approx(
+        student["workers_2"]["samples_per_s"] / student["workers_0"]["samples_per_s"])
+    assert got["ratios"]["pass_prefetch_over_serial"] == pytest.approx(
+        passes["prefetch_samples_per_s"] / passes["serial_samples_per_s"])
+    default = fig["default_loader_workers"]
+    assert fig["data_wait_share"] == student[f"workers_{default}"]["data_wait_share"]
+    assert 0 <= fig["data_wait_share"] <= 1
+    # Every variant trained on every sample; the pass wrote the serial bytes with the next pool ahead.
+    for epochs in got["checks"]["student_epochs"].values():
+        assert [e["samples"] for e in epochs] == [24]
+    assert passes["files_identical"] and got["checks"]["pass_files_identical"] and passes["rows"] == 24
+    rates = fig["input_samples_per_s_per_worker"]
+    assert {"student_models_draft", "student_models_full", "pass_models", "student_real_draft",
+            "student_real_full", "pass_real", "read_and_decode_full", "read_only"} == set(rates)
+    assert all(v > 0 for v in rates.values())
+    options = fig["decode_options"]
+    assert options["images"] == 16 and options["bound_min_cosine"] == options["reencode_q95_cosine_min"]
+    for name in ("pil_draft", "pil_draft_1x", "tensor_full", "reencode_q95"):
+        assert -1 <= options[f"{name}_cosine_min"] <= options[f"{name}_cosine_mean"] <= 1 + 1e-6
+    assert options["draft_within_bound"] == (options["pil_draft_cosine_min"] >= options["bound_min_cosine"])
+    assert fig["photo"] == {"width": 128, "height": 96, "mean_jpeg_bytes": pytest.approx(fig["photo"]["mean_jpeg_bytes"])}
+    host = fig["gpu_host"]
+    assert host["cores"] == 16 and host["computed_not_measured"]
+    assert host["input_samples_per_s"]["pass_real"] == pytest.approx(16 * rates["pass_real"])
+    assert "loader_2_over_0" in result.output and "pass_prefetch_over_serial" in result.output
+
+
+def test_gpu_host_arithmetic():
+    rates = {"pass_real": 100.0, "student_real_draft": 300.0, "student_real_full": 200.0}
+    host = gpu_host(rates, 16)
+    needs = host["needed_samples_per_s"]
+    assert needs["teacher_pass_base"] == pytest.approx(1265, rel=0.01)  # README's roofline (computed)
+    assert needs["teacher_pass_large"] == pytest.approx(620, rel=0.01)
+    assert host["cover"]["teacher_pass_base"] == pytest.approx(1600 / needs["teacher_pass_base"])
+    assert host["gpu_decode_needed"]["teacher_pass_base"] == (1600 < needs["teacher_pass_base"])
+    assert host["cover"]["student_clip_b16"] == pytest.approx(4800 / needs["student_clip_b16"])
+
+
+@pytest.mark.parametrize("kw, message", [(dict(epochs=0), "must be >= 1"), (dict(pool_size=8, topk=9), "topk"),
+                                         (dict(samples=8, pool_size=16), "pool")])
+def test_bad_config_refused(kw, message):
+    with pytest.raises(InputError, match=message):
+        InputBenchConfig(**kw)
