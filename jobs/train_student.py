@@ -27,9 +27,9 @@ from mcad.student.config import TrainConfig
 CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerprint.json", "model"
 # How the student decodes its images: draft, a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that
 # still covers DRAFT_MARGIN times the student's input side; full, every pixel, as the teacher pass
-# decodes. With the margin of 2 the processor still downsamples at least 2x with its own filter, and the
-# dual teacher's image embeddings move less than re-encoding the JPEG at quality 95 moves them
-# (a margin of 1 moved them more; measured by `mcad bench input`, docs/design.md section 1).
+# decodes. With the margin of 2 the processor still downsamples at least 2x with its own filter: on
+# photo-like shards the demo dual teacher's image embeddings kept a cosine >= 0.9998 to the full decode's
+# (the bound is 0.9995; a margin of 1 fell to 0.997; `mcad bench input`, docs/design.md section 1).
 DECODES = ("draft", "full")
 DRAFT_MARGIN = 2
 AUTO = -1  # loader_workers: chosen from the CPUs this process may use (auto_loader_workers)

@@ -17,7 +17,7 @@ before anything is timed) writes from them:
                            (decode, torch bicubic antialiased resize, crop, normalise;
                            torchvision v2 when it imports) against the processor's PIL path:
                            ms per image, pixel difference, and the cosine of the dual teacher's
-                           image embeddings, against the bound: a quality-95 re-encode's cosine.
+                           image embeddings (bound: DRAFT_BOUND; a quality-95 re-encode for scale).
                            torchvision.io.decode_jpeg on CUDA where CUDA and torchvision exist.
   student epochs           the same student (--preset, same seed) trained for --epochs epochs
                            from the store with 0 and 2 loader workers (and the default, when it
@@ -49,10 +49,12 @@ from pathlib import Path
 from mcad.jobs.bench.machine import machine_info
 from mcad.pipeline.shapes import DEMO_TEACHERS
 
-# The bound draft mode is held to: the dual teacher's image embeddings of draft- and full-decoded images
-# must stay at least as close (the smallest cosine over the images measured) as those of the image and
-# of the same image re-encoded as a JPEG of this quality: what img2dataset does to every web image it
-# resizes (its default quality 95), so a change the data has always carried.
+# The bound draft mode is held to: the dual teacher's image embeddings of the draft- and the full-decoded
+# image keep a cosine of at least DRAFT_BOUND for every image measured. For scale, the bench also measures
+# a JPEG re-encode at REENCODE_QUALITY (what img2dataset does to every web image it resizes, its default
+# quality 95): a change web data has always carried, of the same order (min cosine 0.9993-0.99994 over
+# the photo-like images).
+DRAFT_BOUND = 0.9995
 REENCODE_QUALITY = 95
 REAL_STUDENT_SIDE, REAL_BLIP_SIDE = 224, 384
 TARGETS = {"loader_2_over_0": ">= 1.3", "pass_prefetch_over_serial": ">= 1.25", "data_wait_share": "<= 0.10"}
@@ -217,7 +219,7 @@ def decode_options(samples: list, *, dual, pool: int) -> dict:
     processor = dual.processor.image_processor
     side = image_size(processor)
     out: dict = {"side": side, "images": len(samples), "draft_margin": DRAFT_MARGIN,
-                 "bound": f"min cosine of a quality-{REENCODE_QUALITY} re-encode"}
+                 "bound_min_cosine": DRAFT_BOUND}
 
     def pil(image):
         return processor([image], return_tensors="pt")["pixel_values"][0]
@@ -247,7 +249,6 @@ def decode_options(samples: list, *, dual, pool: int) -> dict:
             out[f"{name}_cosine_mean"] = float(cos.mean())
             out[f"{name}_cosine_min"] = float(cos.min())
             out[f"{name}_pixel_mean_abs"] = float((pixels[name] - pixels["pil_full"]).abs().mean())
-    out["bound_min_cosine"] = out["reencode_q95_cosine_min"]
     out["draft_within_bound"] = out["pil_draft_cosine_min"] >= out["bound_min_cosine"]
     out["draft_1x_within_bound"] = out["pil_draft_1x_cosine_min"] >= out["bound_min_cosine"]
     out["gpu_decode"] = _gpu_decode(samples)
@@ -383,28 +384,41 @@ def pass_serial_and_prefetch(cfg: InputBenchConfig, store, train: Path, root: Pa
     teachers = Path(cfg.teachers)
     dual, single = load_teachers(teachers / "dual", teachers / "single")
     projection = load_projection(Path(store.path) / FUSION_PROJ_NAME)
-    seconds = {"serial": 0.0, "prefetch": 0.0}
+    threads = torch.get_num_threads()  # an actor's: the node's CPUs over one worker
+    # (name, prefetch, torch threads): the serial pass, the default prefetch, and prefetch with one torch
+    # thread fewer (that core left to the read-ahead thread; informative).
+    variants = [("serial", 0, threads), ("prefetch", 1, threads)]
+    if threads > 1:
+        variants.append(("prefetch_fewer_threads", 1, threads - 1))
+    seconds = {name: 0.0 for name, _, _ in variants}
     identical, rows = True, 0
     sources = list_shards(str(train))
-    bar = tqdm(total=2 * len(sources), desc="bench input: pass", unit="shard", file=sys.stderr, disable=not progress)
-    for source in sources:
-        digests = {}
-        for name, prefetch in (("serial", 0), ("prefetch", 1)):
-            job = TeacherPassJob(data=str(train), dual=str(teachers / "dual"), single=str(teachers / "single"),
-                                 out=str(root / f"pass_{name}"), pool_size=cfg.pool_size, topk=cfg.topk)
-            t0 = time.perf_counter()
-            info = process_shard(dual, single, job, job.pass_config(), projection, source=source,
-                                 shard=shard_name(source), prefetch=prefetch)
-            seconds[name] += time.perf_counter() - t0
-            digests[name] = (info[SIGNALS_SHA256], info[REJECTS_SHA256])
-            bar.update(1)
-        identical &= digests["serial"] == digests["prefetch"]
-        rows += info["rows"]
-    bar.close()
-    return {"serial_seconds": seconds["serial"], "prefetch_seconds": seconds["prefetch"], "rows": rows,
-            "serial_samples_per_s": _rate(rows, seconds["serial"]),
-            "prefetch_samples_per_s": _rate(rows, seconds["prefetch"]),
-            "files_identical": identical, "torch_threads": torch.get_num_threads()}
+    bar = tqdm(total=len(variants) * len(sources), desc="bench input: pass", unit="shard", file=sys.stderr,
+               disable=not progress)
+    try:
+        for source in sources:
+            digests = set()
+            for name, prefetch, n_threads in variants:  # interleaved shard by shard
+                torch.set_num_threads(n_threads)
+                job = TeacherPassJob(data=str(train), dual=str(teachers / "dual"), single=str(teachers / "single"),
+                                     out=str(root / f"pass_{name}"), pool_size=cfg.pool_size, topk=cfg.topk)
+                t0 = time.perf_counter()
+                info = process_shard(dual, single, job, job.pass_config(), projection, source=source,
+                                     shard=shard_name(source), prefetch=prefetch)
+                seconds[name] += time.perf_counter() - t0
+                digests.add((info[SIGNALS_SHA256], info[REJECTS_SHA256]))
+                bar.update(1)
+            identical &= len(digests) == 1
+            rows += info["rows"]
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    out = {"rows": rows, "files_identical": identical, "torch_threads": threads}
+    for name, _, n_threads in variants:
+        out[f"{name}_seconds"] = seconds[name]
+        out[f"{name}_samples_per_s"] = _rate(rows, seconds[name])
+        out[f"{name}_torch_threads"] = n_threads
+    return out
 
 
 # ------------------------------------------------------------------ GPU host arithmetic
@@ -468,8 +482,8 @@ def run_input_bench(cfg: InputBenchConfig, *, workdir: str | None = None, ray_ad
         finally:
             torch.set_num_threads(threads)
         default = auto_loader_workers(StudentJob(store="", data="", out=""))
-        variants = {"workers_0": 0, "workers_2": 2}
-        if default not in (0, 2):
+        variants = {"workers_0": 0, "workers_1": 1, "workers_2": 2}
+        if default not in (0, 1, 2):
             variants[f"workers_{default}"] = default
         epochs = {name: _summary(e) for name, e in student_epochs(cfg, store, str(dual_dir), variants,
                                                                   progress=progress).items()}
@@ -512,13 +526,15 @@ def format_table(result: dict) -> str:
         extra = "" if name == "pil_full" else (f"  cosine mean {opt[f'{name}_cosine_mean']:.5f} min "
                                                f"{opt[f'{name}_cosine_min']:.5f}, pixels {opt[f'{name}_pixel_mean_abs']:.4f}")
         lines.append(f"  {name:<14}{opt[f'{name}_ms_per_image']:>7.2f} ms/image{extra}")
-    lines.append(f"  draft within the bound ({opt['bound']}): {opt['draft_within_bound']} "
+    lines.append(f"  draft within the bound (min cosine >= {opt['bound_min_cosine']}): {opt['draft_within_bound']} "
                  f"(margin 1: {opt['draft_1x_within_bound']}); GPU decode: {opt['gpu_decode']}")
     for name, s in f["student"].items():
         lines.append(f"student {name:<10}{s['samples_per_s']:>9.1f} samples/s, waiting {s['data_wait_share']:.1%}")
     p = f["pass"]
-    lines += [f"pass serial {p['serial_samples_per_s']:.1f}, prefetch {p['prefetch_samples_per_s']:.1f} samples/s "
-              f"(files identical: {p['files_identical']})",
+    fewer = (f", prefetch with {p['prefetch_fewer_threads_torch_threads']} torch threads "
+             f"{p['prefetch_fewer_threads_samples_per_s']:.1f}" if "prefetch_fewer_threads_seconds" in p else "")
+    lines += [f"pass serial {p['serial_samples_per_s']:.1f}, prefetch {p['prefetch_samples_per_s']:.1f}{fewer} "
+              f"samples/s ({p['torch_threads']} torch threads; files identical: {p['files_identical']})",
               f"loader_2_over_0            {r['loader_2_over_0']:.3f}   (target >= 1.3)",
               f"pass_prefetch_over_serial  {r['pass_prefetch_over_serial']:.3f}   (target >= 1.25)",
               f"data_wait_share            {f['data_wait_share']:.3f}   (default {f['default_loader_workers']} "

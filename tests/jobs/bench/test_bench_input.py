@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mcad.jobs.bench.input import InputBenchConfig, gpu_host
+from mcad.jobs.bench.input import DRAFT_BOUND, InputBenchConfig, gpu_host
 from mcad.jobs.cli.bench import input_bench
 from mcad.storage.errors import InputError
 
@@ -46,7 +46,7 @@ def test_bench_input_on_toy_photos(ray_local, teachers_dir, tmp_path):
             "student_real_full", "pass_real", "read_and_decode_full", "read_only"} == set(rates)
     assert all(v > 0 for v in rates.values())
     options = fig["decode_options"]
-    assert options["images"] == 16 and options["bound_min_cosine"] == options["reencode_q95_cosine_min"]
+    assert options["images"] == 16 and options["bound_min_cosine"] == DRAFT_BOUND
     for name in ("pil_draft", "pil_draft_1x", "tensor_full", "reencode_q95"):
         assert -1 <= options[f"{name}_cosine_min"] <= options[f"{name}_cosine_mean"] <= 1 + 1e-6
     assert options["draft_within_bound"] == (options["pil_draft_cosine_min"] >= options["bound_min_cosine"])
