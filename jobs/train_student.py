@@ -30,7 +30,7 @@ CONFIG_NAME, FINGERPRINT_NAME, MODEL_DIR = "train_config.json", "store_fingerpri
 # decodes. With the margin of 2 the processor still downsamples at least 2x with its own filter: on
 # photo-like shards the demo dual teacher's image embeddings kept a cosine >= 0.9998 to the full decode's
 # (the bound is 0.9995; a margin of 1 fell to 0.997; `mcad bench input`, docs/design.md section 1).
-DECODES = ("draft", "full")
+DECODES = ("draft", "full", "gpu")  # gpu: torchvision.io.decode_jpeg on the CUDA device (student/loader.py)
 DRAFT_MARGIN = 2
 AUTO = -1  # loader_workers: chosen from the CPUs this process may use (auto_loader_workers)
 AUTO_LOADER_MAX = 8
@@ -136,8 +136,9 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
             return student_batches(store, job.train, processor, samples=samples, epoch=epoch, signals=signals,
                                    crop=crop, rank=rank, world_size=world_size)
     else:
+        gpu = check_gpu_decode(job, device, crop) if job.decode == "gpu" else None
         batches = loader(job, store, processor, crop=crop, workers=loader_workers, rank=rank,
-                         world_size=world_size, pin_memory=torch_device_type(device) == "cuda")
+                         world_size=world_size, pin_memory=torch_device_type(device) == "cuda", gpu_device=gpu)
     record = train(job.train, student=student, batches=batches,
                    steps_per_epoch=steps_per_epoch(store, job.train, world_size),
                    teacher_logit_scale=teacher_logit_scale(store), run=run,
@@ -153,9 +154,10 @@ def fit(job: StudentJob, *, store=None, rank: int = 0, world_size: int = 1, devi
 
 
 def loader(job: StudentJob, store, processor, *, crop, workers: int, rank: int = 0, world_size: int = 1,
-           pin_memory: bool = False) -> Callable[[int], Iterable[dict]]:
+           pin_memory: bool = False, gpu_device=None) -> Callable[[int], Iterable[dict]]:
     """batches(epoch) for train(): this rank's batches, built by `workers` loader processes (0: inline)
-    from EncodedSamples, each image decoded once, full or in draft mode, and cut to its view."""
+    from EncodedSamples, each image decoded once, full or in draft mode, and cut to its view
+    (gpu_device: decoded and preprocessed on that CUDA device instead, student/loader.py)."""
     from functools import partial
 
     from mcad.pipeline.store_data import kept_samples, verified_samples
@@ -171,7 +173,27 @@ def loader(job: StudentJob, store, processor, *, crop, workers: int, rank: int =
         return student_parts(store, job.train, samples=samples, epoch=epoch,
                              crop=defer_crop if crop is not None else None, rank=rank, world_size=world_size)
 
-    return BatchLoader(parts, processor=processor, decode=decode, workers=workers, pin_memory=pin_memory)
+    return BatchLoader(parts, processor=processor, decode=decode, workers=workers, pin_memory=pin_memory,
+                       gpu_device=gpu_device)
+
+
+def check_gpu_decode(job: StudentJob, device, crop):
+    """The CUDA device `--decode gpu` decodes on; one line when it cannot (no CUDA device, no torchvision,
+    stored views to replay)."""
+    import torch
+
+    if torch_device_type(device) != "cuda" or not torch.cuda.is_available():
+        raise InputError("--decode gpu decodes on the training's CUDA device: train on a GPU "
+                         "(--gpus-per-worker) or use --decode draft|full")
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 (missing, or a build that does not match torch)
+        raise InputError(f"--decode gpu needs torchvision built for this torch ({type(exc).__name__}: "
+                         f"{str(exc)[:120]}); use --decode draft|full") from None
+    if crop is not None:
+        raise InputError("--decode gpu takes whole images: train with --views canonical, or --decode draft|full "
+                         "to replay the stored views")
+    return torch.device(device)
 
 
 def sample_decoder(mode: str, processor, crop=None, *, margin: float = DRAFT_MARGIN) -> Callable:

@@ -175,10 +175,15 @@ def collate(parts: Sequence[dict], *, processor, max_length: int | None = None,
 def encode_samples(samples: Sequence, *, processor, max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Pixels and caption tokens of samples that have `.image` and `.caption`."""
     pixels = processor.image_processor([s.image for s in samples], return_tensors="pt")[PIXELS]
+    return {PIXELS: pixels, **encode_texts(samples, processor=processor, max_length=max_length)}
+
+
+def encode_texts(samples: Sequence, *, processor, max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Caption tokens (input_ids, attention_mask) of samples that have `.caption`."""
     tokens = processor.tokenizer([s.caption for s in samples], padding=True, truncation=True,
                                  max_length=max_length or processor.tokenizer.model_max_length,
                                  return_tensors="pt")
-    return {PIXELS: pixels, INPUT_IDS: tokens[INPUT_IDS], ATTENTION: tokens[ATTENTION]}
+    return {INPUT_IDS: tokens[INPUT_IDS], ATTENTION: tokens[ATTENTION]}
 
 
 def signal_tensors(parts: Sequence[dict], *, remix: bool = False) -> dict[str, torch.Tensor]:

@@ -23,6 +23,13 @@ one that decodes EncodedSamples, full or in JPEG draft mode, and cuts a
 stored view's box); `defer_crop` is the `crop` that leaves the cut to it. A
 worker's bad input (InputError, OSError: a tar that changed, an image that
 no longer decodes) reaches the training process as the same one-line error.
+
+On CUDA, `gpu_device` moves decoding to the GPU: workers hand over each
+batch's encoded images, and the training process decodes them with
+torchvision.io.decode_jpeg(device=...) and resizes, crops and normalises them
+there (`tensor_pixels`: bicubic antialiased resize, close to the PIL
+processor's pixels but not equal to them). Needs torchvision; whole images
+only (no replayed views).
 """
 from __future__ import annotations
 
@@ -34,9 +41,10 @@ import torch
 
 from mcad.storage import schema
 from mcad.storage.errors import InputError, error_line
-from mcad.student.data import collate
+from mcad.student.data import PIXELS, collate, encode_texts, signal_tensors
 
 _ERROR = "__mcad_loader_error__"  # a batch that carries a worker's one-line error instead
+ENCODED = "encoded_images"  # gpu decoding: a batch's images as uint8 tensors of their file bytes
 
 
 @dataclass(frozen=True)
@@ -59,14 +67,63 @@ def build_batch(parts: Sequence[dict], remix: bool, *, processor, decode: Callab
     return collate(shown, processor=processor, remix=remix)
 
 
+def build_encoded_batch(parts: Sequence[dict], remix: bool, *, processor) -> dict:
+    """One batch whose images stay encoded (ENCODED: each sample's `.data` as a uint8 tensor) for the GPU."""
+    samples = [s for part in parts for s in part[schema.DATA]]
+    if any(isinstance(s, Deferred) for s in samples):
+        raise InputError("GPU decoding takes whole images: stored views are cut on the CPU (--decode draft|full)")
+    batch = {**encode_texts(samples, processor=processor), **signal_tensors(parts, remix=remix)}
+    batch[ENCODED] = [torch.frombuffer(bytearray(s.data), dtype=torch.uint8) for s in samples]
+    return batch
+
+
+def gpu_pixels(encoded: Sequence[torch.Tensor], image_processor, device) -> torch.Tensor:
+    """pixel_values of encoded images, decoded on `device` (JPEGs by nvJPEG through
+    torchvision.io.decode_jpeg, anything else by torchvision on the CPU first) and preprocessed there."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    jpeg = [i for i, data in enumerate(encoded) if data[:2].tolist() == [0xFF, 0xD8]]
+    images: list = [None] * len(encoded)
+    if jpeg:
+        decoded = decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        for i, image in zip(jpeg, decoded):
+            images[i] = image
+    for i, data in enumerate(encoded):
+        if images[i] is None:
+            images[i] = decode_image(data, mode=ImageReadMode.RGB).to(device)
+    return torch.stack([tensor_pixels(image, image_processor) for image in images])
+
+
+def tensor_pixels(image: torch.Tensor, image_processor) -> torch.Tensor:
+    """A (3, H, W) uint8 image as the processor's pixel_values, with torch ops on its device: resize
+    (shortest edge then centre crop, or straight to the square) bicubic with antialiasing, rounded
+    to 8 bits, rescaled and normalised. Close to the PIL processor's pixels, not equal to them."""
+    from mcad.student.models import image_size
+
+    side = image_size(image_processor)
+    x = image[None].float()
+    h, w = x.shape[-2:]
+    if (getattr(image_processor, "size", None) or {}).get("shortest_edge"):
+        scale = side / min(h, w)
+        size = (max(side, round(h * scale)), max(side, round(w * scale)))
+    else:
+        size = (side, side)
+    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (size[0] - side) // 2, (size[1] - side) // 2
+    x = x[..., top:top + side, left:left + side].clamp(0, 255).round() * float(image_processor.rescale_factor)
+    mean = torch.tensor(image_processor.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0]
+
+
 class EpochBatches(torch.utils.data.IterableDataset):
     """The batches of the epoch `epoch.value`; in a DataLoader worker, only that worker's share
     (batch i with i mod N = w)."""
 
-    def __init__(self, parts: Callable[[int], Iterable[tuple[list[dict], bool]]], *, processor, decode: Callable,
-                 epoch=None):
+    def __init__(self, parts: Callable[[int], Iterable[tuple[list[dict], bool]]], *, processor,
+                 decode: Callable | None, epoch=None):
         super().__init__()
-        self.parts, self.processor, self.decode = parts, processor, decode
+        self.parts, self.processor, self.decode = parts, processor, decode  # decode None: left to the GPU
         self.epoch = epoch if epoch is not None else multiprocessing.RawValue("q", 0)
 
     def __iter__(self) -> Iterator[dict]:
@@ -74,7 +131,11 @@ class EpochBatches(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         try:
             for i, (parts, remix) in enumerate(self.parts(self.epoch.value)):
-                if i % workers == worker:
+                if i % workers != worker:
+                    continue
+                if self.decode is None:
+                    yield build_encoded_batch(parts, remix, processor=self.processor)
+                else:
                     yield build_batch(parts, remix, processor=self.processor, decode=self.decode)
         except (InputError, OSError) as exc:
             if info is None:
@@ -97,9 +158,9 @@ class BatchLoader:
     """
 
     def __init__(self, parts: Callable[[int], Iterable[tuple[list[dict], bool]]], *, processor, decode: Callable,
-                 workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
-        self.workers = workers
-        self.dataset = EpochBatches(parts, processor=processor, decode=decode)
+                 workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2, gpu_device=None):
+        self.workers, self.processor, self.gpu_device = workers, processor, gpu_device
+        self.dataset = EpochBatches(parts, processor=processor, decode=None if gpu_device is not None else decode)
         self.loader = None
         if workers > 0:
             self.loader = torch.utils.data.DataLoader(
@@ -108,12 +169,11 @@ class BatchLoader:
 
     def __call__(self, epoch: int) -> Iterator[dict]:
         self.dataset.epoch.value = epoch  # before the iterator starts (or resumes) the workers
-        if self.loader is None:
-            yield from self.dataset
-            return
-        for batch in self.loader:
+        for batch in self.dataset if self.loader is None else self.loader:
             if _ERROR in batch:
                 raise InputError(batch[_ERROR])
+            if ENCODED in batch:
+                batch[PIXELS] = gpu_pixels(batch.pop(ENCODED), self.processor.image_processor, self.gpu_device)
             yield batch
 
     def close(self) -> None:

@@ -13,9 +13,10 @@ before anything is timed) writes from them:
                            At the models' own sizes (the student's and the teachers' processors)
                            and at the real sizes (CLIP 224 px for the student and the dual
                            teacher, BLIP 384 px), pools of --pool samples.
-  decode options           JPEG draft mode (the student's margin of 2, and 1) and a tensor path
-                           (decode, torch bicubic antialiased resize, crop, normalise;
-                           torchvision v2 when it imports) against the processor's PIL path:
+  decode options           JPEG draft mode (the student's margin of 2, and 1) and the tensor path
+                           of --decode gpu (student.loader.tensor_pixels: torch bicubic
+                           antialiased resize, crop, normalise; here on the CPU) against the
+                           processor's PIL path:
                            ms per image, pixel difference, and the cosine of the dual teacher's
                            image embeddings (bound: DRAFT_BOUND; a quality-95 re-encode for scale).
                            torchvision.io.decode_jpeg on CUDA where CUDA and torchvision exist.
@@ -255,29 +256,17 @@ def decode_options(samples: list, *, dual, pool: int) -> dict:
     return out
 
 
-_TENSOR_BACKEND = "torch.nn.functional.interpolate (bicubic, antialias)"
+_TENSOR_BACKEND = "student.loader.tensor_pixels: torch bicubic antialiased resize (the --decode gpu preprocessing)"
 
 
 def _tensor_path(image, processor, side: int):
-    """Decoded image -> resized (shortest edge, bicubic antialiased), centre-cropped, normalised tensor."""
+    """Decoded image -> the tensor path's pixel_values, on the CPU (the GPU path's arithmetic)."""
     import numpy as np
     import torch
 
-    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float()
-    h, w = x.shape[-2:]
-    scale = side / min(h, w)
-    size = (max(side, round(h * scale)), max(side, round(w * scale)))
-    try:
-        from torchvision.transforms.v2 import functional as tvf
+    from mcad.student.loader import tensor_pixels
 
-        x = tvf.resize(x, list(size), interpolation=tvf.InterpolationMode.BICUBIC, antialias=True)
-    except Exception:  # noqa: BLE001 (torchvision missing or broken: the plain torch path)
-        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (size[0] - side) // 2, (size[1] - side) // 2
-    x = x[..., top:top + side, left:left + side].clamp(0, 255).round() / 255.0
-    mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-    return ((x - mean) / std)[0]
+    return tensor_pixels(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1), processor)
 
 
 def _embed(dual, pixels, pool: int):

@@ -159,9 +159,10 @@ Examples:
 @STUDENT("--loader-workers", type=click.IntRange(min=-1),
          help="Processes that read, decode and collate the batches, per rank (the same batches whatever the "
               "number); 0: in the training process; -1: one per CPU this process may use, up to 8, none below 2.")
-@STUDENT("--decode", type=click.Choice(["draft", "full"]),
-         help="draft: JPEGs decoded at the smallest scale that still covers the student's input size; "
-              "full: every pixel, as the teacher pass decodes.")
+@STUDENT("--decode", type=click.Choice(["draft", "full", "gpu"]),
+         help="draft: JPEGs decoded at the smallest scale that still covers twice the student's input size; "
+              "full: every pixel, as the teacher pass decodes; gpu: decoded and preprocessed on the training's "
+              "CUDA device (needs torchvision; whole images only).")
 @report_to_option("RUN/tensorboard/ (data parallel: rank 0 writes)")
 def train_student(store, data, out, preset, init, tokenizer_from, val_data, online_teachers, resume, verify_data,
                   workers, gpus_per_worker, threads_per_worker, ray_address, stall_timeout_s, loader_workers, decode,

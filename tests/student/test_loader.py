@@ -195,3 +195,40 @@ def test_auto_workers_and_refusals(tmp_path):
                          (dict(loader_workers=1, online_teachers=("a", "b")), "--loader-workers 0")):
         with pytest.raises(InputError, match=message):
             StudentJob(**job, **bad)
+
+
+def test_the_tensor_path_is_close_to_the_processors_pixels(photo_store, processor):
+    from mcad.student.loader import tensor_pixels
+
+    _, tars = photo_store
+    samples = [s.decoded() for _, s in kept_samples(str(next(iter(tars.values()))), decode=False)][:6]
+    pil = processor.image_processor([s.image for s in samples], return_tensors="pt")["pixel_values"]
+    ours = torch.stack([tensor_pixels(torch.from_numpy(np.array(s.image)).permute(2, 0, 1), processor.image_processor)
+                        for s in samples])
+    assert ours.shape == pil.shape and ours.dtype == torch.float32
+    assert (ours - pil).abs().mean() < 0.02  # normalised units: close, not equal (another resize filter)
+
+
+def test_gpu_decode_is_refused_in_one_line_where_it_cannot_run(tmp_path):
+    from mcad.jobs.train_student import check_gpu_decode
+
+    job = StudentJob(store="s", data="d", out=str(tmp_path), decode="gpu")
+    with pytest.raises(InputError, match="--decode gpu decodes on the training's CUDA device"):
+        check_gpu_decode(job, "cpu", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: torchvision.io.decode_jpeg on the GPU")
+def test_gpu_decoded_batches_match_the_cpu_ones_but_for_close_pixels(photo_store, processor):
+    path, tars = photo_store
+    store, cfg = open_store(path), TrainConfig(pools_per_batch=2)
+
+    def parts(epoch):
+        return student_parts(store, cfg, samples=_samples(tars, decode=False), epoch=epoch)
+
+    cpu = list(BatchLoader(parts, processor=processor, decode=sample_decoder("full", processor))(0))
+    gpu = list(BatchLoader(parts, processor=processor, decode=None, workers=2, gpu_device=torch.device("cuda"))(0))
+    assert len(cpu) == len(gpu)
+    for a, b in zip(cpu, gpu):
+        assert a.keys() == b.keys() and b["pixel_values"].device.type == "cuda"
+        assert all(torch.equal(a[k], b[k]) for k in a if k != "pixel_values")
+        assert (a["pixel_values"] - b["pixel_values"].cpu()).abs().mean() < 0.05
