@@ -15,8 +15,8 @@ from mcad.storage.errors import InputError
 
 pytestmark = pytest.mark.ray
 
-TOY = ["--samples", "24", "--image-size", "96", "--shard-size", "12", "--pool", "8", "--topk", "3",
-       "--epochs", "1", "--per-worker", "16"]
+TOY = ["--samples", "16", "--image-size", "96", "--shard-size", "8", "--pool", "8", "--topk", "3",
+       "--epochs", "1", "--per-worker", "8"]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -39,14 +39,14 @@ def test_bench_input_on_toy_photos(ray_local, teachers_dir, tmp_path):
     assert 0 <= fig["data_wait_share"] <= 1
     # Every variant trained on every sample; the pass wrote the serial bytes with the next pool ahead.
     for epochs in got["checks"]["student_epochs"].values():
-        assert [e["samples"] for e in epochs] == [24]
-    assert passes["files_identical"] and got["checks"]["pass_files_identical"] and passes["rows"] == 24
+        assert [e["samples"] for e in epochs] == [16]
+    assert passes["files_identical"] and got["checks"]["pass_files_identical"] and passes["rows"] == 16
     rates = fig["input_samples_per_s_per_worker"]
     assert {"student_models_draft", "student_models_full", "pass_models", "student_real_draft",
             "student_real_full", "pass_real", "read_and_decode_full", "read_only"} == set(rates)
     assert all(v > 0 for v in rates.values())
     options = fig["decode_options"]
-    assert options["images"] == 16 and options["bound_min_cosine"] == DRAFT_BOUND
+    assert options["images"] == 8 and options["bound_min_cosine"] == DRAFT_BOUND
     for name in ("pil_draft", "pil_draft_1x", "tensor_full", "reencode_q95"):
         assert -1 <= options[f"{name}_cosine_min"] <= options[f"{name}_cosine_mean"] <= 1 + 1e-6
     assert options["draft_within_bound"] == (options["pil_draft_cosine_min"] >= options["bound_min_cosine"])
