@@ -4,14 +4,16 @@ The selection protocol of the report (docs/design.md, section 3, "Evaluation"):
 every setting is chosen on val, test is never read. Starting from the current
 defaults, each step is one `mcad pipeline sweep` over one factor, the others
 held at the values chosen so far (coordinate ascent); the factor's winner is
-the trial with the highest validation rsum at its last epoch (ASHA may stop
-the weak ones early). The last step compares epoch budgets with every other
-setting chosen. Each step's sweep folder keeps its own results.csv.
+the trial with the highest validation rsum among those that finished their
+epochs (ASHA may stop the weak ones early; the incumbent, already run, wins
+ties). The last step compares epoch budgets with every other setting chosen.
+Each step's sweep folder keeps its own results.csv; points run before are
+reused (see RULE).
 
     mcad bench select --store store/ --data data/train --val-data data/val --out select/
     mcad bench select ... --factor kd_temperature=1,2,4,8 --factor beta=0,0.5,1 --epoch-budgets 6,10
 
-Outputs: OUT/<step>-<factor>/ (a sweep: results.csv, trials/), OUT/selection.json
+Outputs: OUT/<step>-<factor>[-N]/ (a sweep: results.csv, trials/), OUT/selection.json
 (every step's table, the winners, the chosen settings, the rule) and
 OUT/selection.md. An interrupted selection continues with `--resume`.
 """
@@ -34,9 +36,13 @@ FACTORS = (
     ("w_feat", (0.5, 1.0, 2.0)),
 )
 EPOCH_BUDGETS = (6, 10, 15)
-RULE = ("coordinate ascent from the defaults: one factor per sweep, the others at the values chosen so far; "
-        "the winner is the highest validation rsum at the trial's last epoch (ties: the earlier value listed); "
-        "then the epoch budgets are compared with every chosen setting. Test is never read.")
+RULE = ("coordinate ascent from the defaults: one factor at a time, the others at the values chosen so far; "
+        "the value chosen so far (the incumbent) and the other values each train once (a point already run in "
+        "an earlier step is reused: training is deterministic from its settings and seed), the values not yet "
+        "run in one sweep (ASHA may stop the weak ones early); the winner is the highest validation rsum among "
+        "the trials that finished all their epochs, the incumbent winning ties, so a trial stopped early never "
+        "wins; then the epoch budgets are compared the same way (each budget its own run, no early stopping). "
+        "Test is never read.")
 SELECTION_NAME = "selection.json"
 
 
@@ -75,26 +81,76 @@ def parse_factors(specs: tuple[str, ...]) -> tuple:
     return tuple(out)
 
 
-def _winner(table: list[dict], name: str, values: tuple) -> tuple:
-    """The value of `name` in the best finished-or-stopped row; ties go to the value listed first."""
-    from mcad.jobs.sweep import METRIC
+def _winner(rows: list[dict], incumbent) -> tuple:
+    """(value, rsum) of the best row that finished its epochs; the incumbent wins ties, and a trial
+    ASHA stopped early never wins (its rsum is from an earlier epoch)."""
+    from mcad.jobs.sweep import FINISHED, METRIC
 
-    scored = [r for r in table if r[METRIC] != ""]
-    if not scored:
-        raise InputError(f"select {name}: no trial reported a validation rsum")
-    best = max(r[METRIC] for r in scored)
-    tied = {r[name] for r in scored if r[METRIC] == best}
-    return next(v for v in values if v in tied), best
+    done = [r for r in rows if r["status"] == FINISHED and r[METRIC] is not None]
+    if not done:
+        raise InputError(f"select: no trial of {[r['value'] for r in rows]} finished its epochs")
+    best = max(r[METRIC] for r in done)
+    tied = [r["value"] for r in done if r[METRIC] == best]
+    return (incumbent if incumbent in tied else tied[0]), best
 
 
-def _sweep(cfg: SelectConfig, folder: Path, grid: dict, epochs: int, grace: int) -> dict:
-    from mcad.jobs.sweep import SweepJob, run_sweep
+def known_trials(out: Path) -> dict[tuple[str, int], dict]:
+    """(trial name, epochs) -> outcome ({status, epochs, val_rsum, sweep}) of every trial of every sweep
+    under out. Training is deterministic from its settings and seed, so a point run once is not run again."""
+    from mcad.jobs.sweep import CONFIG_NAME, STATUS_NAME, TRIALS_DIR
 
-    resume = cfg.resume and (folder / "sweep_config.json").is_file()
-    job = SweepJob(store=cfg.store, data=cfg.data, val_data=cfg.val_data, out=str(folder), grid=grid,
-                   epochs=epochs, parallel=cfg.parallel, grace_epochs=min(grace, epochs),
-                   ray_address=cfg.ray_address, resume=resume)
-    return run_sweep(job, progress=False)
+    known = {}
+    for config in sorted(out.rglob(CONFIG_NAME)):
+        horizon = int(json.loads(config.read_text())["epochs"])
+        for status in sorted((config.parent / TRIALS_DIR).glob(f"*/{STATUS_NAME}")):
+            known[(status.parent.name, horizon)] = {**json.loads(status.read_text()),
+                                                    "sweep": str(config.parent.relative_to(out))}
+    return known
+
+
+def _folder(out: Path, base: str, grid: dict, epochs: int) -> tuple[Path, bool]:
+    """A sweep folder for this grid: base, or base-2, base-3, ... when a folder holds another sweep;
+    (folder, resume) where resume means the folder holds this very sweep, unfinished."""
+    from mcad.jobs.sweep import CONFIG_NAME
+
+    for n in range(1, 100):
+        folder = out / (base if n == 1 else f"{base}-{n}")
+        saved = folder / CONFIG_NAME
+        if not saved.is_file():
+            return folder, False
+        before = json.loads(saved.read_text())
+        if before.get("grid") == json.loads(json.dumps(grid)) and before.get("epochs") == epochs:
+            return folder, True
+    raise InputError(f"{out}: too many sweeps named {base}")
+
+
+def _step(cfg: SelectConfig, out: Path, base: str, chosen: dict, name: str, values: tuple, incumbent,
+          epochs: int, grace: int, echo) -> dict:
+    """One factor: the incumbent (the value chosen so far) and the other values, each run once
+    (earlier results reused), the winner by _winner."""
+    from mcad.jobs.sweep import SweepJob, run_sweep, trial_name
+
+    candidates = [incumbent] + [v for v in values if v != incumbent]
+    point = {v: {**chosen, name: v} for v in candidates} if name != "epochs" else {v: dict(chosen) for v in candidates}
+    horizon = {v: (v if name == "epochs" else epochs) for v in candidates}
+    key = {v: (trial_name(point[v]), horizon[v]) for v in candidates}
+    todo = [v for v in candidates if key[v] not in known_trials(out)]
+    for group in ([[v] for v in todo] if name == "epochs" else [todo] if todo else []):
+        grid = {k: [v] for k, v in chosen.items() if k != name}
+        if name != "epochs":
+            grid[name] = group
+        h = horizon[group[0]]
+        folder, resume = _folder(out, base if name != "epochs" else f"{base}-{group[0]}", grid, h)
+        echo(f"[select] {name}: running {group} -> {folder.name}")
+        run_sweep(SweepJob(store=cfg.store, data=cfg.data, val_data=cfg.val_data, out=str(folder), grid=grid,
+                           epochs=h, parallel=cfg.parallel, grace_epochs=min(grace, h),
+                           ray_address=cfg.ray_address, resume=resume), progress=False)
+    known = known_trials(out)
+    rows = [{"value": v, **known[key[v]]} for v in candidates]
+    value, rsum = _winner(rows, incumbent)
+    return {"factor": name, "values": list(values), "incumbent": incumbent, "chosen": value, "val_rsum": rsum,
+            "epochs": None if name == "epochs" else epochs,
+            "trials": sorted(rows, key=lambda r: list(values).index(r["value"]) if r["value"] in values else -1)}
 
 
 def run_select(cfg: SelectConfig, *, echo=print) -> dict:
@@ -112,25 +168,21 @@ def run_select(cfg: SelectConfig, *, echo=print) -> dict:
     chosen.update({name: defaults[name] for name, _ in cfg.factors})
     steps = []
     for i, (name, values) in enumerate(cfg.factors, start=1):
-        grid = {k: [v] for k, v in chosen.items() if k != name} | {name: list(values)}
-        echo(f"[select] step {i}: {name} in {list(values)} with {_fixed(chosen, name)}")
-        result = _sweep(cfg, out / f"{i}-{name}", grid, cfg.epochs, cfg.grace_epochs)
-        value, rsum = _winner(result["table"], name, values)
-        echo(f"[select] {name} = {value} (val rsum {rsum:.2f}; default {defaults[name]})")
-        chosen[name] = value
-        steps.append(_step(name, values, defaults[name], value, rsum, cfg.epochs, result["table"]))
+        echo(f"[select] step {i}: {name} in {list(values)} (now {chosen[name]}) with {_fixed(chosen, name)}")
+        step = _step(cfg, out, f"{i}-{name}", chosen, name, values, chosen[name], cfg.epochs, cfg.grace_epochs,
+                     echo)
+        echo(f"[select] {name} = {step['chosen']} (val rsum {step['val_rsum']:.2f}; default {defaults[name]})")
+        chosen[name] = step["chosen"]
+        steps.append({**step, "default": defaults[name]})
     epochs = cfg.epochs
     if cfg.epoch_budgets:
-        tables = []
-        for e in cfg.epoch_budgets:
-            echo(f"[select] epochs {e} with {_fixed(chosen, None)}")
-            grid = {k: [v] for k, v in chosen.items()}
-            result = _sweep(cfg, out / f"{len(steps) + 1}-epochs-{e}", grid, e, grace=e)  # no early stop
-            tables += [{**row, "epochs_budget": e} for row in result["table"]]
-        value, rsum = _winner(tables, "epochs_budget", tuple(cfg.epoch_budgets))
-        echo(f"[select] epochs = {value} (val rsum {rsum:.2f}; default {defaults['epochs']})")
-        epochs = value
-        steps.append(_step("epochs", cfg.epoch_budgets, defaults["epochs"], value, rsum, None, tables))
+        i = len(steps) + 1
+        echo(f"[select] step {i}: epochs in {list(cfg.epoch_budgets)} (now {epochs}) with {_fixed(chosen, None)}")
+        step = _step(cfg, out, f"{i}-epochs", chosen, "epochs", tuple(cfg.epoch_budgets), cfg.epochs, cfg.epochs,
+                     cfg.grace_epochs, echo)
+        echo(f"[select] epochs = {step['chosen']} (val rsum {step['val_rsum']:.2f}; default {defaults['epochs']})")
+        epochs = step["chosen"]
+        steps.append({**step, "default": defaults["epochs"]})
     selection = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "rule": RULE, "steps": steps,
                  "chosen": {**{k: v for k, v in chosen.items() if k not in ("preset", "seed")}, "epochs": epochs},
                  "defaults": {k: defaults[k] for k in [n for n, _ in cfg.factors] + ["epochs"]}}
@@ -143,16 +195,6 @@ def _fixed(chosen: dict, name: str | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in chosen.items() if k != name)
 
 
-def _step(name, values, default, value, rsum, epochs, table) -> dict:
-    from mcad.jobs.sweep import METRIC
-
-    column = "epochs_budget" if name == "epochs" else name
-    rows = [{"value": r[column], METRIC: r[METRIC], "epochs_run": r["epochs"], "status": r["status"]}
-            for r in table]
-    return {"factor": name, "values": list(values), "default": default, "chosen": value, "val_rsum": rsum,
-            "epochs": epochs, "trials": sorted(rows, key=lambda r: list(values).index(r["value"]))}
-
-
 def markdown(selection: dict) -> str:
     from mcad.jobs.sweep import METRIC
 
@@ -160,13 +202,13 @@ def markdown(selection: dict) -> str:
     lines = ["# Settings chosen on val", "",
              f"Store `{c['store']}`, val `{c['val_data']}`, preset `{c['preset']}`, seed {c['seed']}. "
              f"Rule: {selection['rule']}", "",
-             "| step | factor | value | val rsum | epochs run | status |", "|---|---|---|---|---|---|"]
+             "| step | factor | value | val rsum | epochs run | status | sweep |", "|---|---|---|---|---|---|---|"]
     for i, step in enumerate(selection["steps"], start=1):
         for t in step["trials"]:
             mark = " (chosen)" if t["value"] == step["chosen"] else ""
-            mark += " (default)" if t["value"] == step["default"] else ""
-            lines.append(f"| {i} | {step['factor']} | {t['value']}{mark} | {t[METRIC]} | {t['epochs_run']} | "
-                         f"{t['status']} |")
+            mark += " (incumbent)" if t["value"] == step["incumbent"] else ""
+            lines.append(f"| {i} | {step['factor']} | {t['value']}{mark} | {t[METRIC]} | {t['epochs']} | "
+                         f"{t['status']} | `{t['sweep']}` |")
     lines += ["", "Chosen: " + ", ".join(f"{k} = {v}" for k, v in selection["chosen"].items()),
               "", "Defaults before: " + ", ".join(f"{k} = {v}" for k, v in selection["defaults"].items()), ""]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`mcad bench select`: settings chosen on val one factor at a time, each from its own sweep's table."""
+"""`mcad bench select`: settings chosen on val one factor at a time, each point trained once."""
 from __future__ import annotations
 
 import csv
@@ -12,17 +12,22 @@ from mcad.jobs.bench.select import _winner
 from mcad.jobs.cli import main
 
 
-def test_winner_is_the_best_rsum_and_ties_go_to_the_value_listed_first():
-    table = [{"beta": 1.0, "val_rsum": 300.0}, {"beta": 0.5, "val_rsum": 310.0}, {"beta": 0.0, "val_rsum": 310.0},
-             {"beta": 2.0, "val_rsum": ""}]  # a trial that reported nothing never wins
-    assert _winner(table, "beta", (0.0, 0.5, 1.0, 2.0)) == (0.0, 310.0)
-    assert _winner(table, "beta", (2.0, 1.0, 0.5, 0.0)) == (0.5, 310.0)
-    with pytest.raises(Exception, match="no trial"):
-        _winner([{"beta": 1.0, "val_rsum": ""}], "beta", (1.0,))
+def _row(value, rsum, status="finished"):
+    return {"value": value, "val_rsum": rsum, "status": status}
+
+
+def test_winner_finished_its_epochs_and_the_incumbent_wins_ties():
+    rows = [_row(1.0, 300.0), _row(0.5, 310.0), _row(0.0, 310.0), _row(2.0, None, "error")]
+    assert _winner(rows, incumbent=0.0) == (0.0, 310.0)
+    assert _winner(rows, incumbent=1.0) == (0.5, 310.0)  # the first of the tied challengers
+    # A trial ASHA stopped early reports an earlier epoch's rsum: it never wins, even when higher.
+    assert _winner([_row(1.0, 300.0), _row(0.5, 400.0, "stopped early (ASHA)")], incumbent=1.0) == (1.0, 300.0)
+    with pytest.raises(Exception, match="finished"):
+        _winner([_row(1.0, 250.0, "stopped early (ASHA)")], incumbent=1.0)
 
 
 @pytest.mark.ray
-def test_select_chooses_each_factor_from_its_sweep_and_carries_it_forward(tiny_store, shapes_data, tmp_path):
+def test_select_runs_each_point_once_and_keeps_the_best_finished(tiny_store, shapes_data, tmp_path):
     out = tmp_path / "select"
     args = ["bench", "select", "--store", str(tiny_store), "--data", str(shapes_data / "train"),
             "--val-data", str(shapes_data / "val"), "--out", str(out), "--factor", "alpha=0,1",
@@ -31,21 +36,23 @@ def test_select_chooses_each_factor_from_its_sweep_and_carries_it_forward(tiny_s
     assert result.exit_code == 0, result.output
     selection = json.loads((out / "selection.json").read_text())
 
-    def best(folder, column):  # read back from the sweep's own CSV, independently of select.py
-        rows = list(csv.DictReader(open(folder / "results.csv")))
-        top = max(float(r["val_rsum"]) for r in rows)
-        return [r for r in rows if float(r["val_rsum"]) == top][0][column], rows
-
-    alpha, rows = best(out / "1-alpha", "alpha")
-    assert float(alpha) == selection["chosen"]["alpha"] and len(rows) == 2
-    budgets = {e: best(out / f"2-epochs-{e}", "val_rsum")[0] for e in (1, 2)}
-    assert selection["chosen"]["epochs"] == max(budgets, key=lambda e: float(budgets[e]))
-    for e in (1, 2):  # step 1's winner is held fixed in the epoch step
-        (row,) = list(csv.DictReader(open(out / f"2-epochs-{e}" / "results.csv")))
-        assert float(row["alpha"]) == selection["chosen"]["alpha"] and row["epochs"] == str(e)
-    assert "Test is never read" in selection["rule"] and "(chosen)" in (out / "selection.md").read_text()
-    # A second run into the same folder is refused; --resume reuses every finished sweep.
+    # Step 1 ran the default (the incumbent, 0.5) and both values, in one sweep; read back from its CSV.
+    rows = list(csv.DictReader(open(out / "1-alpha" / "results.csv")))
+    assert sorted(float(r["alpha"]) for r in rows) == [0.0, 0.5, 1.0]
+    finished = {float(r["alpha"]): float(r["val_rsum"]) for r in rows if r["status"] == "finished"}
+    best = max(finished.values())
+    assert selection["chosen"]["alpha"] in [a for a, v in finished.items() if v == best]
+    # The epoch step reuses the 1-epoch run of the chosen point and trains only the 2-epoch budget.
+    (row,) = list(csv.DictReader(open(out / "2-epochs-2" / "results.csv")))
+    assert float(row["alpha"]) == selection["chosen"]["alpha"] and row["epochs"] == "2"
+    assert not (out / "2-epochs-1").exists()
+    budgets = {1: best, 2: float(row["val_rsum"])}
+    assert selection["chosen"]["epochs"] == (2 if budgets[2] > budgets[1] else 1)
+    assert "Test is never read" in selection["rule"] and "(incumbent)" in (out / "selection.md").read_text()
+    # A second run into the same folder is refused; --resume trains nothing again.
     assert_one_line_error(CliRunner().invoke(main, args), "--resume")
+    trials = sorted(p.name for p in out.rglob("trial.json"))
     again = CliRunner().invoke(main, [*args, "--resume"])
     assert again.exit_code == 0, again.output
     assert json.loads((out / "selection.json").read_text())["chosen"] == selection["chosen"]
+    assert sorted(p.name for p in out.rglob("trial.json")) == trials and "running" not in again.output
