@@ -174,7 +174,7 @@ def loader(job: StudentJob, store, processor, *, crop, workers: int, rank: int =
                              crop=defer_crop if crop is not None else None, rank=rank, world_size=world_size)
 
     return BatchLoader(parts, processor=processor, decode=decode, workers=workers, pin_memory=pin_memory,
-                       gpu_device=gpu_device)
+                       gpu_device=gpu_device, stop=job.train.epochs)
 
 
 def check_gpu_decode(job: StudentJob, device, crop):

@@ -45,6 +45,7 @@ from mcad.student.data import PIXELS, collate, encode_texts, signal_tensors
 
 _ERROR = "__mcad_loader_error__"  # a batch that carries a worker's one-line error instead
 ENCODED = "encoded_images"  # gpu decoding: a batch's images as uint8 tensors of their file bytes
+_EPOCH_END = "__mcad_epoch_end__"  # the item that closes an epoch in the stream of batches
 
 
 @dataclass(frozen=True)
@@ -117,26 +118,36 @@ def tensor_pixels(image: torch.Tensor, image_processor) -> torch.Tensor:
 
 
 class EpochBatches(torch.utils.data.IterableDataset):
-    """The batches of the epoch `epoch.value`; in a DataLoader worker, only that worker's share
-    (batch i with i mod N = w)."""
+    """The batches of epochs start, start + 1, ... (up to `stop`), each epoch closed by an end item;
+    in a DataLoader worker only that worker's share: item g of the whole stream with g mod N = w.
+
+    One stream over the epochs, so a worker that has built its last batch of an epoch goes on
+    with the next epoch's while the training loop finishes (and validates) this one.
+    """
 
     def __init__(self, parts: Callable[[int], Iterable[tuple[list[dict], bool]]], *, processor,
-                 decode: Callable | None, epoch=None):
+                 decode: Callable | None, stop: int | None = None):
         super().__init__()
         self.parts, self.processor, self.decode = parts, processor, decode  # decode None: left to the GPU
-        self.epoch = epoch if epoch is not None else multiprocessing.RawValue("q", 0)
+        self.start = multiprocessing.RawValue("q", 0)  # set before each (re)start: forked workers read it
+        self.stop = stop
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        item, epoch = 0, self.start.value
         try:
-            for i, (parts, remix) in enumerate(self.parts(self.epoch.value)):
-                if i % workers != worker:
-                    continue
-                if self.decode is None:
-                    yield build_encoded_batch(parts, remix, processor=self.processor)
-                else:
-                    yield build_batch(parts, remix, processor=self.processor, decode=self.decode)
+            while self.stop is None or epoch < self.stop:
+                for parts, remix in self.parts(epoch):
+                    if item % workers == worker:
+                        if self.decode is None:
+                            yield build_encoded_batch(parts, remix, processor=self.processor)
+                        else:
+                            yield build_batch(parts, remix, processor=self.processor, decode=self.decode)
+                    item += 1
+                if item % workers == worker:
+                    yield {_EPOCH_END: epoch}
+                item, epoch = item + 1, epoch + 1
         except (InputError, OSError) as exc:
             if info is None:
                 raise
@@ -148,36 +159,48 @@ class EpochBatches(torch.utils.data.IterableDataset):
 class BatchLoader:
     """batches(epoch) for the training loop: the epoch's collated batches, in order, built inline
     (workers 0) or by `workers` processes that live as long as this loader (persistent
-    DataLoader workers, forked at the first epoch: the epoch number reaches them through
-    shared memory, set before each epoch starts).
+    DataLoader workers, forked at the first call).
 
-    parts(epoch) gives the epoch's sequence (student.data.student_parts); each
-    worker walks it. `prefetch_factor` batches ahead per worker, pinned memory
-    when asked (a CUDA device), and a seed generator of its own: the global torch
-    RNG is left as it was.
+    The workers walk one stream over the epochs from the first epoch asked for
+    (student.data.student_parts of each; up to `stop`), so they start on the
+    next epoch while the loop finishes this one. Asking for any epoch other than
+    the one after the last epoch read to its end restarts the stream there.
+    `prefetch_factor` batches ahead per worker, pinned memory when asked (a CUDA
+    device), and a seed generator of its own: the global torch RNG is left as it was.
     """
 
     def __init__(self, parts: Callable[[int], Iterable[tuple[list[dict], bool]]], *, processor, decode: Callable,
-                 workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2, gpu_device=None):
+                 workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2, gpu_device=None,
+                 stop: int | None = None):
         self.workers, self.processor, self.gpu_device = workers, processor, gpu_device
-        self.dataset = EpochBatches(parts, processor=processor, decode=None if gpu_device is not None else decode)
+        self.dataset = EpochBatches(parts, processor=processor, decode=None if gpu_device is not None else decode,
+                                    stop=stop)
         self.loader = None
         if workers > 0:
             self.loader = torch.utils.data.DataLoader(
                 self.dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                 prefetch_factor=prefetch_factor, persistent_workers=True, generator=torch.Generator())
+        self._stream: Iterator | None = None
+        self._next_epoch: int | None = None  # the epoch the stream is at, after a finished one
 
     def __call__(self, epoch: int) -> Iterator[dict]:
-        self.dataset.epoch.value = epoch  # before the iterator starts (or resumes) the workers
-        for batch in self.dataset if self.loader is None else self.loader:
+        if self._stream is None or self._next_epoch != epoch:
+            self.dataset.start.value = epoch  # before the iterator starts (or resets) the workers
+            self._stream = iter(self.dataset if self.loader is None else self.loader)
+        self._next_epoch = None  # until this epoch's end is read
+        for batch in self._stream:
             if _ERROR in batch:
                 raise InputError(batch[_ERROR])
+            if _EPOCH_END in batch:
+                self._next_epoch = epoch + 1
+                return
             if ENCODED in batch:
                 batch[PIXELS] = gpu_pixels(batch.pop(ENCODED), self.processor.image_processor, self.gpu_device)
             yield batch
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is garbage collected)."""
+        self._stream = None
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None:
             iterator._shutdown_workers()
@@ -188,7 +211,7 @@ def epoch_batches(parts: Callable[[], Iterable[tuple[list[dict], bool]]], *, pro
                   workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2) -> Iterator[dict]:
     """One epoch's batches from parts() (a BatchLoader of its own, closed at the end)."""
     loader = BatchLoader(lambda _: parts(), processor=processor, decode=decode, workers=workers,
-                         pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+                         pin_memory=pin_memory, prefetch_factor=prefetch_factor, stop=1)
     try:
         yield from loader(0)
     finally:

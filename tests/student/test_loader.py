@@ -120,8 +120,9 @@ def test_persistent_workers_follow_the_epochs_and_stop_when_closed(photo_store, 
     _assert_same([first, first], [next(iter(inline(0)))] * 2)
     children = multiprocessing.active_children()
     assert len(children) >= 2
-    for epoch in (1, 2, 1):
+    for epoch in (1, 2, 1):  # 1 then 2: one stream (the workers run ahead into 2); then back to 1: a restart
         _assert_same(list(inline(epoch)), list(loader(epoch)))
+        assert loader._next_epoch == epoch + 1
     assert {c.pid for c in multiprocessing.active_children()} >= {c.pid for c in children}  # the same workers
     loader.close()
     assert not any(c.is_alive() for c in children)
