@@ -158,7 +158,7 @@ Examples:
          help="With --workers > 1: fail when the ranks cannot be placed for this many seconds.")
 @STUDENT("--loader-workers", type=click.IntRange(min=-1),
          help="Processes that read, decode and collate the batches, per rank (the same batches whatever the "
-              "number); 0: in the training process; -1: one per CPU this process may use, up to 8, none below 2.")
+              "number); 0: in the training process; -1: one per CPU this process may use but one, up to 8.")
 @STUDENT("--decode", type=click.Choice(["draft", "full", "gpu"]),
          help="draft: JPEGs decoded at the smallest scale that still covers twice the student's input size; "
               "full: every pixel, as the teacher pass decodes; gpu: decoded and preprocessed on the training's "

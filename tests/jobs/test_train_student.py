@@ -176,4 +176,4 @@ def test_auto_loader_workers_inside_ray_count_the_cpus_ray_gave(ray_local, tmp_p
         return auto_loader_workers(job)
 
     assert ray_local.get(resolved.options(num_cpus=1).remote(job), timeout=120) == 0  # a Ray Train rank, a trial
-    assert ray_local.get(resolved.options(num_cpus=2).remote(job), timeout=120) == 2
+    assert ray_local.get(resolved.options(num_cpus=2).remote(job), timeout=120) == 1

@@ -191,7 +191,7 @@ def test_auto_workers_and_refusals(tmp_path):
     import os
 
     cpus = len(os.sched_getaffinity(0))
-    assert auto_loader_workers(StudentJob(**job)) == (min(cpus, 8) if cpus >= 2 else 0)
+    assert auto_loader_workers(StudentJob(**job)) == max(0, min(cpus - 1, 8))
     for bad, message in ((dict(loader_workers=-2), "loader_workers must be"), (dict(decode="fast"), "decode must be"),
                          (dict(loader_workers=1, online_teachers=("a", "b")), "--loader-workers 0")):
         with pytest.raises(InputError, match=message):
