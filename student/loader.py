@@ -2,11 +2,12 @@
 
 `student.data.student_parts` fixes an epoch's batches (which pools or rows,
 in which order) from the store, the config, the epoch and the rank alone. A
-loader of N workers has every worker walk that same sequence, reading each
-shard's tar and Parquet file side by side as the inline path does, but
-keeping the images encoded; worker w decodes, preprocesses and collates only
-batches w, w + N, w + 2N, ... The DataLoader hands batches out round robin
-from workers 0..N-1, so the training loop sees batch 0, 1, 2, ... in order:
+loader of N workers has every worker walk that same sequence, epoch after
+epoch (each closed by an end item), reading each shard's tar and Parquet
+file side by side as the inline path does, but keeping the images encoded;
+worker w decodes, preprocesses and collates only items w, w + N, w + 2N, ...
+The DataLoader hands them out round robin from workers 0..N-1, so the
+training loop sees batch 0, 1, 2, ... of each epoch in order:
 the same pools, the same order and the same pixels whatever N is (N = 0
 builds them inline, in the training process, through the same functions).
 Every worker reads the headers, captions and Parquet rows of the whole
