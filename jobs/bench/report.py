@@ -312,7 +312,7 @@ def run_speed(cfg: ReportConfig, *, echo=print) -> dict:
         path = folder / f"bench-{name}.json"
         if path.exists():
             echo(f"[report] bench {name}: kept from an earlier run ({path})")
-            out[name] = json.loads(path.read_text())
+            out[name] = {**json.loads(path.read_text()), "kept": True}
             continue
         echo(f"[report] bench {name} ({command}) ...")
         result = {**fn(bench_cfg), "command": command}
@@ -399,7 +399,8 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
         "ablation_vs_baseline": ablation(evals),
         "paired_differences": paired_differences({str(k): v for k, v in per_seed.items()}),
         "bootstrap": bootstrap_differences(out, sorted(per_seed)),
-        "speed": ({name: {k: b[k] for k in ("bench", "ratios", "figures", "machine", "config", "command") if k in b}
+        "speed": ({name: {k: b[k] for k in ("bench", "ratios", "figures", "machine", "config", "command", "kept")
+                          if k in b}
                    for name, b in speed.items()} if speed else None),
         "cost": cost(per_seed, online),
         "machine": machine_info(),

@@ -100,6 +100,10 @@ def markdown(report: dict) -> str:
                   f"(batch {f['batch_size']}). Store: {speed['store']['figures']['bytes_per_sample']:.0f} bytes "
                   f"per sample, reader {speed['store']['figures']['reader_rows_per_s']:,.0f} rows/s. "
                   f"Full JSON of each bench: `speed/bench-<name>.json`.", ""]
+        kept = [name for name, b in speed.items() if b.get("kept")]
+        if kept:
+            lines += [f"Kept from an earlier run of the report (found in `speed/`, not measured again): "
+                      f"{', '.join(kept)}.", ""]
     co = report["cost"]
     lines += ["## Cost", "",
               *_md_table([["figure", "value"],

@@ -198,10 +198,13 @@ def test_report_restart_keeps_finished_seeds_and_wires_speed(toy_report, monkeyp
     assert c["payback_runs"] == math.ceil(c["break_even_runs"])
     md = (Path(cfg.out) / "report.md").read_text()
     assert "| student | `online_over_stored` | 11.000 |" in md and "student smoke" in md
-    # A third run reuses the benches it kept.
+    assert "Kept from an earlier run" not in md
+    # A third run reuses the benches it kept, and the report says so.
     calls.clear()
-    run_report(ReportConfig(**{**dataclasses.asdict(cfg), "skip_speed": False}), echo=lambda _: None)
-    assert calls == []
+    third = run_report(ReportConfig(**{**dataclasses.asdict(cfg), "skip_speed": False}), echo=lambda _: None)
+    assert calls == [] and all(b["kept"] for b in third["speed"].values())
+    md = (Path(cfg.out) / "report.md").read_text()
+    assert "Kept from an earlier run of the report (found in `speed/`, not measured again): student" in md
 
 
 @pytest.mark.ray
