@@ -40,6 +40,7 @@ from mcad.storage.manifest import (
 from mcad.storage.lock import acquire
 from mcad.storage.atomic import sweep_temporaries
 from mcad.storage.errors import InputError, error_line
+from mcad.storage.schema import POOLS_CONSECUTIVE
 
 CONFIG_NAME = PASS_CONFIG_NAME
 MAX_DECODE_THREADS = 8
@@ -102,10 +103,14 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
     start = time.perf_counter()
     digest = hashlib.sha256()
     items = iter_shard(source, digest=digest, decode_threads=decode_threads)
-    teachers = [prepared_pixels(t) for t in (dual, single)] if prefetch else []
+    # Pixels are prepared ahead only for consecutive pools: neighbour pools are formed once the whole
+    # shard is read, so prepared pixels would be held for the whole shard (GBs at BLIP's 384 px).
+    prepare = prefetch and cfg.pools == POOLS_CONSECUTIVE
+    teachers = [prepared_pixels(t) for t in (dual, single)] if prepare else []
     if prefetch:
         items = read_ahead(items, pool_size=cfg.pool_size, depth=prefetch,
-                           prepare=lambda samples: [t.processor.prepare([s.image for s in samples]) for t in teachers])
+                           prepare=(lambda samples: [t.processor.prepare([s.image for s in samples])
+                                                     for t in teachers]) if prepare else None)
     try:
         columns, views, rejects, _ = shard_signals_and_views(dual, single, items, shard=shard, config=cfg,
                                                              projection=projection)
