@@ -49,23 +49,24 @@ class TrainConfig:
 
     mode: str = "replay"          # replay: batches are whole pools; remix: any rows
     views: str = "cycle"          # VIEW_POLICIES; a store without views has only view 0
-    alpha: float = 0.5            # weight of the single teacher's fused features in v', t'
-    beta: float = 0.5             # weight of the single teacher's ITM logits in the distribution
-    k_prime: int | None = None    # candidates used per row (<= K); None: all K
+    # Every default below marked "val" was chosen on the shapes val split (docs/results/val-sweep).
+    alpha: float = 1.0            # weight of the single teacher's fused features in v', t' (val)
+    beta: float = 0.5             # weight of the single teacher's ITM logits in the distribution (val)
+    k_prime: int | None = None    # candidates used per row (<= K); None: all K (val)
     # T of the distribution KL (both sides' logits / T, KL x T^2). The stored teacher
     # distributions are near one-hot, so T > 1 shows the student the teachers' ranking of
-    # the negatives (docs/design.md, section 3; measured: README, Results).
+    # the negatives (docs/design.md, section 3). Chosen on val from 1, 2, 4, 8.
     kd_temperature: float = 4.0
     w_con: float = 1.0
-    w_dist: float = 1.0
-    w_feat: float = 1.0
+    w_dist: float = 1.0           # (val)
+    w_feat: float = 1.0           # (val)
     # Issue #18, defaults keep the behaviour before it: no ranking term, ITM logits as stored.
     w_rank: float = 0.0           # ranking distillation (ListMLE over the stored top-K' candidates)
     rank_by: str = "itm"          # RANK_TARGETS: whose order of the candidates the ranking term follows
     itm_temperature: float = 1.0  # the ITM part of the distribution target is beta * m / itm_temperature
     itm_norm: str = "none"        # ITM_NORMS: "pool" rescales m to the dual logits' spread per pool first
-    # 10: on shapes the students still gain from epoch 6 to 10 (README, Results).
-    epochs: int = 10
+    # Chosen on val from 6, 10, 15 with the other settings chosen (docs/results/val-sweep).
+    epochs: int = 15
     pools_per_batch: int = 1      # replay
     batch_size: int = 256         # remix
     lr: float = 5e-4

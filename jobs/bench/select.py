@@ -97,14 +97,18 @@ def _winner(rows: list[dict], incumbent) -> tuple:
 def known_trials(out: Path) -> dict[tuple[str, int], dict]:
     """(trial name, epochs) -> outcome ({status, epochs, val_rsum, sweep}) of every trial of every sweep
     under out. Training is deterministic from its settings and seed, so a point run once is not run again."""
-    from mcad.jobs.sweep import CONFIG_NAME, STATUS_NAME, TRIALS_DIR
+    from mcad.jobs.sweep import CONFIG_NAME, FINISHED, STATUS_NAME, TRIALS_DIR
 
-    known = {}
+    known: dict[tuple[str, int], dict] = {}
     for config in sorted(out.rglob(CONFIG_NAME)):
         horizon = int(json.loads(config.read_text())["epochs"])
         for status in sorted((config.parent / TRIALS_DIR).glob(f"*/{STATUS_NAME}")):
-            known[(status.parent.name, horizon)] = {**json.loads(status.read_text()),
-                                                    "sweep": str(config.parent.relative_to(out))}
+            key = (status.parent.name, horizon)
+            record = {**json.loads(status.read_text()), "sweep": str(config.parent.relative_to(out))}
+            # The first run of a point that finished its epochs is its result; a run of the same point
+            # ASHA stopped early (in another sweep's cohort) only saw a prefix of it.
+            if key not in known or (known[key]["status"] != FINISHED and record["status"] == FINISHED):
+                known[key] = record
     return known
 
 
