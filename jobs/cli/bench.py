@@ -237,9 +237,9 @@ def input_bench(json_path, workdir, ray_address, **options):
 
 @bench.command("report", epilog="""\b
 Examples:
-  mcad bench report --out report/                 3 seeds, demo sizes, speed benches (~40 min on 2 CPU cores)
+  mcad bench report --out report/                 5 seeds, demo sizes, speed benches (about 16 min a seed on 2 CPU cores)
   mcad bench report --out /tmp/r --quick --seeds 2 --skip-speed    the same flow, small (a few minutes)
-  mcad bench report --out report/ --seeds 5       adds seeds 3 and 4 to a finished 3-seed report
+  mcad bench report --out report/ --seeds 3       the first 3 seeds (a later --seeds 5 adds seeds 3 and 4)
 """)
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Report folder (seeds already finished in it are kept).")
@@ -254,7 +254,8 @@ Examples:
                     "default: a local one.")
 @report_to_option("every student run, OUT/seed_N/runs/<student>/tensorboard/ (tensorboard --logdir OUT)")
 def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_address, report_to):
-    """Quality over seeds (teachers and five students), speed ratios and cost, as JSON, markdown and plots."""
+    """Quality over seeds (teachers and six students), paired intervals, speed ratios and cost, as JSON,
+    markdown and plots."""
     from mcad.jobs.bench.report import ReportConfig, run_report
 
     cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
