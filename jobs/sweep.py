@@ -281,7 +281,8 @@ def _record(sweep: SweepJob, result) -> None:
 
 
 def results_table(sweep: SweepJob, points: list[dict]) -> list[dict]:
-    """One row per grid point, best validation rsum first: its settings, epochs done, status."""
+    """One row per grid point: finished trials by validation rsum, best first, then the others (stopped
+    early, errors, not run) by the rsum of their last epoch: its settings, epochs done, status."""
     rows = []
     for point in points:
         status = _status(sweep, point)
@@ -291,7 +292,8 @@ def results_table(sweep: SweepJob, points: list[dict]) -> list[dict]:
                      METRIC: round(float(rsum), 2) if rsum is not None else "",
                      "status": status.get("status", "not run"),
                      "model": str(model) if status.get("status") == FINISHED else ""})
-    return sorted(rows, key=lambda r: (r[METRIC] != "", r[METRIC] or 0.0), reverse=True)
+    # Finished trials first: a trial ASHA stopped reports an earlier epoch's rsum, not comparable with theirs.
+    return sorted(rows, key=lambda r: (r["status"] == FINISHED, r[METRIC] != "", r[METRIC] or 0.0), reverse=True)
 
 
 def _runs(out: Path) -> int:
