@@ -41,7 +41,7 @@ from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.schema import (
     DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
-    POOL_MODES, POOLS_CONSECUTIVE, POOLS_NEIGHBOURS, ROW, SHARD, TXT_EMB, col,
+    POOL_MODES, POOLS_CONSECUTIVE, ROW, SHARD, TXT_EMB, col,
 )
 
 PROJECTION_TENSOR = "fusion_proj"  # tensor name inside fusion_proj.safetensors; shape (F, D)

@@ -79,3 +79,23 @@ def tiny_store(ray_local, shapes_data, tiny_teachers, tiny_pass, tmp_path_factor
     run_teacher_pass(TeacherPassJob(data=str(shapes_data / "train"), dual=dual, single=single,
                                     out=str(out), **tiny_pass), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def two_shards(shapes_data, tmp_path_factory):
+    """The toy train split's first two shards (links), for passes that must cover more than one shard."""
+    folder = tmp_path_factory.mktemp("two_shards")
+    for name in ("000000", "000001"):
+        (folder / f"{name}.tar").symlink_to(shapes_data / "train" / f"{name}.tar")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pass_job(two_shards, tiny_teachers, tiny_pass):
+    """pass_job(out, **settings): a TeacherPassJob over two_shards with the toy teachers and pass."""
+    from mcad.jobs.teacher_pass import TeacherPassJob
+
+    def make(out, **settings):
+        return TeacherPassJob(data=str(two_shards), dual=tiny_teachers[0], single=tiny_teachers[1], out=str(out),
+                              **{**tiny_pass, **settings})
+    return make

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, invoke, write_manifest
-from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
+from mcad.jobs.teacher_pass import run_teacher_pass
 from mcad.pipeline.shards import Sample, iter_shard
 from mcad.pipeline.store_data import kept_samples
 from mcad.pipeline.views import apply_box, crop_sample
@@ -32,19 +32,8 @@ VIEWS = dict(views=3, single_views=2, crop_scale=(0.3, 0.9), seed=11)
 
 
 @pytest.fixture(scope="module")
-def two_shards(shapes_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("two_shards")
-    for name in SHARDS:
-        (folder / f"{name}.tar").symlink_to(shapes_data / "train" / f"{name}.tar")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def make_job(two_shards, tiny_teachers, tiny_pass):
-    def make(out, **kw) -> TeacherPassJob:
-        return TeacherPassJob(data=str(two_shards), dual=tiny_teachers[0], single=tiny_teachers[1], out=str(out),
-                              **tiny_pass, **{**VIEWS, **kw})
-    return make
+def make_job(pass_job):
+    return lambda out, **kw: pass_job(out, **{**VIEWS, **kw})
 
 
 @pytest.fixture(scope="module")
