@@ -19,6 +19,7 @@ from a generator of their own keyed by (seed, split, index).
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -28,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from mcad.pipeline.shapes.synth_config import PAIRED_SPLITS, SPLITS, TEXTURES, SynthConfig  # noqa: F401 (re-exported)
+from mcad.pipeline.shapes.synth_config import PAIRED_SPLITS, SPLITS, SynthConfig  # noqa: F401 (re-exported)
 from mcad.pipeline.shapes.world import (
     SWAPS, VOCABULARY, Scene, canonical, captions, make_scene, relation, render, render_photo,
 )
@@ -126,13 +127,19 @@ def held_out_meanings(split: str, cfg: SynthConfig) -> frozenset[str]:
     (and, for train, those of the benchmarks of cfg.hold_out_seeds)."""
     if split == "test":
         return frozenset()
-    test = frozenset(canonical(s) for s, _, _ in split_scenes("test", cfg))
+    test, val = _paired_meanings(cfg)
     if split == "val":
         return test
-    val = frozenset(canonical(s) for s, _, _ in split_scenes("val", cfg, test))
     others = [held_out_meanings("train", replace(cfg, seed=seed, hold_out_seeds=()))
               for seed in cfg.hold_out_seeds if seed != cfg.seed]
     return frozenset().union(test, val, *others)
+
+
+@functools.lru_cache(maxsize=16)
+def _paired_meanings(cfg: SynthConfig) -> tuple[frozenset[str], frozenset[str]]:
+    """(test, val) meanings of cfg's benchmark; writing one draws each split's scenes once, not per split."""
+    test = frozenset(canonical(s) for s, _, _ in split_scenes("test", cfg))
+    return test, frozenset(canonical(s) for s, _, _ in split_scenes("val", cfg, test))
 
 
 def _meta(scene: Scene, *, key: str, split: str, caps: list[str], pair: dict | None) -> dict:
