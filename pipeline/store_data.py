@@ -8,8 +8,8 @@ names the very shards (same size and mtime) the store was made from, and
 sha256 the teacher pass took of it.
 
     check_data_matches(store, "data/shapes/train")
-    pools = store.iter_joined_pools(kept_samples, ...)
-    pools = store.iter_joined_pools(verified_samples(store), ...)
+    pools = iter_joined_pools(store, kept_samples, ...)             # storage/data_join.py
+    pools = iter_joined_pools(store, verified_samples(store), ...)
 """
 from __future__ import annotations
 

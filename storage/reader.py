@@ -1,4 +1,4 @@
-"""Stream a signal store: checked opening, pool replay, row remix, and the join with the data.
+"""Stream a signal store: checked opening, pool replay and row remix.
 
 `open_store(path)` checks the store against its manifest (schema version,
 files present, no orphans, row counts) from Parquet footers only, then:
@@ -6,10 +6,12 @@ files present, no orphans, row counts) from Parquet footers only, then:
 - `iter_pools`: one dict per pool (replay mode), in shard order or shuffled
   at pool granularity, split over (rank, worker) slots;
 - `iter_rows`: batches of rows shuffled across pools through a bounded
-  buffer (remix mode);
-- `iter_joined_pools` / `iter_joined_rows`: the same, with the decoded
-  samples attached under `schema.DATA`, read side by side with each shard's
-  tar through an iterator the caller hands in (storage never parses tars).
+  buffer (remix mode).
+
+The same joined with the data (the decoded samples attached under
+`schema.DATA`, read side by side with each shard's tar) are
+storage/data_join.py's `iter_joined_pools` / `iter_joined_rows`, built on
+this module's file handling (`_Files`) and slot split.
 
 Batches are dicts keyed by schema column names: fixed-size lists as 2-D
 numpy arrays (n, width) of their stored dtype, scalars as 1-D arrays,
@@ -35,7 +37,7 @@ import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +46,7 @@ import pyarrow.parquet as pq
 from mcad.storage import fs
 from mcad.storage import schema
 from mcad.storage.atomic import TMP_PREFIX
-from mcad.storage.batches import Batch, pool_buffer, rebatch, to_numpy
+from mcad.storage.batches import Batch, rebatch, to_numpy
 from mcad.storage.errors import InputError, error_line
 from mcad.storage.lock import incomplete_line
 from mcad.storage.manifest import (
@@ -55,7 +57,6 @@ from mcad.storage.manifest import (
 from mcad.storage.parquet_files import decode_file, parquet_file, read_checked
 from mcad.storage.views import check_view_file, pool_views
 
-OpenSamples = Callable[[str], Iterable[tuple[str, Any]]]
 _OPEN_FILES = 4  # Parquet files kept open at once by one iterator (pool-shuffled replay)
 
 
@@ -165,14 +166,6 @@ class Store:
             fingerprint[schema.PASS_POOLS] = self.pool_mode
         return fingerprint
 
-    def _shard_keys(self, shard: str) -> set[str]:
-        """Every kept key of one shard (its signals file's key column, pages checked)."""
-        self.verify_file(shard, SIGNALS_DIR)
-        with parquet_file(signals_path(self.path, shard)) as pf:
-            table = read_checked(pf, list(range(pf.metadata.num_row_groups)), [schema.KEY],
-                                 self.file_where(shard, SIGNALS_DIR))
-        return set(table.column(schema.KEY).to_pylist())
-
     def rejected_keys(self, shard: str) -> set[str]:
         self.verify_file(shard, REJECTS_DIR)
         path = rejects_path(self.path, shard)
@@ -265,95 +258,6 @@ class Store:
         slot, _ = _slot(rank, world_size, worker, num_workers)
         rng = np.random.default_rng([seed, epoch, slot]) if shuffle else None
         return rebatch(pools, batch_size=batch_size, buffer_size=buffer_size, rng=rng)
-
-    # --- joined with the data ---------------------------------------------
-
-    def iter_joined_pools(self, open_samples: OpenSamples, *, shuffle: bool = False, seed: int = 0,
-                          epoch: int = 0, rank: int = 0, world_size: int = 1, worker: int = 0,
-                          num_workers: int = 1, buffer_pools: int = 4,
-                          columns: Sequence[str] | None = None, views: bool = False) -> Iterator[Batch]:
-        """Yield pools with their samples under schema.DATA, reading each shard beside its tar.
-
-        `open_samples(source)` yields (key, sample) in tar order; samples the
-        teacher pass rejected (listed in rejects/) may be included, they are
-        skipped. Whole shards are dealt to slots (shuffled by seed+epoch when
-        shuffle), and with shuffle a buffer of `buffer_pools` pools mixes them.
-        With `views` (and a store of N > 1 views), each pool also holds its view rows.
-        """
-        slot, slots = _slot(rank, world_size, worker, num_workers)
-        cols = _columns(columns, need=(schema.KEY,))
-        mine = _order(len(self.shards), shuffle, seed, epoch)[slot::slots]
-        views = views and self.num_views > 1
-        pools = (p for i in mine for p in self._joined_shard(open_samples, self.shards[i], cols, views))
-        if shuffle and buffer_pools > 1:
-            pools = pool_buffer(pools, buffer_pools, np.random.default_rng([seed, epoch, slot]))
-        yield from pools
-
-    def iter_joined_rows(self, open_samples: OpenSamples, *, batch_size: int, buffer_size: int = 4096,
-                         shuffle: bool = True, seed: int = 0, epoch: int = 0, rank: int = 0,
-                         world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                         buffer_pools: int = 4, columns: Sequence[str] | None = None,
-                         views: bool = False) -> Iterator[Batch]:
-        """Remix on top of iter_joined_pools: batches of rows (with DATA) through a bounded buffer."""
-        pools = self.iter_joined_pools(open_samples, shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
-                                       world_size=world_size, worker=worker, num_workers=num_workers,
-                                       buffer_pools=buffer_pools, columns=columns, views=views)
-        slot, _ = _slot(rank, world_size, worker, num_workers)
-        rng = np.random.default_rng([seed, epoch, slot, 1]) if shuffle else None
-        return rebatch(pools, batch_size=batch_size, buffer_size=buffer_size, rng=rng)
-
-    def _joined_shard(self, open_samples: OpenSamples, name: str, cols: list[str],
-                      views: bool = False) -> Iterator[Batch]:
-        samples = iter(open_samples(self.manifest.shards[name][SOURCE]))
-        rejected: set[str] | None = None
-        # Neighbour pools: rows are in pool order, the data in input order. A kept sample read before
-        # its row waits in `ahead` (up to a shard's samples in memory); `own` holds the kept keys not
-        # yet read (a kept key's first occurrence is its sample, a later one a rejected duplicate).
-        ahead: dict[str, Any] = {}
-        own = self._shard_keys(name) if self.pool_mode == schema.POOLS_NEIGHBOURS else None
-        files = _Files(self, max_open=1)
-        view_files = _Files(self, max_open=1, folder=VIEWS_DIR) if views else None
-        try:
-            for pool_index in range(-(-self.shard_rows[name] // self.pool_size)):
-                pool = files.pool(name, pool_index, cols)
-                if view_files is not None:
-                    pool.update(view_files.views(name, pool_index))
-                data = []
-                for offset, key in enumerate(pool[schema.KEY]):
-                    row = pool_index * self.pool_size + offset
-                    if key in ahead:
-                        data.append(ahead.pop(key))
-                        continue
-                    while True:
-                        got = next(samples, None)
-                        if got is None:
-                            raise InputError(f"shard {name}, row {row}: the data ended where the store "
-                                             f"has key {key!r}")
-                        if got[0] == key:
-                            break
-                        if own is not None and got[0] in own:
-                            own.discard(got[0])
-                            ahead[got[0]] = got[1]
-                            continue
-                        rejected = self.rejected_keys(name) if rejected is None else rejected
-                        if got[0] not in rejected:
-                            raise InputError(f"shard {name}, row {row}: the data has key {got[0]!r} "
-                                             f"where the store has key {key!r}")
-                    if own is not None:
-                        own.discard(key)
-                    data.append(got[1])
-                pool[schema.DATA] = data
-                yield pool
-            for got_key, _ in samples:
-                rejected = self.rejected_keys(name) if rejected is None else rejected
-                if got_key not in rejected:
-                    raise InputError(f"shard {name}, row {self.shard_rows[name]}: the data has key "
-                                     f"{got_key!r} after the store's last row")
-        finally:
-            files.close()
-            if view_files is not None:
-                view_files.close()
-            getattr(samples, "close", lambda: None)()
 
 
 class _Files:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mcad.storage import schema
+from mcad.storage.data_join import iter_joined_pools
 from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.manifest import PARAM_LOGIT_SCALE
@@ -72,8 +73,8 @@ def student_parts(store, cfg, *, samples: Callable, epoch: int, signals: Callabl
     if replay and crop is None:
         raise ValueError(f"the store has {store.num_views} views per sample: pass crop= to replay them "
                          f"(or TrainConfig(views='canonical'))")
-    pools = store.iter_joined_pools(samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                    world_size=world_size, columns=READ_COLUMNS, views=replay)
+    pools = iter_joined_pools(store, samples, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
+                              world_size=world_size, columns=READ_COLUMNS, views=replay)
     if replay:
         pools = (replay_views(p, choose_views(cfg.views, seed=cfg.seed, epoch=epoch, shard=p[schema.SHARD][0],
                                               rows=p[schema.ROW], n=store.num_views),

@@ -111,9 +111,10 @@ def load_pools(store) -> list[dict]:
     so every timed batch has the same size."""
     from mcad.pipeline.store_data import kept_samples
     from mcad.storage import schema
+    from mcad.storage.data_join import iter_joined_pools
     from mcad.student.data import READ_COLUMNS
 
-    pools = list(store.iter_joined_pools(kept_samples, shuffle=False, columns=READ_COLUMNS))
+    pools = list(iter_joined_pools(store, kept_samples, shuffle=False, columns=READ_COLUMNS))
     size = max(len(p[schema.KEY]) for p in pools)
     return [p for p in pools if len(p[schema.KEY]) == size]
 

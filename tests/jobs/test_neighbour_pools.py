@@ -21,6 +21,7 @@ from mcad.pipeline.pools import mean_pool_cosine, neighbour_order
 from mcad.pipeline.shards import Sample, iter_shard
 from mcad.pipeline.store_data import kept_samples
 from mcad.storage import schema
+from mcad.storage.data_join import iter_joined_pools
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import PASS_CONFIG_NAME, Manifest, signals_path
 from mcad.storage.reader import open_store
@@ -102,7 +103,7 @@ def test_two_workers_and_a_resume_write_the_same_tables_and_a_resume_keeps_the_m
 
 def test_the_join_holds_samples_read_ahead_and_still_refuses_foreign_keys(neighbour_store):
     store = open_store(neighbour_store)
-    pools = list(store.iter_joined_pools(kept_samples))
+    pools = list(iter_joined_pools(store, kept_samples))
     assert sum(len(p[schema.KEY]) for p in pools) == 40
     for pool in pools:
         assert [s.key for s in pool[schema.DATA]] == pool[schema.KEY]
@@ -112,13 +113,13 @@ def test_the_join_holds_samples_read_ahead_and_still_refuses_foreign_keys(neighb
         return iter(items[:3] + [("000000-999999", items[3][1])] + items[3:])
 
     with pytest.raises(InputError, match="the data has key '000000-999999'"):
-        list(store.iter_joined_pools(foreign))
+        list(iter_joined_pools(store, foreign))
 
     def short(source):
         return iter(list(kept_samples(source))[:-1])
 
     with pytest.raises(InputError, match="the data ended where the store has key"):
-        list(store.iter_joined_pools(short))
+        list(iter_joined_pools(store, short))
 
 
 def test_students_read_the_store_stored_and_online_with_the_ranking_term(neighbour_store, two_shards, tiny_teachers,

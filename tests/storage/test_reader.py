@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mcad.storage import schema
+from mcad.storage.data_join import iter_joined_pools, iter_joined_rows
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import MANIFEST_NAME, Manifest, file_digest, rejects_path, signals_path
 from mcad.storage.reader import fingerprint_digest, open_store
@@ -176,7 +177,7 @@ def _opener(samples):
 def test_joined_pools_align_data_with_rows(store_dir, with_rejected):
     store = open_store(store_dir)
     open_samples = _opener(_tar_samples(store, with_rejected=with_rejected))
-    pools = list(store.iter_joined_pools(open_samples))
+    pools = list(iter_joined_pools(store, open_samples))
     assert [i for p in pools for i in _ids(p)] == _all_ids(store)
     for p in pools:
         assert [d["payload"] for d in p[schema.DATA]] == p[schema.KEY]
@@ -187,7 +188,7 @@ def test_joined_split_by_shards_reads_every_row_once(store_dir):
     open_samples = _opener(_tar_samples(store))
     seen, shard_sets = Counter(), []
     for slot in SLOTS:
-        pools = list(store.iter_joined_pools(open_samples, shuffle=True, seed=1, buffer_pools=2, **slot))
+        pools = list(iter_joined_pools(store, open_samples, shuffle=True, seed=1, buffer_pools=2, **slot))
         shard_sets.append({p[schema.SHARD][0] for p in pools})
         for p in pools:
             assert [d["payload"] for d in p[schema.DATA]] == p[schema.KEY]
@@ -196,7 +197,7 @@ def test_joined_split_by_shards_reads_every_row_once(store_dir):
     assert sum(len(s) for s in shard_sets) == 3  # whole shards, each to one slot
 
     def order(**kw):
-        return [_ids(p)[0] for p in store.iter_joined_pools(open_samples, shuffle=True, **kw)]
+        return [_ids(p)[0] for p in iter_joined_pools(store, open_samples, shuffle=True, **kw)]
 
     assert len({tuple(order(seed=s, epoch=e)) for s in range(3) for e in range(3)}) > 3
 
@@ -206,7 +207,7 @@ def test_joined_rows_remix_keeps_data_aligned(store_dir):
     open_samples = _opener(_tar_samples(store))
     seen = Counter()
     for slot in SLOTS:
-        for b in store.iter_joined_rows(open_samples, batch_size=3, buffer_size=6, seed=4, **slot):
+        for b in iter_joined_rows(store, open_samples, batch_size=3, buffer_size=6, seed=4, **slot):
             assert [d["payload"] for d in b[schema.DATA]] == b[schema.KEY]
             seen.update(_ids(b))
     assert sorted(seen) == sorted(_all_ids(store)) and set(seen.values()) == {1}
@@ -221,13 +222,13 @@ def test_joined_refuses_misaligned_data(store_dir):
     samples[src] = good[:5] + [("00001-999999", {})] + good[6:]
     with pytest.raises(InputError, match=r"shard 00001, row 5: the data has key '00001-999999' "
                                          rf"where the store has key '{good[5][0]}'"):
-        list(store.iter_joined_pools(_opener(samples)))
+        list(iter_joined_pools(store, _opener(samples)))
     samples[src] = good[:6]
     with pytest.raises(InputError, match="shard 00001, row 6: the data ended where the store has key"):
-        list(store.iter_joined_pools(_opener(samples)))
+        list(iter_joined_pools(store, _opener(samples)))
     samples[src] = good + [("00001-999999", {})]
     with pytest.raises(InputError, match="shard 00001, row 7: the data has key '00001-999999' after"):
-        list(store.iter_joined_pools(_opener(samples)))
+        list(iter_joined_pools(store, _opener(samples)))
 
 
 # --- refusals ----------------------------------------------------------------
