@@ -1,44 +1,41 @@
 """DuckDB over a signal store: the SQL behind `mcad signals stats|validate|sql`.
 
-`connect(store)` gives an in-memory DuckDB connection with three views:
+`connect(store)` gives an in-memory DuckDB connection with these views:
 
 - `signals`: every row of the finished shards' signals files (read_parquet);
 - `rejects`: every rejected sample (key, reason, detail) plus its `shard`
   (the rejects file's name);
-- `shards`: the manifest's shard entries, one row per shard, finished or not.
+- `shards`: the manifest's shard entries, one row per shard, finished or not;
+- `views` (a store with views): every row of the view files.
 
     con = connect("out/store")
     con.sql("SELECT shard, count(*) FROM signals GROUP BY shard").fetchall()
 
-`store_stats` summarises a store (counts, rejects, teachers, and how peaked
-the stored candidate distributions are); `check_store` checks the rows
-themselves against the contract of storage/writer.py (beyond what
-`open_store` reads from the footers); `check_data_keys` checks one shard's
-keys against the keys of its input data. Every SQL string is built from the
-column constants of storage/schema.py.
+`store_stats` summarises a store (counts, rejects, teachers, views, and how
+peaked the stored candidate distributions are). The checks of `mcad signals
+validate` over these views are in storage/checks.py. Every SQL string is
+built from the column constants of storage/schema.py.
 """
 from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mcad.storage import fs
 from mcad.storage import schema
 from mcad.storage.errors import InputError, error_line
 from mcad.storage.manifest import (
     MTIME, POOLS, REJECTED, ROWS, SECONDS, SHARD_FIELDS, SIZE, SOURCE, STATUS, STATUS_DONE, rejects_path,
-    signals_path,
+    signals_path, views_path,
 )
 from mcad.storage.reader import Store, open_store
 from mcad.storage.views import view_stats
 
-SIGNALS_VIEW, REJECTS_VIEW, SHARDS_VIEW = "signals", "rejects", "shards"
+SIGNALS_VIEW, REJECTS_VIEW, SHARDS_VIEW, VIEWS_VIEW = "signals", "rejects", "shards", "views"
 # Candidate-list columns whose softmax `store_stats` describes, by short name.
 LOGIT_FIELDS = {"dual": schema.DUAL, "itm": schema.ITM}
 
@@ -57,15 +54,18 @@ def connect(store: Store | str | os.PathLike) -> duckdb.DuckDBPyConnection:
     sig_files = [signals_path(store.path, name) for name in store.shards]
     rej_files = [rejects_path(store.path, name) for name in store.shards]
     if sig_files:
-        con.sql(f"CREATE VIEW {SIGNALS_VIEW} AS SELECT * FROM read_parquet({_list(sig_files)})")
+        con.sql(f"CREATE VIEW {SIGNALS_VIEW} AS SELECT * FROM read_parquet({file_list(sig_files)})")
         # The rejects schema has no shard column: the file name is the shard.
         con.sql(f"CREATE VIEW {REJECTS_VIEW} AS SELECT * EXCLUDE (filename), "
                 f"parse_filename(filename, true) AS {schema.SHARD} "
-                f"FROM read_parquet({_list(rej_files)}, filename = true)")
+                f"FROM read_parquet({file_list(rej_files)}, filename = true)")
     else:  # nothing finished yet: typed, empty views
         con.register(SIGNALS_VIEW, _as_read_by_duckdb(schema.signal_schema(**store.dims)).empty_table())
         con.register(REJECTS_VIEW, schema.REJECTS_SCHEMA.append(pa.field(schema.SHARD, pa.string())).empty_table())
     con.register(SHARDS_VIEW, _shards_table(store))
+    if store.manifest.num_views > 1 and store.shards:  # schema v2: the view files too
+        con.sql(f"CREATE VIEW {VIEWS_VIEW} AS SELECT * FROM "
+                f"read_parquet({file_list([views_path(store.path, s) for s in store.shards])})")
     return con
 
 
@@ -106,7 +106,7 @@ def store_stats(store: Store | str | os.PathLike) -> dict[str, Any]:
     """
     store = store if isinstance(store, Store) else open_store(store, allow_incomplete=True)
     con = connect(store)
-    shards = _rows(con.sql(
+    shards = fetch_rows(con.sql(
         f"WITH s AS (SELECT {schema.SHARD}, count(*) AS n, count(DISTINCT {schema.POOL}) AS p "
         f"           FROM {SIGNALS_VIEW} GROUP BY {schema.SHARD}), "
         f"r AS (SELECT {schema.SHARD}, count(*) AS n FROM {REJECTS_VIEW} GROUP BY {schema.SHARD}) "
@@ -147,7 +147,7 @@ def candidate_stats(con: duckdb.DuckDBPyConnection) -> dict[str, dict[str, Any]]
     lses = ", ".join(f"{schema.col(dr, schema.DUAL_LSE)} AS {dr}_pool_lse" for dr in schema.DIRECTIONS)
     means = [f"avg({x}_{v}) AS {x}_{v}" for x in aliases for v in ("top1", "entropy")]
     means += [f"avg(exp({dr}_dual_lse - {dr}_pool_lse)) AS {dr}_topk_mass" for dr in schema.DIRECTIONS]
-    got = _rows(con.sql(f"{rows.format(extra=', ' + lses)} SELECT {', '.join(means)} FROM e"))[0]
+    got = fetch_rows(con.sql(f"{rows.format(extra=', ' + lses)} SELECT {', '.join(means)} FROM e"))[0]
     out: dict[str, dict[str, Any]] = {}
     for dr in schema.DIRECTIONS:
         out[dr] = {short: {"top1": got[f"{dr}_{short}_top1"], "entropy": got[f"{dr}_{short}_entropy"]}
@@ -193,7 +193,7 @@ def candidate_histograms(con: duckdb.DuckDBPyConnection, *, k: int, temperatures
         rows, aliases = _per_row_sql(t)
         hists = ", ".join(f"histogram(least({bins - 1}, greatest(0, floor({x}_{v} / {hi[v]!r} * {bins})::INTEGER))) "
                           f"AS {x}_{v}" for x in aliases for v in hi)
-        got = _rows(con.sql(f"{rows.format(extra='')} SELECT {hists} FROM e"))[0]
+        got = fetch_rows(con.sql(f"{rows.format(extra='')} SELECT {hists} FROM e"))[0]
         out[f"T={t:g}"] = {dr: {short: {v: _counts(got[f"{dr}_{short}_{v}"], bins) for v in hi}
                                 for short in LOGIT_FIELDS} for dr in schema.DIRECTIONS}
     return out
@@ -206,114 +206,6 @@ def _counts(histogram: dict | None, bins: int) -> list[int]:
     for b, n in dict(histogram or {}).items():
         counts[int(b)] = int(n)
     return counts
-
-
-# --- validation -------------------------------------------------------------
-
-
-def check_store(store: Store | str | os.PathLike) -> dict[str, int]:
-    """Check a store beyond its footers; return {"shards", "rows", "rejected", "pools"} or raise InputError.
-
-    `open_store` (strict: every shard finished) already checks the manifest,
-    the files present, the signals schema, dims and counts against the
-    manifest. Here: the rejects files' schema, and per shard, from the rows:
-    the shard column names the file, rows are 0..n-1 in file order, pools are
-    row // P, candidates lie in the row's own pool with the positive
-    included, and no key appears twice among the kept rows.
-    """
-    store = store if isinstance(store, Store) else open_store(store)
-    want = schema.REJECTS_SCHEMA
-    for name in store.shards:
-        got = pq.read_schema(rejects_path(store.path, name))
-        if got.names != want.names or got.types != want.types:
-            raise InputError(f"{store.path}: shard {name}: rejects file has columns "
-                             f"{dict(zip(got.names, map(str, got.types)))}, expected "
-                             f"{dict(zip(want.names, map(str, want.types)))}")
-    con = connect(store)
-    if store.shards:
-        files = [signals_path(store.path, name) for name in store.shards]
-        try:
-            bad = _rows(con.sql(_row_checks_sql(files, store.pool_size)))
-        except duckdb.Error as exc:  # a page that does not decode (--quick skips the page checksums)
-            raise InputError(f"{store.path}: {error_line(exc, first=True)}") from None
-        if bad:
-            problems = [k for k, v in bad[0].items() if k != "file_shard" and v]
-            raise InputError(f"{store.path}: shard {bad[0]['file_shard']}: {', '.join(problems)} "
-                             f"({len(bad)} shard(s) with problems)")
-    rows, pools = con.sql(f"SELECT count(*), count(DISTINCT ({schema.SHARD}, {schema.POOL})) "
-                          f"FROM {SIGNALS_VIEW}").fetchall()[0]
-    rejected = con.sql(f"SELECT count(*) FROM {REJECTS_VIEW}").fetchall()[0][0]
-    return {"shards": len(store.shards), "rows": rows, "rejected": rejected, "pools": pools}
-
-
-def _row_checks_sql(files: list[Path], pool_size: int) -> str:
-    """One row per signals file with any problem; each problem a boolean column named by what is wrong."""
-    here = "parse_filename(filename, true)"
-    checks = {
-        "shard column differs from the file name": f"bool_or({schema.SHARD} <> {here})",
-        "rows are not 0..n-1 in file order": f"bool_or({schema.ROW} <> file_row_number)",
-        f"pool is not row // {pool_size}": f"bool_or({schema.POOL} <> {schema.ROW} // {pool_size})",
-        "duplicate keys": f"count(DISTINCT {schema.KEY}) <> count(*)",
-    }
-    for dr in schema.DIRECTIONS:
-        idx = schema.col(dr, schema.IDX)
-        checks[f"{idx} has candidates outside the row's pool"] = (
-            f"bool_or(NOT list_bool_and(list_transform({idx}, "
-            f"lambda j: j = {schema.PAD_IDX} OR j // {pool_size} = {schema.POOL})))")
-        checks[f"{idx} lacks the positive"] = f"bool_or(NOT list_contains({idx}, {schema.ROW}))"
-    cols = ", ".join(f'{expr} AS "{name}"' for name, expr in checks.items())
-    anybad = " OR ".join(f'"{name}"' for name in checks)
-    return (f"WITH c AS (SELECT {here} AS file_shard, {cols} "
-            f"FROM read_parquet({_list(files)}, filename = true, file_row_number = true) "
-            f"GROUP BY filename) "
-            f"SELECT * FROM c WHERE {anybad} ORDER BY file_shard")
-
-
-def check_data_keys(store: Store, shard: str, data_keys: Iterable[str]) -> dict[str, int]:
-    """Check that a shard's input keys, in order, are exactly its kept rows plus its rejects.
-
-    Walks the data's keys in order: each must be the next kept key (kept rows
-    are in data order; in a store of neighbour pools, any kept key not yet
-    matched) or one of the rejected keys not yet matched (rejects
-    are matched as a multiset: a duplicate key is kept once and rejected
-    after). Anything left over on either side is an error. Returns
-    {"kept", "rejected"} counts; raises InputError naming the first mismatch.
-    """
-    where = f"{store.path}: shard {shard}"
-    kept = pq.read_table(signals_path(store.path, shard), columns=[schema.KEY]).column(schema.KEY).to_pylist()
-    rejected: dict[str, int] = {}
-    for key in pq.read_table(rejects_path(store.path, shard), columns=[schema.REJECT_KEY]).column(
-            schema.REJECT_KEY).to_pylist():
-        rejected[key] = rejected.get(key, 0) + 1
-    total_rejected = sum(rejected.values())
-    # Neighbour pools (issue #18): rows follow the pools, not the data, so a kept key matches wherever
-    # its first occurrence comes; consecutive pools keep the data's order, checked row by row.
-    unread = dict.fromkeys(kept) if store.pool_mode == schema.POOLS_NEIGHBOURS else None
-    nxt = 0
-    for pos, key in enumerate(data_keys):
-        if unread is None and nxt < len(kept) and kept[nxt] == key:
-            nxt += 1
-        elif unread is not None and key in unread:
-            del unread[key]
-        elif rejected.get(key, 0) > 0:
-            rejected[key] -= 1
-        else:
-            want = f"kept row {nxt} has key {kept[nxt]!r}" if nxt < len(kept) else "all kept rows are matched"
-            if unread is not None:
-                want = f"{len(unread)} kept rows are not matched yet"
-            raise InputError(f"{where}: data sample {pos} has key {key!r}, which the store neither kept "
-                             f"next nor rejected ({want})")
-    if unread:
-        first = next(iter(unread))
-        raise InputError(f"{where}: kept row {kept.index(first)} (key {first!r}) and {len(unread) - 1} more "
-                         f"are not in the data")
-    if unread is None and nxt < len(kept):
-        raise InputError(f"{where}: kept row {nxt} (key {kept[nxt]!r}) and {len(kept) - nxt - 1} more "
-                         f"are not in the data")
-    left = sorted(k for k, n in rejected.items() if n > 0)
-    if left:
-        raise InputError(f"{where}: rejected key {left[0]!r} and {len(left) - 1} more are not in the data")
-    return {"kept": len(kept), "rejected": total_rejected}
 
 
 # --- helpers ----------------------------------------------------------------
@@ -344,10 +236,10 @@ def _as_read_by_duckdb(arrow_schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, plain(f.type)) for f in arrow_schema])
 
 
-def _list(paths: list[Path]) -> str:
+def file_list(paths: list) -> str:
     """A DuckDB list literal of file paths (quotes doubled)."""
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _rows(rel) -> list[dict[str, Any]]:
+def fetch_rows(rel) -> list[dict[str, Any]]:
     return rel.to_arrow_table().to_pylist()

@@ -10,11 +10,10 @@ recipe (N, M, crop ranges, seed, box rule and Pillow versions).
   N-1 rows per kept row;
 - `pool_views`: a pool's view rows as arrays shaped (rows, views, ...), for the
   reader to attach to the pool under `schema.view_key(column)`;
-- `check_views`: the rows themselves, with DuckDB (`mcad signals validate`):
-  every kept row has its N-1 views in order, keys match, boxes lie inside
-  [0, 1], the single teacher's columns are null exactly at views >= M;
-- `verify_views`: digests and page-by-page decoding of every view file;
 - `view_stats`: views per sample and store bytes per sample by table.
+
+The rows themselves are checked with DuckDB by storage/checks.py
+(`check_views`), their digests and pages by storage/integrity.py.
 
 Storage never decodes images: cutting a view's pixels from its box is
 pipeline/views.py's `apply_box`.
@@ -22,7 +21,6 @@ pipeline/views.py's `apply_box`.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,7 @@ from mcad.storage.manifest import (
     PARAM_D, PARAM_K, REJECTS_DIR, ROWS, SIGNALS_DIR, VIEWS_DIR, VIEW_CROP_RATIO, VIEW_CROP_SCALE, VIEW_SEED,
     Manifest, store_file, views_path,
 )
-from mcad.storage.parquet_files import decode_file, parquet_file
+from mcad.storage.parquet_files import parquet_file
 
 
 def stable_id(name: str) -> int:
@@ -97,79 +95,6 @@ def pool_views(table: pa.Table, *, rows: np.ndarray, n: int, m: int, where: str)
 # --- validation, integrity and stats (DuckDB and pyarrow over the files) ------------------
 
 
-def check_views(store) -> dict[str, int]:
-    """Check every view file's rows; return {"views": N, "view_rows"} or raise InputError naming the shard.
-
-    Per shard: N-1 rows per kept row, each row's views 1..N-1 in file order,
-    keys equal to the signals file's at the same row, boxes inside [0, 1] with
-    x0 < x1 and y0 < y1 (none missing, none NaN), and the single teacher's
-    columns null exactly where view >= M.
-    """
-    import duckdb
-
-    n, m = store.manifest.num_views, store.manifest.single_views
-    if n == 1 or not store.shards:
-        return {"views": n, "view_rows": 0}
-    per = n - 1
-    here = "parse_filename(v.filename, true)"
-    b = schema.BOX
-    checks = {
-        "shard column differs from the file name": f"bool_or(v.{schema.SHARD} <> {here})",
-        f"rows do not hold views 1..{per} of each kept row in order":
-            f"bool_or(v.{schema.ROW} <> v.file_row_number // {per} OR v.{schema.VIEW} <> v.file_row_number % {per} + 1)",
-        "keys differ from the signals file's": f"bool_or(s.{schema.KEY} IS NULL OR s.{schema.KEY} <> v.{schema.KEY})",
-        "a box lies outside [0, 1] or is empty": (
-            f"bool_or(NOT coalesce({b}[1] >= 0 AND {b}[1] < {b}[3] AND {b}[3] <= 1 "
-            f"AND {b}[2] >= 0 AND {b}[2] < {b}[4] AND {b}[4] <= 1, false))"),
-        f"single-teacher columns are not null exactly at views >= {m}": " OR ".join(
-            f"bool_or(({c} IS NULL) <> (v.{schema.VIEW} >= {m}))" for c in schema.VIEW_SINGLE_COLUMNS),
-    }
-    views = [views_path(store.path, s) for s in store.shards]
-    signals = [store_file(store.path, SIGNALS_DIR, f"{s}.parquet") for s in store.shards]
-    cols = ", ".join(f'{expr} AS "{name}"' for name, expr in checks.items())
-    query = (f"SELECT {here} AS file_shard, count(*) AS n, {cols} "
-             f"FROM read_parquet({_list(views)}, filename = true, file_row_number = true) v "
-             f"LEFT JOIN (SELECT {schema.SHARD}, {schema.ROW}, {schema.KEY} FROM read_parquet({_list(signals)})) s "
-             f"ON s.{schema.SHARD} = v.{schema.SHARD} AND s.{schema.ROW} = v.{schema.ROW} "
-             f"GROUP BY v.filename ORDER BY file_shard")
-    try:
-        found = duckdb.connect().sql(query).to_arrow_table().to_pylist()
-    except duckdb.Error as exc:  # a page that does not decode (--quick skips the page checksums)
-        raise InputError(f"{store.path}: {error_line(exc, first=True)}") from None
-    counted = {r["file_shard"]: r for r in found}
-    for name in store.shards:
-        want = store.shard_rows[name] * per
-        row = counted.get(name, {"n": 0})
-        if row["n"] != want:
-            raise InputError(f"{store.path}: shard {name}: view file holds {row['n']} rows, expected {want} "
-                             f"({store.shard_rows[name]} rows x {per} views): a view is missing")
-        problems = [k for k in checks if row.get(k)]
-        if problems:
-            raise InputError(f"{store.path}: shard {name}: view file: {', '.join(problems)}")
-    return {"views": n, "view_rows": sum(r["n"] for r in found)}
-
-
-def verify_views(store) -> int:
-    """Check each view file's digest against the manifest and decode every page; return the files checked."""
-    if store.manifest.num_views == 1:
-        return 0
-    for name in store.shards:
-        store.verify_file(name, VIEWS_DIR)
-        decode_file(views_path(store.path, name), store.file_where(name, VIEWS_DIR))
-    return len(store.shards)
-
-
-VIEWS_VIEW = "views"  # the DuckDB view over a store's view files (`mcad signals sql`)
-
-
-def register_views(con, store) -> None:
-    """Add the DuckDB view `views` (every row of the done shards' view files) to a connection, when the
-    store has views."""
-    if store.manifest.num_views > 1 and store.shards:
-        con.sql(f"CREATE VIEW {VIEWS_VIEW} AS SELECT * FROM "
-                f"read_parquet({_list([views_path(store.path, s) for s in store.shards])})")
-
-
 def view_stats(store) -> dict[str, Any]:
     """{"views": {"per_sample", "single_scored", "crop_scale", "crop_ratio", "seed"},
     "bytes_per_sample": {"signals", "views", "rejects", "total"}} over the done shards.
@@ -188,8 +113,3 @@ def view_stats(store) -> dict[str, Any]:
     rows = store.num_rows
     return {"views": views,
             "bytes_per_sample": {k: (v / rows if rows else None) for k, v in sizes.items()}}
-
-
-def _list(paths: list) -> str:
-    """A DuckDB list literal of file paths (quotes doubled)."""
-    return "[" + ", ".join("'" + str(Path(p)).replace("'", "''") + "'" for p in paths) + "]"

@@ -64,10 +64,9 @@ def stats(store: str, json_path: str | None, plot_path: str | None):
     from mcad.storage.atomic import atomic_write_json
     from mcad.storage.query import candidate_histograms, connect, store_stats
     from mcad.storage.reader import open_store
-    from mcad.storage.views import view_stats
 
     opened = open_store(store, allow_incomplete=True)
-    result = {**store_stats(opened), **view_stats(opened)}
+    result = store_stats(opened)
     click.echo(format_stats(result))
     if plot_path:
         from mcad.jobs.signals_plot import plot_signal_stats
@@ -96,10 +95,9 @@ def validate(store: str, data: str | None, quick: bool):
     The first failure is one line naming the file and column. Exit 0 when valid, 2 otherwise."""
     from tqdm import tqdm
 
+    from mcad.storage.checks import check_store, check_views
     from mcad.storage.integrity import NOT_RECORDED, check_integrity
-    from mcad.storage.query import check_store
     from mcad.storage.reader import open_store
-    from mcad.storage.views import check_views, verify_views
 
     opened = open_store(store)
     checked, unchecked = ["manifest", "schema", "counts", "rows"], []
@@ -107,8 +105,7 @@ def validate(store: str, data: str | None, quick: bool):
         def bar(names):
             return tqdm(names, desc="digests and pages", unit="shard", file=sys.stderr, disable=len(names) < 2)
 
-        integrity = check_integrity(opened, progress=bar)
-        verify_views(opened)  # the view files' digests and pages (a store with views)
+        integrity = check_integrity(opened, progress=bar)  # signals, rejects and view files
         checked += ["digests", "page checksums"]
         unchecked = [name.replace("_", " ").replace("proj", "projection")
                      for name in ("manifest_digest", "file_digests", "fusion_proj_digest")
@@ -135,7 +132,7 @@ def _check_data(store, spec: str) -> None:
 
     from mcad.pipeline.shards import iter_shard
     from mcad.storage.errors import InputError
-    from mcad.storage.query import check_data_keys
+    from mcad.storage.checks import check_data_keys
 
     paths = {shard_name(p): p for p in list_shards(spec)}
     missing = sorted(set(store.shards) - set(paths))
@@ -163,13 +160,11 @@ def sql(store: str, query: str, as_csv: bool, as_json: bool, limit: int | None):
     from mcad.storage.query import connect, sql, sql_error
     from mcad.storage.errors import InputError
     from mcad.storage.reader import open_store
-    from mcad.storage.views import register_views
 
     if as_csv and as_json:
         raise InputError("--csv and --json exclude each other")
     opened = open_store(store, allow_incomplete=True)
     con = connect(opened)
-    register_views(con, opened)
     rel = sql(con, query, limit=limit)
     try:
         if rel is None:  # a statement without a result (CREATE, SET, ...)

@@ -7,7 +7,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mcad.storage.query import LOGIT_FIELDS, check_data_keys, check_store, connect, sql, store_stats
+from mcad.storage.checks import check_data_keys, check_store
+from mcad.storage.query import LOGIT_FIELDS, connect, sql, store_stats
 from mcad.storage import schema
 from mcad.storage.errors import InputError
 from mcad.storage.manifest import STATUS_DONE, Manifest, rejects_path, signals_path

@@ -15,7 +15,9 @@ from mcad.storage.manifest import (
     MANIFEST_NAME, STATUS_DONE, VIEW_DIGEST_FIELDS, VIEWS_DIR, Manifest, VIEW_FIELDS, views_path,
 )
 from mcad.storage.reader import open_store
-from mcad.storage.views import check_views, stable_id, verify_views, view_stats
+from mcad.storage.checks import check_views
+from mcad.storage.integrity import check_integrity
+from mcad.storage.views import stable_id, view_stats
 from mcad.storage.writer import write_shard
 
 D, F, K, POOL = 8, 12, 3, 4
@@ -126,7 +128,7 @@ def test_validate_views_accepts_a_good_store_and_counts_its_view_rows(tmp_path, 
     root, _ = build_view_store(tmp_path / "s")
     store = open_store(root)
     assert check_views(store) == {"views": 3, "view_rows": (10 + 7) * 2}
-    assert verify_views(store) == 2
+    assert check_integrity(store)["files"] == 2 * 3  # signals, rejects and views of both shards
     stats = view_stats(store)
     assert stats["views"] == {"per_sample": 3, "single_scored": 2, "crop_scale": [0.5, 1.0],
                               "crop_ratio": [0.75, 1.3333], "seed": 7}
@@ -185,6 +187,13 @@ def test_a_damaged_view_file_is_refused_by_its_digest_and_its_pages(tmp_path, bu
         store.verify_files()
     with pytest.raises(InputError, match="views/00000.parquet"):
         list(open_store(root).iter_pools(views=True))
+    # Without recorded digests, the page checksums still catch it: validate decodes every view page.
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    for field in VIEW_DIGEST_FIELDS[VIEWS_DIR]:
+        raw["shards"]["00000"].pop(field)
+    write_manifest(root, raw)
+    with pytest.raises(InputError, match=f"views/00000.parquet.*{schema.IMG_EMB}"):
+        check_integrity(open_store(root))
 
 
 def test_writer_refuses_views_that_break_the_contract(tmp_path, columns):
