@@ -166,10 +166,9 @@ def shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
     dual, single = shipped / "dual", shipped / "single"
     if not (dual.is_dir() and single.is_dir()):
         raise InputError(f"no demo teachers in {shipped} (dual/ and single/); run with --retrain-teachers")
-    from mcad.pipeline.evaluate import DEFAULT_BETA, tuned_beta
+    from mcad.pipeline.evaluate import combined_beta
 
-    beta = tuned_beta(single)
-    return dual, single, DEFAULT_BETA if beta is None else beta
+    return dual, single, combined_beta(single)
 
 
 def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path) -> Path:

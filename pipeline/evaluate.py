@@ -48,16 +48,17 @@ PAIRS_PER_IMAGE_BATCH = 4  # pair passes are cheaper than image passes: score 4 
 TEACHER_RECALL = "teacher_recall.json"  # beside dual/ and single/: `mcad teachers bootstrap` writes it
 
 
-def tuned_beta(single_dir: str | Path) -> float | None:
-    """The β of the combined score chosen on val for this single teacher: the "beta" of
-    teacher_recall.json in its parent folder (the shipped demo teachers have one), else None."""
+def combined_beta(single_dir: str | Path, beta: float | None = None) -> float:
+    """The β of the combined score: `beta` when given, else the one chosen on val for this single
+    teacher ("beta" of teacher_recall.json in its parent folder, as `mcad teachers bootstrap` writes
+    it; the shipped demo teachers have one), else DEFAULT_BETA."""
     import json
 
+    if beta is not None:
+        return float(beta)
     path = Path(single_dir).parent / TEACHER_RECALL
-    if not path.is_file():
-        return None
-    beta = json.loads(path.read_text()).get("beta")
-    return None if beta is None else float(beta)
+    tuned = json.loads(path.read_text()).get("beta") if path.is_file() else None
+    return DEFAULT_BETA if tuned is None else float(tuned)
 
 
 @dataclass
@@ -78,7 +79,8 @@ def evaluate(model_dir: str | Path, data, *, single: str | Path | None = None,
 
     Returns one EVAL dict, or {"dual", "single", "combined"} EVAL dicts when
     `single` (a BLIP-ITM dir) is given; single and combined also say
-    `rerank_k`, combined its `beta` (default 1.0). keep_ranks adds each
+    `rerank_k`, combined its `beta` (default: `combined_beta`, the β chosen on val
+    beside the teachers, else 1.0). keep_ranks adds each
     query's rank ("ranks", numpy arrays: student.metrics.paired_bootstrap).
     """
     if rerank_k < 1:
@@ -104,7 +106,7 @@ def evaluate(model_dir: str | Path, data, *, single: str | Path | None = None,
 
     i2t_idx, t2i_idx = top_k(logits, rerank_k), top_k(logits.T, rerank_k)
     i2t_itm, t2i_itm = _itm_of_candidates(reranker, shards, split, i2t_idx, t2i_idx, batch_size, progress)
-    b = DEFAULT_BETA if beta is None else float(beta)
+    b = combined_beta(single, beta)
     out = rerank_recalls(logits, owner, i2t_idx=i2t_idx, i2t_itm=i2t_itm, t2i_idx=t2i_idx,
                          t2i_itm=t2i_itm, beta=b, keep_ranks=keep_ranks)
     out = {name: {**r, **report} for name, r in out.items()}

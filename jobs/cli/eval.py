@@ -43,7 +43,7 @@ def eval_command(model_dir, data, single, rerank_k, beta, json_path, batch_size,
     from importlib.metadata import PackageNotFoundError, version
     from pathlib import Path
 
-    from mcad.pipeline.evaluate import DEFAULT_BETA, DEFAULT_RERANK_K, evaluate, recall_table, tuned_beta
+    from mcad.pipeline.evaluate import DEFAULT_RERANK_K, evaluate, recall_table
     from mcad.pipeline.shard_list import list_shards
     from mcad.storage.atomic import atomic_write_json
     from mcad.storage.errors import InputError
@@ -51,8 +51,6 @@ def eval_command(model_dir, data, single, rerank_k, beta, json_path, batch_size,
     if single is None and (rerank_k is not None or beta is not None):
         raise InputError("--rerank-k and --beta need --single (the single-stream teacher that re-ranks)")
     k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
-    if single is not None and beta is None:
-        beta = tuned_beta(single)
     start = time.time()
     result = evaluate(model_dir, data, single=single, rerank_k=k, beta=beta, batch_size=batch_size,
                       device=device, progress=True)
@@ -74,6 +72,6 @@ def eval_command(model_dir, data, single, rerank_k, beta, json_path, batch_size,
             "command": "eval", "mcad_version": mcad_version, "model": str(Path(model_dir).resolve()),
             "data": data, "shards": list_shards(data), "single": str(Path(single).resolve()) if single else None,
             "rerank_k": k if single else None,
-            "beta": (DEFAULT_BETA if beta is None else beta) if single else None,
+            "beta": result["combined"]["beta"] if single else None,
             "batch_size": batch_size, "device": device, "seconds": seconds})
         click.echo(f"figures: {out}")
