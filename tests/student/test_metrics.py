@@ -303,6 +303,20 @@ def test_paired_bootstrap_matches_an_explicit_resampling_loop():
         assert out[name]["low"] == pytest.approx(low) and out[name]["high"] == pytest.approx(high)
 
 
+def test_resample_counts_draw_n_units_with_replacement():
+    """The loop reference above takes its resamples from resample_counts: check them on their own."""
+    from mcad.student.metrics import resample_counts
+
+    counts = resample_counts(50, 4000, seed=1)
+    assert counts.shape == (4000, 50) and (counts.sum(axis=1) == 50).all() and (counts >= 0).all()
+    assert counts.mean() == pytest.approx(1.0)
+    # Draws with replacement: about 1 - 1/e of the units appear in a resample, each about equally often.
+    assert (counts > 0).mean() == pytest.approx(1 - (1 - 1 / 50) ** 50, abs=0.01)
+    assert np.abs(counts.mean(axis=0) - 1.0).max() < 0.1
+    np.testing.assert_array_equal(resample_counts(50, 10, seed=1), counts[:10])
+    assert not np.array_equal(resample_counts(50, 10, seed=2), counts[:10])
+
+
 def test_paired_bootstrap_says_when_a_difference_is_significant():
     from mcad.student.metrics import paired_bootstrap
 
