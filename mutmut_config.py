@@ -17,6 +17,7 @@ PAIRS = {
     "student/targets.py": ["tests/student/test_targets.py"],
     "student/metrics.py": ["tests/student/test_metrics.py"],
     "pipeline/signals.py": ["tests/pipeline/test_signals.py"],
+    "pipeline/projection.py": ["tests/pipeline/test_signals.py"],
     "storage/schema.py": ["tests/storage/test_schema.py", "tests/storage/test_writer.py",
                           "tests/storage/test_reader.py"],
     "storage/manifest.py": ["tests/storage/test_writer.py", "tests/storage/test_reader.py",
@@ -29,13 +30,15 @@ PAIRS = {
 }
 
 # Modules mutated only in part: the functions (and methods, as Class.method) under test.
-# signals.py: its maths, not the streaming, the timing or the projection file I/O;
+# signals.py: its maths, not the streaming or the timing; projection.py: its maths, not the file I/O;
 # reader.py: its checks, not the replay iterators.
 SCOPE = {
     "pipeline/signals.py": {
         "pools", "dual_logits", "candidates", "gather_padded", "candidate_columns",
-        "projection_target", "fit_projection", "project", "_single_pass", "_pool_signals",
-        "_to_numpy", "calibration_pairs",
+        "_single_pass", "_pool_signals", "_to_numpy",
+    },
+    "pipeline/projection.py": {
+        "projection_target", "fit_projection", "project", "calibration_pairs",
     },
     "storage/reader.py": {
         "open_store", "_check_shard", "fingerprint_digest", "Store.has_digests",

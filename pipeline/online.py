@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from mcad.pipeline.signals import compute_pool, load_projection
+from mcad.pipeline.projection import load_projection
+from mcad.pipeline.signals import compute_pool
 from mcad.pipeline.teachers import load_teachers
 from mcad.storage import schema
 from mcad.storage.errors import InputError

@@ -1,8 +1,15 @@
 """MCAD teacher signals: the maths of docs/design.md (sections 3 and 4).
 
 Plain functions of tensors and teacher adapters, no Ray: the teacher pass
-(jobs/) and the online signal source both call them. A pass has two steps,
-both deterministic (same inputs, same outputs):
+(jobs/) and the online signal source both call them. Here: a pass's
+parameters (`PassConfig`), the candidate maths (`pools`, `dual_logits`,
+`candidates`, `gather_padded`, `candidate_columns`), the signals of one pool
+(`compute_pool`) and of one shard (`shard_signals`, `shard_signals_and_views`).
+The fusion projection W they apply is fitted, applied, saved and loaded by
+pipeline/projection.py. A pass has two steps, both deterministic (same
+inputs, same outputs):
+
+    from mcad.pipeline.projection import calibrate, save_projection
 
     cfg = PassConfig(pool_size=256, topk=32)
     W = calibrate(dual, single, chain(*map(iter_shard, shards)), config=cfg)   # once, first rows
@@ -25,18 +32,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from itertools import islice
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mcad.pipeline.pools import neighbour_order
+# calibrate, load_projection and save_projection: imported here only so that jobs/teacher_pass.py,
+# which imports them from this module, keeps working; they live in pipeline/projection.py.
+from mcad.pipeline.projection import calibrate, load_projection, project, save_projection
 from mcad.pipeline.shards import Reject
 from mcad.pipeline.views import ViewConfig, empty_view_columns, pool_views
-from mcad.storage import fs
 from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.schema import (
@@ -44,7 +50,11 @@ from mcad.storage.schema import (
     POOL_MODES, POOLS_CONSECUTIVE, ROW, SHARD, TXT_EMB, col,
 )
 
-PROJECTION_TENSOR = "fusion_proj"  # tensor name inside fusion_proj.safetensors; shape (F, D)
+__all__ = [
+    "PassConfig", "pools", "dual_logits", "candidates", "gather_padded", "candidate_columns", "compute_pool",
+    "shard_signals", "shard_signals_and_views",
+    "calibrate", "load_projection", "save_projection",  # pipeline/projection.py's, see the import above
+]
 
 
 @dataclass(frozen=True)
@@ -149,35 +159,6 @@ def candidate_columns(logits: torch.Tensor, itm: torch.Tensor, idx: dict[str, to
     return out
 
 
-def projection_target(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """normalise(v_i + t_i): what the fusion projection regresses f_ii onto."""
-    return F.normalize(v + t, dim=-1)
-
-
-def fit_projection(fused: torch.Tensor, target: torch.Tensor, *, ridge: float = 1e-2) -> torch.Tensor:
-    """W (F, D) = argmin ||fused W - target||² + ridge ||W||², in float64, returned float32.
-
-    Closed form (XᵀX + ridge·I)⁻¹ XᵀY; ridge 0 gives the minimum-norm least squares.
-    No intercept: g_i = normalise(f_ii W) as docs/design.md defines it (section 3, "Fusion projection").
-    """
-    if fused.ndim != 2 or target.ndim != 2 or fused.shape[0] != target.shape[0]:
-        raise ValueError(f"need fused (n, F) and target (n, D), got {tuple(fused.shape)} and {tuple(target.shape)}")
-    if fused.shape[0] == 0:
-        raise InputError("no pairs to fit the fusion projection on")
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    x, y = fused.detach().cpu().double(), target.detach().cpu().double()
-    if ridge == 0:
-        return torch.linalg.lstsq(x, y, driver="gelsd").solution.float()
-    gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype)
-    return torch.linalg.solve(gram, x.T @ y).float()
-
-
-def project(fused: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
-    """g_i = normalise(f_ii W)."""
-    return F.normalize(fused.float() @ projection.to(fused.device).float(), dim=-1)
-
-
 # ------------------------------------------------------------- one pool
 
 def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, torch.Tensor],
@@ -265,72 +246,6 @@ def _to_numpy(name: str, value: Any):
     arr = value.detach().cpu().numpy()
     integer = name == ROW or name in {col(dr, IDX) for dr in DIRECTIONS}
     return arr.astype(np.int32 if integer else np.float32)
-
-
-# ----------------------------------------------------------- calibration
-
-def _kept(items: Iterable) -> Iterator:
-    """Samples only: calibration skips rejects (shard_signals records them)."""
-    return (item for item in items if not isinstance(item, Reject))
-
-
-def calibration_pairs(dual, single, samples: Sequence, *, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """fused f_ii (n, F) and target normalise(v_i + t_i) (n, D) of positive pairs."""
-    images = [s.image for s in samples]
-    texts = [s.caption for s in samples]
-    v = dual.encode_images(images).cpu().float()
-    t = dual.encode_texts(texts).cpu().float()
-    fused, _ = single.match(single.encode_images(images), texts, batch_size=batch)
-    return fused.cpu().float(), projection_target(v, t)
-
-
-def calibrate(dual, single, items: Iterable, *, config: PassConfig,
-              progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Fit W (F, D) on the first `config.calibration_rows` kept samples of `items`.
-
-    `items` are the pass's samples (and rejects, skipped) in order, e.g. its
-    shards chained; only what is needed is read, in chunks of `pair_batch`.
-    """
-    fused, target = [], []
-    size = single.pair_batch(config.pair_batch)
-    for chunk in batched(islice(_kept(items), config.calibration_rows), size):
-        f, y = calibration_pairs(dual, single, chunk, batch=size)
-        fused.append(f)
-        target.append(y)
-        if progress is not None:
-            progress(len(chunk))
-    if not fused:
-        raise InputError("no kept samples to fit the fusion projection on (is the input empty?)")
-    return fit_projection(torch.cat(fused), torch.cat(target), ridge=config.ridge)
-
-
-def save_projection(projection: torch.Tensor, path: str | Path, *,
-                    metadata: dict[str, str] | None = None) -> str:
-    """Write W to a safetensors file atomically (temp + rename locally; one upload at a URI)."""
-    from safetensors.torch import save
-
-    tensor = projection.detach().cpu().float().contiguous()
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fs.write_bytes(path, save({PROJECTION_TENSOR: tensor}, metadata=meta))
-    return str(path)
-
-
-def load_projection(path: str | Path) -> torch.Tensor:
-    """W (F, D) float32 from a file written by save_projection."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    p = str(path)
-    if not fs.is_file(p):
-        raise InputError(f"{p}: no fusion projection file")
-    try:
-        tensors = load(fs.read_bytes(p))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{p}: not a readable safetensors file ({exc})") from None
-    w = tensors.get(PROJECTION_TENSOR)
-    if w is None or w.ndim != 2:
-        raise InputError(f"{p}: no 2-D tensor {PROJECTION_TENSOR!r} in the file")
-    return w.float()
 
 
 # ------------------------------------------------------------ one shard

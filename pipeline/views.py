@@ -224,7 +224,8 @@ def pool_views(dual, single, samples: Sequence, columns: dict[str, Any], *, view
     of image i, text i), i2t_itm over texts j of C_i^i2t, t2i_itm = m(view v of
     image j, text i) over images j of C_i^t2i. Those columns are NaN for v >= m.
     """
-    from mcad.pipeline.signals import _single_pass, gather_padded, project  # signals imports this module
+    from mcad.pipeline.projection import project
+    from mcad.pipeline.signals import _single_pass, gather_padded  # signals imports this module
 
     p, per, start = len(samples), views.n - 1, int(columns[ROW][0])
     images, texts = [s.image for s in samples], [s.caption for s in samples]

@@ -143,8 +143,8 @@ def test_prefetch_writes_the_serial_pass_bytes(shard_with_rejects, tiny_teachers
                                                views):
     """process_shard with the next pool read, decoded and preprocessed ahead (and decode threads)
     writes the very files of the serial pass: signals, rejects and views."""
-    from mcad.jobs.teacher_pass import PreparedPixels, process_shard
-    from mcad.pipeline.signals import load_projection
+    from mcad.jobs.teacher_pass_worker import PreparedPixels, process_shard
+    from mcad.pipeline.projection import load_projection
     from mcad.pipeline.teachers import load_teachers
     from mcad.storage.manifest import REJECTS_SHA256, SIGNALS_SHA256, VIEWS_SHA256
 
@@ -174,7 +174,7 @@ def test_prepared_pixels_are_the_processors(tiny_teachers):
     import torch
 
     from helpers import noise_images
-    from mcad.jobs.teacher_pass import PreparedPixels
+    from mcad.jobs.teacher_pass_worker import PreparedPixels
     from mcad.pipeline.teachers import load_teachers
 
     for teacher in load_teachers(*tiny_teachers):

@@ -16,9 +16,11 @@ import torch
 from helpers import noise_images
 from mcad.pipeline.shards import Reject, Sample
 from mcad.pipeline.pools import neighbour_order
+from mcad.pipeline.projection import (
+    calibrate, calibration_pairs, fit_projection, load_projection, project, save_projection,
+)
 from mcad.pipeline.signals import (
-    PassConfig, calibrate, calibration_pairs, candidates, compute_pool, fit_projection,
-    load_projection, pools, project, save_projection, shard_signals, shard_signals_and_views,
+    PassConfig, candidates, compute_pool, pools, shard_signals, shard_signals_and_views,
 )
 from mcad.pipeline.views import ViewConfig, apply_box
 from mcad.pipeline.shapes.teacher_models import make_tiny_teachers
@@ -308,7 +310,7 @@ def test_gather_padded_reads_a_one_row_pool():
 
 
 def test_projection_target_and_fit_projection_edges():
-    from mcad.pipeline.signals import projection_target
+    from mcad.pipeline.projection import projection_target
 
     got = projection_target(torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
     torch.testing.assert_close(got, torch.tensor([[3.0, 1.0]]) / 10 ** 0.5)
