@@ -13,7 +13,8 @@ reused (see RULE).
     mcad bench select --store store/ --data data/train --val-data data/val --out select/
     mcad bench select ... --factor kd_temperature=1,2,4,8 --factor beta=0,0.5,1 --epoch-budgets 6,10
 
-Outputs: OUT/<step>-<factor>[-N]/ (a sweep: results.csv, trials/), OUT/selection.json
+Outputs: OUT/select_config.json (what the trials share), OUT/<step>-<factor>[-N]/ (a sweep: results.csv,
+trials/), OUT/selection.json
 (every step's table, the winners, the chosen settings, the rule) and
 OUT/selection.md. An interrupted selection continues with `--resume`.
 """
@@ -39,11 +40,12 @@ EPOCH_BUDGETS = (6, 10, 15)
 RULE = ("coordinate ascent from the defaults: one factor at a time, the others at the values chosen so far; "
         "the value chosen so far (the incumbent) and the other values each train once (a point already run in "
         "an earlier step is reused: training is deterministic from its settings and seed), the values not yet "
-        "run in one sweep (ASHA may stop the weak ones early); the winner is the highest validation rsum among "
-        "the trials that finished all their epochs, the incumbent winning ties, so a trial stopped early never "
-        "wins; then the epoch budgets are compared the same way (each budget its own run, no early stopping). "
+        "run in one sweep (ASHA may stop the weak ones early, and a value it stopped must be below the "
+        "incumbent's validation rsum at the same epoch, else the step is undecided and must be rerun without "
+        "early stopping); the winner is the highest validation rsum among the trials that finished all their "
+        "epochs, the incumbent winning ties; then the epoch budgets are compared the same way (each budget its own run, no early stopping). "
         "Test is never read.")
-SELECTION_NAME = "selection.json"
+SELECTION_NAME, SELECT_CONFIG = "selection.json", "select_config.json"
 
 
 @dataclass(frozen=True)
@@ -81,17 +83,38 @@ def parse_factors(specs: tuple[str, ...]) -> tuple:
     return tuple(out)
 
 
-def _winner(rows: list[dict], incumbent) -> tuple:
-    """(value, rsum) of the best row that finished its epochs; the incumbent wins ties, and a trial
-    ASHA stopped early never wins (its rsum is from an earlier epoch)."""
-    from mcad.jobs.sweep import FINISHED, METRIC
+def _winner(rows: list[dict], incumbent, incumbent_at: dict[int, float] | None = None) -> tuple:
+    """(value, rsum) of the best row that finished its epochs; the incumbent wins ties.
 
+    A trial ASHA stopped early reports an earlier epoch's rsum: it never wins, and with
+    `incumbent_at` (the incumbent's val rsum per epoch, 1-based) it must also be below the incumbent
+    at the epoch it stopped, since ASHA compared it only with the other values of its sweep."""
+    from mcad.jobs.sweep import FINISHED, METRIC, STOPPED
+
+    for r in rows:
+        if incumbent_at is not None and r["status"] == STOPPED and r["value"] != incumbent:
+            mark = incumbent_at.get(r["epochs"])
+            if mark is None or r[METRIC] >= mark:
+                raise InputError(
+                    f"select: {r['value']} was stopped early at epoch {r['epochs']} with val rsum {r[METRIC]}, "
+                    f"not below the incumbent {incumbent} there ({mark}): undecided; rerun with "
+                    f"--grace-epochs at least the step's epochs")
     done = [r for r in rows if r["status"] == FINISHED and r[METRIC] is not None]
     if not done:
         raise InputError(f"select: no trial of {[r['value'] for r in rows]} finished its epochs")
     best = max(r[METRIC] for r in done)
     tied = [r["value"] for r in done if r[METRIC] == best]
     return (incumbent if incumbent in tied else tied[0]), best
+
+
+def _curve(out: Path, record: dict, trial: str) -> dict[int, float]:
+    """A trial's val rsum after each epoch (1-based), from its run's metrics.jsonl."""
+    from mcad.jobs.sweep import METRIC, TRIALS_DIR
+    from mcad.student.curves import METRICS_FILE, read_metrics
+
+    path = out / record["sweep"] / TRIALS_DIR / trial / METRICS_FILE
+    records = read_metrics(path) if path.is_file() else []
+    return {int(r["epoch"]) + 1: float(r[METRIC]) for r in records if r.get("kind") == "epoch" and METRIC in r}
 
 
 def known_trials(out: Path) -> dict[tuple[str, int], dict]:
@@ -138,7 +161,8 @@ def _step(cfg: SelectConfig, out: Path, base: str, chosen: dict, name: str, valu
     point = {v: {**chosen, name: v} for v in candidates} if name != "epochs" else {v: dict(chosen) for v in candidates}
     horizon = {v: (v if name == "epochs" else epochs) for v in candidates}
     key = {v: (trial_name(point[v]), horizon[v]) for v in candidates}
-    todo = [v for v in candidates if key[v] not in known_trials(out)]
+    known = known_trials(out)
+    todo = [v for v in candidates if key[v] not in known]
     for group in ([[v] for v in todo] if name == "epochs" else [todo] if todo else []):
         grid = {k: [v] for k, v in chosen.items() if k != name}
         if name != "epochs":
@@ -149,9 +173,10 @@ def _step(cfg: SelectConfig, out: Path, base: str, chosen: dict, name: str, valu
         run_sweep(SweepJob(store=cfg.store, data=cfg.data, val_data=cfg.val_data, out=str(folder), grid=grid,
                            epochs=h, parallel=cfg.parallel, grace_epochs=min(grace, h),
                            ray_address=cfg.ray_address, resume=resume), progress=False)
-    known = known_trials(out)
+    if todo:
+        known = known_trials(out)
     rows = [{"value": v, **known[key[v]]} for v in candidates]
-    value, rsum = _winner(rows, incumbent)
+    value, rsum = _winner(rows, incumbent, _curve(out, known[key[incumbent]], key[incumbent][0]))
     return {"factor": name, "values": list(values), "incumbent": incumbent, "chosen": value, "val_rsum": rsum,
             "epochs": None if name == "epochs" else epochs,
             "trials": sorted(rows, key=lambda r: list(values).index(r["value"]) if r["value"] in values else -1)}
@@ -167,6 +192,7 @@ def run_select(cfg: SelectConfig, *, echo=print) -> dict:
     if not cfg.resume:
         fs.require_empty(out, "pass --resume to continue that selection or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    _pin(cfg, out)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     chosen = {"preset": cfg.preset, "seed": cfg.seed}
     chosen.update({name: defaults[name] for name, _ in cfg.factors})
@@ -193,6 +219,25 @@ def run_select(cfg: SelectConfig, *, echo=print) -> dict:
     atomic_write_json(out / SELECTION_NAME, selection)
     (out / "selection.md").write_text(markdown(selection))
     return selection
+
+
+PINNED = ("store", "data", "val_data", "preset", "seed")  # what every reused trial must share
+
+
+def _pin(cfg: SelectConfig, out: Path) -> None:
+    """Record what the selection's trials were trained on (OUT/select_config.json); a --resume with
+    another store, data, val split, preset or seed is refused, since its trials are reused."""
+    from mcad.storage.atomic import atomic_write_json
+
+    path = out / SELECT_CONFIG
+    now = {k: getattr(cfg, k) for k in PINNED}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [k for k in PINNED if before.get(k) != now[k]]
+        if changed:
+            raise InputError(f"cannot resume {out}: {', '.join(f'{k} {before.get(k)!r} -> {now[k]!r}' for k in changed)}"
+                             f"; its trials were trained on the first; choose a new --out")
+    atomic_write_json(path, now)
 
 
 def _fixed(chosen: dict, name: str | None) -> str:

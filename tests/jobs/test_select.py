@@ -26,6 +26,25 @@ def test_winner_finished_its_epochs_and_the_incumbent_wins_ties():
         _winner([_row(1.0, 250.0, "stopped early (ASHA)")], incumbent=1.0)
 
 
+def test_a_value_stopped_early_must_be_below_the_incumbent_at_that_epoch():
+    """ASHA compared a stopped value only with the other values of its sweep, not with the incumbent."""
+    rows = [_row(1.0, 300.0), {**_row(0.5, 250.0, "stopped early (ASHA)"), "epochs": 3}]
+    assert _winner(rows, incumbent=1.0, incumbent_at={3: 260.0, 10: 300.0}) == (1.0, 300.0)
+    for curve in ({3: 240.0, 10: 300.0}, {10: 300.0}):  # above the incumbent there, or no incumbent figure
+        with pytest.raises(Exception, match="undecided"):
+            _winner(rows, incumbent=1.0, incumbent_at=curve)
+
+
+def test_select_refuses_to_resume_on_other_data(tmp_path):
+    from mcad.jobs.bench.select import SelectConfig, _pin
+
+    cfg = SelectConfig(store="a", data="d", val_data="v", out=str(tmp_path))
+    _pin(cfg, tmp_path)
+    _pin(cfg, tmp_path)  # the same: fine
+    with pytest.raises(Exception, match="store 'a' -> 'b'"):
+        _pin(SelectConfig(store="b", data="d", val_data="v", out=str(tmp_path)), tmp_path)
+
+
 @pytest.mark.ray
 def test_select_runs_each_point_once_and_keeps_the_best_finished(tiny_store, shapes_data, tmp_path):
     out = tmp_path / "select"
