@@ -121,7 +121,7 @@ def time_bare(cfg: TeacherPassBenchConfig, data: Path, dual: str, single: str, o
     import torch
     from tqdm import tqdm
 
-    from mcad.jobs.teacher_pass import process_shard
+    from mcad.jobs.teacher_pass_worker import process_shard
     from mcad.pipeline.shard_list import list_shards, shard_name
     from mcad.pipeline.teachers import load_teachers
 

@@ -144,7 +144,7 @@ def instrumented(clock: StageClock, dual, single):
 def profile_loop(cfg, data: Path, dual_t, single_t, out: Path, projection, *, cached: bool) -> dict:
     """The bare loop over every shard, stages timed; cached: the single teacher's cross-attention cache."""
     from mcad.jobs.bench.teacher_pass import _job
-    from mcad.jobs.teacher_pass import process_shard
+    from mcad.jobs.teacher_pass_worker import process_shard
     from mcad.pipeline.shard_list import list_shards, shard_name
 
     job = _job(cfg, data, str(dual_t.path), str(single_t.path), out)
@@ -223,7 +223,7 @@ def _warm_up(cfg, data: Path, dual_t, single_t, out: Path, projection) -> None:
     """The first shard once, untimed, both ITM paths on its first pairs: first-call costs
     (allocations, kernel choices per shape) stay out of both timed loops."""
     from mcad.jobs.bench.teacher_pass import _job
-    from mcad.jobs.teacher_pass import process_shard
+    from mcad.jobs.teacher_pass_worker import process_shard
     from mcad.pipeline.shard_list import list_shards, shard_name
 
     job = _job(cfg, data, str(dual_t.path), str(single_t.path), out)
