@@ -142,20 +142,13 @@ VIEW_COLUMNS = tuple(view_schema(d=1, k=1).names)
 
 def validate_views(table: pa.Table, *, where: str = "view table") -> dict[str, int]:
     """Check a view table's columns and types against schema v2; return its dims {"d", "k"} or raise InputError."""
-    if version_of(table.schema) != VIEWS_SCHEMA_VERSION:
-        raise InputError(f"{where}: view schema version {version_of(table.schema)}, expected {VIEWS_SCHEMA_VERSION}")
-    missing = [c for c in VIEW_COLUMNS if c not in table.schema.names]
-    if missing:
-        raise InputError(f"{where}: missing view columns {missing}")
-    try:
-        dims = {"d": table.schema.field(IMG_EMB).type.list_size, "k": table.schema.field(col("i2t", ITM)).type.list_size}
-    except AttributeError as exc:
-        raise InputError(f"{where}: feature columns are not fixed-size lists ({exc})") from None
-    for field in view_schema(**dims):
-        got = table.schema.field(field.name).type
-        if got != field.type:
-            raise InputError(f"{where}: column {field.name} has type {got}, expected {field.type}")
-    return dims
+    check_version(version_of(table.schema), where, known=(VIEWS_SCHEMA_VERSION,), what="view")
+    return _check_columns(table, where, columns=VIEW_COLUMNS, what="view", dims=view_dims_of, build=view_schema)
+
+
+def view_dims_of(schema: pa.Schema) -> dict[str, int]:
+    """Recover d, k from a view schema."""
+    return {"d": schema.field(IMG_EMB).type.list_size, "k": schema.field(col("i2t", ITM)).type.list_size}
 
 
 def dims_of(schema: pa.Schema) -> dict[str, int]:
@@ -173,27 +166,34 @@ def version_of(schema: pa.Schema) -> int | None:
     return int(raw) if raw is not None else None
 
 
-def check_version(version: int | None, where: str) -> None:
-    if version not in KNOWN_VERSIONS:
+def check_version(version: int | None, where: str, *, known: tuple[int, ...] = KNOWN_VERSIONS,
+                  what: str = "signal") -> None:
+    """Refuse a schema version outside `known` (a store's: KNOWN_VERSIONS; a file's: its own type's)."""
+    if version not in known:
         raise InputError(
-            f"{where}: signal schema version {version} is not supported by this mcad "
-            f"(it reads versions {', '.join(map(str, KNOWN_VERSIONS))})"
+            f"{where}: {what} schema version {version} is not supported by this mcad "
+            f"(it reads versions {', '.join(map(str, known))})"
         )
 
 
 def validate(table: pa.Table, *, where: str = "table") -> dict[str, int]:
-    """Check a signals table against schema v1; return its dims or raise InputError."""
-    check_version(version_of(table.schema), where)
-    missing = [c for c in SIGNAL_COLUMNS if c not in table.schema.names]
+    """Check a signals table against schema v1 (the signals files of every store); return its dims
+    or raise InputError."""
+    check_version(version_of(table.schema), where, known=(SCHEMA_VERSION,))
+    return _check_columns(table, where, columns=SIGNAL_COLUMNS, what="signal", dims=dims_of, build=signal_schema)
+
+
+def _check_columns(table: pa.Table, where: str, *, columns, what: str, dims, build) -> dict[str, int]:
+    """The columns present, their widths read by `dims(schema)`, every type as `build(**dims)` has it."""
+    missing = [c for c in columns if c not in table.schema.names]
     if missing:
-        raise InputError(f"{where}: missing signal columns {missing}")
+        raise InputError(f"{where}: missing {what} columns {missing}")
     try:
-        dims = dims_of(table.schema)
+        found = dims(table.schema)
     except (AttributeError, KeyError) as exc:
         raise InputError(f"{where}: feature columns are not fixed-size lists ({exc})") from None
-    expected = signal_schema(**dims)
-    for field in expected:
+    for field in build(**found):
         got = table.schema.field(field.name).type
         if got != field.type:
             raise InputError(f"{where}: column {field.name} has type {got}, expected {field.type}")
-    return dims
+    return found

@@ -85,9 +85,10 @@ def pool_views(table: pa.Table, *, rows: np.ndarray, n: int, m: int, where: str)
         out[schema.view_key(name)] = value.reshape(len(rows), per, -1)
     scored = np.flatnonzero(got_views < m)
     single = table.select(list(schema.VIEW_SINGLE_COLUMNS)).take(scored)
-    for name, value in to_numpy(single).items():
-        if len(value) != len(scored):  # a null where the single teacher scored
+    for name in single.column_names:
+        if single.column(name).null_count:
             raise InputError(f"{where}: column {name} is null for a view the single teacher scored")
+    for name, value in to_numpy(single).items():
         out[schema.view_key(name)] = value.reshape((len(rows), m - 1) + value.shape[1:])
     return out
 
