@@ -245,9 +245,9 @@ def run_profile(cfg, *, device: str = "cpu", dtype: str | None = None, peak_flop
     from mcad.pipeline.teacher_flops import stage_flops_per_sample
     from mcad.pipeline.teachers import load_teachers
 
-    dev = check_device(device)
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    dev = check_device(device)
     if peak_flop_per_s is not None and not peak_flop_per_s > 0:
         raise InputError(f"the peak must be positive, got {peak_flop_per_s}")
     load_at_start = os.getloadavg()

@@ -10,7 +10,7 @@ import functools
 
 import click
 
-from mcad.jobs.cli.options import field_option, report_to_option
+from mcad.jobs.cli.options import IntList, field_option, report_to_option
 
 STORE = functools.partial(field_option, "mcad.jobs.bench.store:StoreBenchConfig")
 STUDENT = functools.partial(field_option, "mcad.jobs.bench.student:StudentBenchConfig")
@@ -125,8 +125,9 @@ Examples:
                    "with the single teacher's cross-attention cache and without it (no Ray).")
 @click.option("--device", default="cpu", show_default=True,
               help="Where the profile runs the teachers: cpu, cuda or cuda:N (cuda implies --profile).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
-              help="The profile's teacher dtype [default: bfloat16 on CUDA (float16 without it), float32 on CPU].")
+@click.option("--dtype", default=None, metavar="DTYPE",
+              help="The profile's teacher dtype: bfloat16, float16 or float32 "
+                   "[default: bfloat16 on CUDA (float16 without it), float32 on CPU].")
 @click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
               help="The device's dense peak TFLOP/s for MFU [default: the table of accelerators; n/a on CPU].")
 @dir_option("data, teachers and stores")
@@ -141,9 +142,9 @@ def teacher_pass_bench(json_path, size, samples, shards, pool_size, topk, profil
 
     cfg = TeacherPassBenchConfig(size=size, samples=samples, shards=shards, pool_size=pool_size, topk=topk)
     if profile or device != "cpu":
-        from mcad.jobs.bench.teacher_profile import check_device, format_profile, run_profile
+        from mcad.jobs.bench.teacher_profile import format_profile, run_profile
 
-        check_device(device)  # no CUDA: one line before anything is built
+        # run_profile refuses a missing device and a bad dtype in one line, before anything is built.
         result = run_profile(cfg, device=device, dtype=dtype,
                              peak_flop_per_s=None if peak_tflops is None else peak_tflops * 1e12, workdir=workdir)
         _emit(format_profile(result), result, json_path)
@@ -276,7 +277,7 @@ Examples:
 @click.option("--factor", "factors", multiple=True, metavar="NAME=V1,V2,...",
               help="A setting and its values, chosen in the order given [default: temperature, alpha, beta, "
                    "K', w_dist, w_feat, as in docs/results/val-sweep].")
-@click.option("--epoch-budgets", default=None, metavar="E,E,...",
+@click.option("--epoch-budgets", type=IntList(), default=None, metavar="E,E,...",
               help="Epoch budgets compared last, with every chosen setting [default: 6,10,15; '' skips].")
 @field_option("mcad.jobs.bench.select:SelectConfig", "--epochs", type=click.IntRange(min=1),
               help="Epochs of every factor step.")
@@ -296,13 +297,8 @@ def select_cmd(store, data, val_data, out, factors, epoch_budgets, epochs, paral
     OUT/selection.md (every trial, the winners, the rule). Test is never read.
     """
     from mcad.jobs.bench.select import FACTORS, EPOCH_BUDGETS, SelectConfig, parse_factors, run_select
-    from mcad.storage.errors import InputError
 
-    try:
-        budgets = EPOCH_BUDGETS if epoch_budgets is None else tuple(
-            int(e) for e in epoch_budgets.split(",") if e.strip())
-    except ValueError:
-        raise InputError(f"--epoch-budgets takes epochs separated by commas, got {epoch_budgets!r}") from None
+    budgets = EPOCH_BUDGETS if epoch_budgets is None else epoch_budgets  # '' -> (): no epoch step
     cfg = SelectConfig(store=store, data=data, val_data=val_data, out=out,
                        factors=parse_factors(factors) if factors else FACTORS, epochs=epochs,
                        epoch_budgets=budgets, parallel=parallel, grace_epochs=grace_epochs, preset=preset,

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from mcad.jobs.cli.options import field_option
+from mcad.jobs.cli.options import IntList, field_option
 
 SYNTH_EPILOG = """\b
 Examples:
@@ -39,7 +39,7 @@ def data():
 @synth_option("--seed", type=int, help="Same seed and arguments give byte-identical shards.")
 @synth_option("--train-pairs", type=float,
               help="Share of train samples written as adjacent swap pairs (hard negatives in a pool).")
-@click.option("--hold-out-seeds", default="", show_default=False, metavar="S,S,...",
+@click.option("--hold-out-seeds", type=IntList(), default="", show_default=False, metavar="S,S,...",
               help="Also keep the val/test meanings of these seeds' benchmarks out of train "
                    "(data for teachers that are evaluated on those seeds).")
 @click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
@@ -56,14 +56,9 @@ def synth(out, train, val, test, image_size, texture, shard_size, seed, train_pa
     from tqdm import tqdm
 
     from mcad.pipeline.shapes.synth import SPLITS, SynthConfig, existing_shards, write_benchmark
-    from mcad.storage.errors import InputError
 
-    try:
-        seeds = tuple(int(s) for s in hold_out_seeds.split(",") if s.strip())
-    except ValueError:
-        raise InputError(f"--hold-out-seeds takes seeds separated by commas (e.g. 0,1,2), got {hold_out_seeds!r}")
     cfg = SynthConfig(train=train, val=val, test=test, image_size=image_size,
-                      shard_size=shard_size, seed=seed, train_pairs=train_pairs, hold_out_seeds=seeds,
+                      shard_size=shard_size, seed=seed, train_pairs=train_pairs, hold_out_seeds=hold_out_seeds,
                       texture=texture)
     existing_shards(out, overwrite=overwrite)  # refuse before the progress bar starts
     with tqdm(total=cfg.total, desc="synth", unit="img", file=sys.stderr) as bar:

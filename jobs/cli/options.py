@@ -52,6 +52,21 @@ def field_option(config: str, *decls: str, field: str | None = None, **kwargs) -
     return click.option(*decls, cls=FieldOption, config=config, field=field, **kwargs)
 
 
+class IntList(click.ParamType):
+    """N,N,...: integers separated by commas, as a tuple ("0,1,2" -> (0, 1, 2)); empty parts are
+    skipped, so "" is (). A default that is already a tuple or list passes through as ints."""
+
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(int(x) for x in value)
+        try:
+            return tuple(int(x) for x in str(value).split(",") if x.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not integers separated by commas (e.g. 0,1,2)", param, ctx)
+
+
 def report_to_option(where: str) -> Callable:
     """`--report-to tensorboard`: the runs' metrics also as TensorBoard event files (`where` says which)."""
     return click.option(

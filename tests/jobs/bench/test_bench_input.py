@@ -5,12 +5,14 @@ Timings are never asserted (a benchmark, not a test); only what must hold on any
 from __future__ import annotations
 
 import json
+import tarfile
 
 import pytest
 from click.testing import CliRunner
 
 from mcad.jobs.bench.input import DRAFT_BOUND, InputBenchConfig, gpu_host
 from mcad.jobs.cli.bench import input_bench
+from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 from mcad.storage.errors import InputError
 
 pytestmark = pytest.mark.ray
@@ -49,8 +51,26 @@ def test_bench_input_on_toy_photos(ray_local, teachers_dir, tmp_path):
     assert options["images"] == 8 and options["bound_min_cosine"] == DRAFT_BOUND
     for name in ("pil_draft", "pil_draft_1x", "tensor_full", "reencode_q95"):
         assert -1 <= options[f"{name}_cosine_min"] <= options[f"{name}_cosine_mean"] <= 1 + 1e-6
-    assert options["draft_within_bound"] == (options["pil_draft_cosine_min"] >= options["bound_min_cosine"])
-    assert fig["photo"] == {"width": 128, "height": 96, "mean_jpeg_bytes": pytest.approx(fig["photo"]["mean_jpeg_bytes"])}
+    # The tiny dual teacher sees 32 px: the student's margin asks the 128x96 JPEGs for 64 px, which a
+    # halving (64x48) would not give, so draft mode keeps the full scale: the very same pixels. A margin
+    # of 1 (32 px) halves them: other pixels, and still within the stated bound.
+    assert options["side"] == 32 and options["draft_margin"] == 2
+    assert options["pil_draft_pixel_mean_abs"] == 0 and options["pil_draft_cosine_min"] == pytest.approx(1, abs=1e-6)
+    assert options["pil_draft_1x_pixel_mean_abs"] > 0 and options["pil_draft_1x_cosine_min"] >= DRAFT_BOUND
+    assert options["draft_within_bound"] is True and options["draft_1x_within_bound"] is True
+    for name in ("tensor_full", "reencode_q95"):  # other pixels: never an image compared with itself
+        assert options[f"{name}_pixel_mean_abs"] > 0
+    photo = fig["photo"]
+    assert (photo["width"], photo["height"]) == (128, 96)
+    # The mean JPEG size of the 8 timed samples, recomputed from the same shards written again (same seed:
+    # the same bytes), read straight from the tar; and in the range of photo-like JPEGs of 128x96 (synth's
+    # 40-120 KB at 640x480 over 25 times fewer pixels, plus the headers).
+    write_benchmark(SynthConfig(train=16, val=2, test=2, image_size=96, shard_size=8, seed=0, texture="photo"),
+                    tmp_path / "again")
+    with tarfile.open(tmp_path / "again" / "train" / "000000.tar") as tar:
+        jpegs = [m.size for m in tar.getmembers() if m.name.endswith(".jpg")]
+    assert len(jpegs) == 8 and photo["mean_jpeg_bytes"] == pytest.approx(sum(jpegs) / 8)
+    assert 2_000 <= photo["mean_jpeg_bytes"] <= 8_000
     host = fig["gpu_host"]
     assert host["cores"] == 16 and host["computed_not_measured"]
     assert host["input_samples_per_s"]["pass_real"] == pytest.approx(16 * rates["pass_real"])
