@@ -32,8 +32,8 @@ from mcad.storage.manifest import (
     FUSION_PROJ_NAME, LOCK_NAME, MANIFEST_NAME, Manifest, PARAM_D, PARAM_F, PARAM_FUSION_PROJ_SHA256, PARAM_K,
     PARAM_LOGIT_SCALE, PARAM_POOL_SIZE, PASS_CONFIG_NAME, POOLS, REJECTED, REJECTS_BYTES, REJECTS_DIR,
     REJECTS_SHA256, ROWS, SECONDS, SIGNALS_BYTES, SIGNALS_DIR, SIGNALS_SHA256, SOURCE_SHA256, STATUS,
-    STATUS_DONE, STATUS_PENDING, VIEWS_BYTES, VIEWS_DIR, VIEWS_SHA256, file_digest, manifest_path, same_source,
-    signals_path, source_identity, store_file, verify_projection, views_path,
+    STATUS_DONE, STATUS_PENDING, VIEWS_BYTES, VIEWS_DIR, VIEWS_SHA256, file_digest, manifest_path,
+    pass_pool_mode, same_source, signals_path, source_identity, store_file, verify_projection, views_path,
 )
 from mcad.storage.lock import acquire
 from mcad.storage.atomic import sweep_temporaries
@@ -262,6 +262,11 @@ def _check_resumable(job: TeacherPassJob, out: str, manifest: Manifest) -> None:
             "crop_ratio", "seed")
     # Compared as JSON (tuples were written as lists); a config from before views has none of theirs.
     changed = [k for k in same if k in saved and saved[k] != json.loads(json.dumps(getattr(job, k)))]
+    # Done shards were written with the stored pool mode, and readers take the row order from it.
+    stored_pools = pass_pool_mode(out)
+    if stored_pools != job.pools:
+        raise InputError(f"cannot resume {out}: the pool mode ({job.pools}) differs from the stored pass's "
+                         f"({stored_pools}); resume with --pools {stored_pools}, or use --overwrite to start again")
     if manifest.teachers:  # the recipe the stored shards were cut with, Pillow's version included
         recipe = job.view_config().recipe() if job.views > 1 else None
         if manifest.views != recipe:

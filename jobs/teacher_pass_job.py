@@ -53,28 +53,6 @@ class TeacherPassJob:
             raise InputError(f"workers must be at least 1, got {self.workers}")
         if self.gpus_per_worker < 0:
             raise InputError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        if self.mode == "resume":
-            self._check_stored_pools()
-
-    def _check_stored_pools(self) -> None:
-        """A resume keeps the stored pass's pool mode: done shards were written with it, and readers
-        take the store's row order from it (teacher_pass_config.json, written at the pass's start).
-        A store without a readable config is left to the pass's own resume checks."""
-        import json
-
-        from mcad.storage import fs
-        from mcad.storage.manifest import PASS_CONFIG_NAME, store_file
-        from mcad.storage.schema import PASS_POOLS, POOLS_CONSECUTIVE
-
-        path = store_file(self.out, PASS_CONFIG_NAME)
-        try:
-            saved = json.loads(fs.read_bytes(path)) if fs.exists(path) else None
-        except (OSError, ValueError):
-            return
-        stored = saved.get(PASS_POOLS, POOLS_CONSECUTIVE) if isinstance(saved, dict) else self.pools
-        if stored != self.pools:
-            raise InputError(f"cannot resume {self.out}: the pool mode ({self.pools}) differs from the stored "
-                             f"pass's ({stored}); resume with --pools {stored}, or use --overwrite to start again")
 
     def pass_config(self):
         from mcad.pipeline.signals import PassConfig
