@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mcad.jobs.bench.report_stats import paired_differences
 from mcad.pipeline.shapes import DEMO_TEACHERS
 
 FIGURES = (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
@@ -138,8 +139,6 @@ def markdown(report: dict) -> str:
 
 def _paired(report: dict) -> dict:
     """report.json's paired differences; computed from per_seed for a report written before they were."""
-    from mcad.jobs.bench.report import paired_differences
-
     return report.get("paired_differences") or paired_differences(report["per_seed"])
 
 

@@ -235,7 +235,7 @@ def test_report_cli_rejects_bad_input(tmp_path):
 
 
 def test_paired_interval_is_mean_plus_minus_t_sd_over_root_n():
-    from mcad.jobs.bench.report import paired_interval, t975
+    from mcad.jobs.bench.report_stats import paired_interval, t975
 
     assert t975(1) == 12.7062 and t975(2) == 4.3027
     assert t975(40) == pytest.approx(2.0211, abs=1e-4) and t975(1000) == pytest.approx(1.9623, abs=1e-4)
