@@ -80,7 +80,8 @@ def process_shard(dual, single, job: TeacherPassJob, cfg, projection, *, source:
     """
     import hashlib
 
-    from mcad.pipeline.shards import iter_shard, read_ahead
+    from mcad.pipeline.read_ahead import read_ahead
+    from mcad.pipeline.shards import iter_shard
     from mcad.pipeline.signals import shard_signals_and_views
     from mcad.storage.writer import write_shard
 

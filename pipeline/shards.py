@@ -11,13 +11,20 @@ the store records; nothing raises and nothing is dropped silently.
         for item in iter_shard(path):
             ...  # isinstance(item, Sample) or Reject
 
+Here: the items (Sample, EncodedSample, MemberRef, Reject), the reject
+reasons (REASONS), `iter_shard`, the grouping of members into samples and the
+checks. Beside it: pipeline/images.py decodes images (`decode_image`; the two
+image reasons, CORRUPT_IMAGE and IMAGE_TOO_LARGE, are defined there),
+pipeline/tar_stream.py opens and watches the tar file, pipeline/read_ahead.py
+reads the next pools in a background thread.
+
 Why stdlib `tarfile` (streaming, `r|*`) and not webdataset's `group_by_keys`:
 that raises on a repeated suffix (or, with a handler, skips it unrecorded) and
 cannot say which sample a tar break cost, and we need one Reject per unusable
 sample. Plain `tarfile` ends quietly on a tar cut at a header boundary or on a
-garbage header; we watch the header reads (`TarInfo.fromtarfile`) to tell a
-real end-of-archive marker from a break. webdataset's key rule
-(`base_plus_ext`) and its `braceexpand` dependency are reused.
+garbage header; we watch the header reads (tar_stream.py) to tell a real
+end-of-archive marker from a break. webdataset's key rule (`base_plus_ext`)
+and its `braceexpand` dependency are reused.
 
 Rules for one shard (tar order, one member in memory at a time):
 - Consecutive members with the same key (member path up to the first dot of
@@ -34,8 +41,9 @@ Rules for one shard (tar order, one member in memory at a time):
   or undecodable image -> CORRUPT_IMAGE.
 - Captions: txt first, then json `captions` (list of str) if present, else json
   `caption` (str); stripped, blanks and repeats dropped. `meta` = the json ({}).
-- Image: the first of jpg, jpeg, png, webp, as RGB: transparency composited on
-  white, 16-bit grey scaled to 8 bit, CMYK/palette/grey converted by Pillow.
+- Image: the first of jpg, jpeg, png, webp, as RGB (images.py): transparency
+  composited on white, 16-bit grey scaled to 8 bit, CMYK/palette/grey converted
+  by Pillow.
 - A broken tar (cut member or header, no end marker) keeps the samples before
   the break plus one TRUNCATED_TAR Reject keyed by the sample being read (or
   the shard name); a non-tar (or zero-byte) file yields one NOT_A_TAR Reject
@@ -44,47 +52,41 @@ Rules for one shard (tar order, one member in memory at a time):
 Decoding (the costly part with web photos) can move off the reading thread:
 `iter_shard(..., decode_threads=N)` decodes in N threads (Pillow releases the
 GIL while it decodes), in order, the same items as a serial read; `read_ahead`
-reads, decodes and prepares the next pools in a background thread while the
-caller works on the current one (the teacher pass); `decode=False` yields
-`EncodedSample`s whose image is decoded only when asked for (the student's
-loader decodes just the batches it builds), optionally in JPEG draft mode.
+(read_ahead.py) reads, decodes and prepares the next pools in a background
+thread while the caller works on the current one (the teacher pass);
+`decode=False` yields `EncodedSample`s whose image is decoded only when asked
+for (the student's loader decodes just the batches it builds), optionally in
+JPEG draft mode.
 From a local uncompressed tar (and no digest to feed) those samples only
 point at their image's bytes (`MemberRef`): a reader that decodes one batch
 in N reads the headers and captions of the others, not their images.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import queue
-import re
 import tarfile
-import threading
-import warnings
-import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
-from mcad.pipeline.images import to_rgb
+# The image reasons and the size limit belong to decoding (images.py); REASONS lists them with the rest.
+from mcad.pipeline.images import CORRUPT_IMAGE, DEFAULT_MAX_PIXELS, IMAGE_TOO_LARGE, UnusableImage, _decode_image
 from mcad.pipeline.shard_list import shard_name
+from mcad.pipeline.tar_stream import TAR_ERRORS, Hashing, WatchedTarInfo, plain_local_tar, split_name
 from mcad.storage import fs
 from mcad.storage.errors import InputError
 
-CORRUPT_IMAGE = "corrupt_image"
 NO_IMAGE = "no_image"
 NO_CAPTION = "no_caption"
 EMPTY_CAPTION = "empty_caption"
 UNDECODABLE_TEXT = "undecodable_text"
 MALFORMED_JSON = "malformed_json"
 DUPLICATE_KEY = "duplicate_key"
-IMAGE_TOO_LARGE = "image_too_large"
 TRUNCATED_TAR = "truncated_tar"
 NOT_A_TAR = "not_a_tar"
 UNSAFE_MEMBER = "unsafe_member"
@@ -93,19 +95,10 @@ REASONS = (
     DUPLICATE_KEY, IMAGE_TOO_LARGE, TRUNCATED_TAR, NOT_A_TAR, UNSAFE_MEMBER,
 )
 
-# 8192 x 8192: far above web images (img2dataset usually resizes to <= 512) and
-# below Pillow's own warning limit, so the decoded RGB stays under ~200 MB.
-DEFAULT_MAX_PIXELS = 8192 * 8192
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXT = "txt"
 JSON_EXT = "json"
 _READ_EXTS = frozenset(IMAGE_EXTS + (TEXT_EXT, JSON_EXT))
-# Decoders we let Pillow try: the web formats (a .jpg may hold a PNG or GIF);
-# nothing that calls out to external programs (EPS) or is rarely fuzzed.
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG covers MPO
-# What a broken or non-tar stream raises from tarfile and its decompressors.
-_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
-
 
 
 @dataclass(frozen=True)
@@ -170,27 +163,12 @@ class EncodedSample:
 
     def decoded(self, draft: tuple[int, int] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
         """The Sample, its image decoded (with `draft`, at the smallest JPEG scale whose size covers
-        `draft` in both dimensions: see decode_image)."""
+        `draft` in both dimensions: see pipeline/images.py's decode_image)."""
         try:
             image = _decode_image(self.data, max_pixels, draft=draft)
-        except _Unusable as bad:
+        except UnusableImage as bad:
             raise InputError(f"sample {self.key}: {bad.reason}: {bad.detail}") from None
         return Sample(key=self.key, image=image, captions=self.captions, meta=self.meta)
-
-
-def decode_image(raw: bytes, *, draft: tuple[int, int] | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An image member's bytes as 8-bit RGB, as iter_shard decodes it (InputError if unusable).
-
-    draft=(w, h): a JPEG is decoded at the smallest of its DCT scales (1/1, 1/2, 1/4, 1/8)
-    that still gives at least w x h pixels (Pillow's Image.draft); other formats, and JPEGs
-    already that small, decode in full. Faster, and not the same pixels: docs/design.md,
-    section 1, "The input path", states how close.
-    """
-    try:
-        return _decode_image(raw, max_pixels, draft=draft)
-    except _Unusable as bad:
-        raise InputError(f"{bad.reason}: {bad.detail}") from None
 
 
 @dataclass(frozen=True)
@@ -211,19 +189,6 @@ class _Unusable(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(reason, detail)
         self.reason, self.detail = reason, detail
-
-
-class _WatchedTarInfo(tarfile.TarInfo):
-    """Remembers on the TarFile why header reading stopped: tarfile ends quietly
-    on a missing, short or garbage header, which for us is a broken tar."""
-
-    @classmethod
-    def fromtarfile(cls, tf):
-        try:
-            return super().fromtarfile(tf)
-        except tarfile.HeaderError as exc:
-            tf.mcad_stop = exc
-            raise
 
 
 @dataclass
@@ -257,13 +222,13 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except OSError as exc:
         raise InputError(f"cannot read shard {path}: {getattr(exc, 'strerror', None) or exc}") from None
     with fh:
-        src = fh if digest is None else _Hashing(fh, digest)
+        src = fh if digest is None else Hashing(fh, digest)
         # Images only referenced (MemberRef): a local, uncompressed tar that nothing hashes, read with
         # seeks (mode "r:") so the members' data is skipped, not read; else one front-to-back stream.
-        refs = path if not decode and digest is None and _plain_local_tar(path, fh) else None
+        refs = path if not decode and digest is None and plain_local_tar(path, fh) else None
         try:
-            tf = tarfile.open(fileobj=src, mode="r:" if refs else "r|*", tarinfo=_WatchedTarInfo)
-        except _TAR_ERRORS as exc:
+            tf = tarfile.open(fileobj=src, mode="r:" if refs else "r|*", tarinfo=WatchedTarInfo)
+        except TAR_ERRORS as exc:
             yield Reject(name, NOT_A_TAR, f"{path}: {exc}")
         else:
             seen: set[str] = set()
@@ -291,106 +256,6 @@ def _decode_in_threads(checked: Iterator, threads: int, max_pixels: int) -> Iter
             yield window.popleft().result()
 
 
-_END, _ERROR = object(), object()
-
-
-def read_ahead(items: Iterable, *, pool_size: int, depth: int = 1,
-               prepare: Callable[[list], None] | None = None) -> Iterator:
-    """The same items, read (and decoded) in a background thread up to `depth` pools ahead.
-
-    Items are a shard's Samples and Rejects (iter_shard) or anything else; a
-    pool is `pool_size` consecutive non-Reject items, as the teacher pass
-    groups them. Once the thread has a pool's samples it calls
-    `prepare(samples)` there (the pass precomputes the teachers' pixels), then
-    queues them. So while the caller works on pool i, pool i + 1 is read,
-    decoded and prepared. An exception in the thread is raised in the caller
-    at the point it happened; a caller that stops early stops the thread.
-    depth 0: no thread, the items as they come (prepare is not called).
-    """
-    if depth < 1:
-        yield from items
-        return
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(value) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        chunk: list = []
-        try:
-            kept = 0
-            for item in items:
-                chunk.append(item)
-                kept += not isinstance(item, Reject)
-                if kept == pool_size:
-                    if prepare is not None:
-                        prepare([x for x in chunk if not isinstance(x, Reject)])
-                    if not put(chunk):
-                        return
-                    chunk, kept = [], 0
-            if chunk and kept and prepare is not None:
-                prepare([x for x in chunk if not isinstance(x, Reject)])
-            if (chunk and not put(chunk)) or not put(_END):
-                return
-        except BaseException as exc:  # raised again in the caller's thread, after the items before it
-            if not chunk or put(chunk):
-                put((_ERROR, exc))
-
-    thread = threading.Thread(target=work, name="mcad-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            got = ready.get()
-            if got is _END:
-                return
-            if isinstance(got, tuple) and got and got[0] is _ERROR:
-                raise got[1]
-            yield from got
-    finally:
-        stop.set()
-        thread.join()
-        getattr(items, "close", lambda: None)()
-
-
-class _Hashing:
-    """A read-only stream that feeds what is read through it to a hashlib object."""
-
-    def __init__(self, raw, digest):
-        self.raw, self.digest = raw, digest
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.digest.update(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) what is left: the tar's padding after its end marker, or what a break left."""
-        while self.read(1 << 20):
-            pass
-
-
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic
-
-
-def _plain_local_tar(path: str, fh) -> bool:
-    """A local file that is not compressed (its first bytes are no compressor's magic); fh rewound."""
-    if fs.is_uri(path) or not hasattr(fh, "seek"):
-        return False
-    try:
-        head = fh.read(6)
-        fh.seek(0)
-    except OSError:
-        return False
-    return len(head) > 0 and not head.startswith(_COMPRESSED)
-
-
 def _read_groups(tf: tarfile.TarFile, shard: str, refs: str | None = None) -> Iterator[_Group | Reject]:
     current: _Group | None = None
     try:
@@ -400,13 +265,13 @@ def _read_groups(tf: tarfile.TarFile, shard: str, refs: str | None = None) -> It
             tf.members = []
             if info.isdir():
                 continue
-            key, suffix = _split_name(info.name)
+            key, suffix = split_name(info.name)
             if current is None or key != current.key or suffix in current.suffixes:
                 if current is not None:
                     yield current
                 current = _Group(key)
             _add_member(tf, current, info, suffix, refs)
-    except _TAR_ERRORS as exc:
+    except TAR_ERRORS as exc:
         yield _truncated(current, shard, f"tar breaks: {type(exc).__name__}: {exc}")
         return
     stop = getattr(tf, "mcad_stop", None)
@@ -420,13 +285,6 @@ def _read_groups(tf: tarfile.TarFile, shard: str, refs: str | None = None) -> It
 def _truncated(current: _Group | None, shard: str, detail: str) -> Reject:
     # The sample being read at the break may be missing members: reject it.
     return Reject(current.key if current else shard, TRUNCATED_TAR, detail)
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    key, suffix = base_plus_ext(name)
-    if key is None:  # no extension: its own key with no known member -> NO_IMAGE
-        return name, ""
-    return key, suffix.lower()
 
 
 def _add_member(tf: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, suffix: str,
@@ -477,7 +335,7 @@ def _finish(item: _Checked | Reject, max_pixels: int) -> Sample | Reject:
         return item
     try:
         image = _decode_image(item.raw, max_pixels)
-    except _Unusable as bad:
+    except UnusableImage as bad:
         return Reject(item.key, bad.reason, bad.detail)
     return Sample(key=item.key, image=image, captions=item.captions, meta=item.meta)
 
@@ -521,34 +379,3 @@ def _parse_json(raw: bytes) -> dict:
     if caption is not None and not isinstance(caption, str):
         raise _Unusable(MALFORMED_JSON, "json 'caption' is not a string")
     return meta
-
-
-def _decode_image(raw: bytes, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
-    if not raw:
-        raise _Unusable(CORRUPT_IMAGE, "image member is empty (0 bytes)")
-    try:
-        # Our max_pixels is the limit; Pillow's warning (which fires at open,
-        # before our check) would only be noise, its hard error is a reject.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw), formats=_PIL_FORMATS)
-        width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Unusable(IMAGE_TOO_LARGE, str(exc)) from None
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... per plugin
-        raise _Unusable(CORRUPT_IMAGE, _stable(exc)) from None
-    if width * height > max_pixels:
-        raise _Unusable(IMAGE_TOO_LARGE, f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
-    try:
-        if draft is not None and image.format in ("JPEG", "MPO"):
-            image.draft(None, (int(draft[0]), int(draft[1])))  # the JPEG DCT scale: the mode is kept
-        image.load()
-        return to_rgb(image)
-    except Exception as exc:  # truncated or corrupt data surfaces only when decoding
-        raise _Unusable(CORRUPT_IMAGE, _stable(exc)) from None
-
-
-def _stable(exc: Exception) -> str:
-    """An exception as a reject's detail, without the object addresses Pillow puts in some messages
-    ("cannot identify image file <_io.BytesIO object at 0x7f...>"), so two reads record the same."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")

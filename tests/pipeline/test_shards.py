@@ -1,4 +1,5 @@
-"""pipeline/shard_list.py: shard listing forms; pipeline/shards.py: one shard read as Samples and Rejects."""
+"""pipeline/shard_list.py: shard listing forms; pipeline/shards.py: one shard read as Samples and Rejects
+(with pipeline/images.py's decode_image and pipeline/read_ahead.py's read_ahead)."""
 from __future__ import annotations
 
 import tarfile
@@ -10,6 +11,8 @@ from PIL import Image
 
 from helpers import encoded, noise_images, png_header
 from mcad.pipeline import shards
+from mcad.pipeline.images import decode_image
+from mcad.pipeline.read_ahead import read_ahead
 from mcad.pipeline.shard_list import list_shards, shard_name
 from mcad.pipeline.shards import Reject, Sample, iter_shard
 from mcad.storage.errors import InputError
@@ -442,26 +445,26 @@ def test_encoded_samples_of_a_compressed_tar_hold_their_bytes(make_tar, sample_m
 
 def test_draft_decodes_a_jpeg_at_the_smallest_scale_that_covers_the_size():
     photo = encoded(noise_images([(480, 640)])[0], "JPEG")
-    full = shards.decode_image(photo)
+    full = decode_image(photo)
     assert full.size == (640, 480)
-    assert shards.decode_image(photo, draft=(48, 48)).size == (80, 60)      # 1/8
-    assert shards.decode_image(photo, draft=(224, 224)).size == (320, 240)  # 1/2
-    assert shards.decode_image(photo, draft=(300, 250)).size == (640, 480)  # 1/2 would be too small
-    assert shards.decode_image(photo, draft=(1000, 1000)).tobytes() == full.tobytes()
+    assert decode_image(photo, draft=(48, 48)).size == (80, 60)      # 1/8
+    assert decode_image(photo, draft=(224, 224)).size == (320, 240)  # 1/2
+    assert decode_image(photo, draft=(300, 250)).size == (640, 480)  # 1/2 would be too small
+    assert decode_image(photo, draft=(1000, 1000)).tobytes() == full.tobytes()
     png = encoded(noise_images([(480, 640)])[0], "PNG")
-    assert shards.decode_image(png, draft=(48, 48)).size == (640, 480)      # JPEG only
+    assert decode_image(png, draft=(48, 48)).size == (640, 480)      # JPEG only
     cmyk = encoded(Image.new("CMYK", (64, 64), (0, 200, 200, 0)), "JPEG")
-    small = shards.decode_image(cmyk, draft=(8, 8))
+    small = decode_image(cmyk, draft=(8, 8))
     assert small.mode == "RGB" and small.size == (8, 8)
     with pytest.raises(InputError, match="corrupt_image"):
-        shards.decode_image(b"\xff\xd8 nothing")
+        decode_image(b"\xff\xd8 nothing")
 
 
 def test_read_ahead_yields_the_items_and_prepares_each_pool_before_it_is_read(mixed_shard):
     serial = read(mixed_shard)
     prepared: list[list[str]] = []
-    ahead = shards.read_ahead(iter_shard(mixed_shard), pool_size=3, depth=1,
-                              prepare=lambda pool: prepared.append([s.key for s in pool]))
+    ahead = read_ahead(iter_shard(mixed_shard), pool_size=3, depth=1,
+                       prepare=lambda pool: prepared.append([s.key for s in pool]))
     got = []
     for item in ahead:
         if isinstance(item, Sample):  # its pool was prepared before the caller saw it
@@ -470,7 +473,7 @@ def test_read_ahead_yields_the_items_and_prepares_each_pool_before_it_is_read(mi
     _same_items(serial, got)
     keys = [s.key for s in kept(serial)]
     assert prepared == [keys[i:i + 3] for i in range(0, len(keys), 3)]
-    _same_items(serial, list(shards.read_ahead(iter_shard(mixed_shard), pool_size=2, depth=0)))
+    _same_items(serial, list(read_ahead(iter_shard(mixed_shard), pool_size=2, depth=0)))
 
 
 def test_read_ahead_raises_in_the_caller_and_stops_when_the_caller_stops(tmp_path):
@@ -482,7 +485,7 @@ def test_read_ahead_raises_in_the_caller_and_stops_when_the_caller_stops(tmp_pat
 
     got = []
     with pytest.raises(InputError, match="shard broke"):
-        for x in shards.read_ahead(items(), pool_size=2):
+        for x in read_ahead(items(), pool_size=2):
             got.append(x)
     assert got == [0, 1, 2, 3, 4]  # everything before the error first
 
@@ -497,7 +500,7 @@ def test_read_ahead_raises_in_the_caller_and_stops_when_the_caller_stops(tmp_pat
         finally:
             closed.set()
 
-    ahead = shards.read_ahead(endless(), pool_size=4, depth=2)
+    ahead = read_ahead(endless(), pool_size=4, depth=2)
     assert [next(ahead) for _ in range(6)] == list(range(6))
     ahead.close()
     assert closed.is_set()
