@@ -190,7 +190,7 @@ def _calibrate_task(job: TeacherPassJob, sources: list[str], proj_path: str) -> 
     from itertools import chain
 
     from mcad.pipeline.shards import iter_shard
-    from mcad.pipeline.signals import calibrate, save_projection
+    from mcad.pipeline.projection import calibrate, save_projection
     from mcad.pipeline.teachers import load_teachers
 
     dual, single = load_teachers(job.dual, job.single)
@@ -208,7 +208,7 @@ def _image_sizes(*teachers) -> list[dict]:
 
 
 def _params(job: TeacherPassJob, proj_path) -> dict:
-    from mcad.pipeline.signals import load_projection
+    from mcad.pipeline.projection import load_projection
 
     w = load_projection(proj_path)
     cfg = job.pass_config()

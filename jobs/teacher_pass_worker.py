@@ -8,7 +8,7 @@ shard that cannot be done comes back as a row whose `ERROR` field says why.
 
 Inside each actor the next pool is read, decoded and preprocessed (both teachers'
 pixel tensors) in a background thread while the teachers run the current one
-(`process_shard(prefetch=1)`; pipeline.shards.read_ahead), images decoded by the
+(`process_shard(prefetch=1)`; pipeline.read_ahead), images decoded by the
 actor's spare cores when it has some (`decode_threads`, at most
 MAX_DECODE_THREADS); the store is byte for byte the serial pass's (prefetch=0).
 `PreparedPixels` hands each teacher the pixel tensors prepared ahead.
@@ -38,7 +38,7 @@ class ShardWorker:
                  prefetch: int = 1):
         import torch
 
-        from mcad.pipeline.signals import load_projection
+        from mcad.pipeline.projection import load_projection
         from mcad.pipeline.teacher_flops import DEVICE_SHARE
         from mcad.pipeline.teachers import load_teachers
 

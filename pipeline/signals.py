@@ -38,9 +38,7 @@ import numpy as np
 import torch
 
 from mcad.pipeline.pools import neighbour_order
-# calibrate, load_projection and save_projection: imported here only so that jobs/teacher_pass.py,
-# which imports them from this module, keeps working; they live in pipeline/projection.py.
-from mcad.pipeline.projection import calibrate, load_projection, project, save_projection
+from mcad.pipeline.projection import project
 from mcad.pipeline.shards import Reject
 from mcad.pipeline.views import ViewConfig, empty_view_columns, pool_views
 from mcad.storage.errors import InputError
@@ -49,12 +47,6 @@ from mcad.storage.schema import (
     DIRECTIONS, DUAL, DUAL_LSE, FUSED, FUSED_PROJ, IDX, IMG_EMB, ITM, ITM_POS, KEY, PAD_IDX, POOL,
     POOL_MODES, POOLS_CONSECUTIVE, ROW, SHARD, TXT_EMB, col,
 )
-
-__all__ = [
-    "PassConfig", "pools", "dual_logits", "candidates", "gather_padded", "candidate_columns", "compute_pool",
-    "shard_signals", "shard_signals_and_views",
-    "calibrate", "load_projection", "save_projection",  # pipeline/projection.py's, see the import above
-]
 
 
 @dataclass(frozen=True)
