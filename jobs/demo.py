@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcad.pipeline.shapes import DEMO_TEACHERS
+from mcad.pipeline.shapes import DEMO_TEACHERS, DEMO_TEACHERS_SEEDS
 from mcad.storage.atomic import atomic_write_json
 from mcad.storage.errors import InputError
 
@@ -166,6 +166,10 @@ def shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
     dual, single = shipped / "dual", shipped / "single"
     if not (dual.is_dir() and single.is_dir()):
         raise InputError(f"no demo teachers in {shipped} (dual/ and single/); run with --retrain-teachers")
+    if shipped == DEMO_TEACHERS and not 0 <= cfg.seed < DEMO_TEACHERS_SEEDS:
+        raise InputError(f"seed {cfg.seed}: the shipped demo teachers hold out the val and test meanings of seeds "
+                         f"0-{DEMO_TEACHERS_SEEDS - 1} only, so seed {cfg.seed}'s test could hold scenes they "
+                         f"trained on; use a seed below {DEMO_TEACHERS_SEEDS} or --retrain-teachers")
     from mcad.pipeline.evaluate import combined_beta
 
     return dual, single, combined_beta(single)

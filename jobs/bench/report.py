@@ -235,7 +235,8 @@ def run_report(cfg: ReportConfig, *, echo=print) -> dict:
 
     get_preset(cfg.preset)
     require(cfg.report_to)  # a missing tensorboard package: one line, before any work
-    shipped_teachers(cfg.demo_config(0))  # no teachers: fail before any work
+    for seed in range(cfg.seeds):  # no teachers, or a seed they did not hold out: fail before any work
+        shipped_teachers(cfg.demo_config(seed))
     check_config(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mcad.jobs.bench.report_stats import paired_differences
-from mcad.pipeline.shapes import DEMO_TEACHERS
+from mcad.pipeline.shapes import DEMO_TEACHERS, DEMO_TEACHERS_SEEDS
 
 FIGURES = (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10"))
 
@@ -62,7 +62,8 @@ def markdown(report: dict) -> str:
            if "kd_temperature" in report.get("mcad_train", {}) else "") + "; one teacher pass "
         f"per seed, every student of a seed from that one store. Teachers: `{c['teachers']}`"
         + (" (the shipped demo teachers, bootstrapped on a seed-0 train split that holds out the val and test "
-           "meanings of seeds 0-4: see its README)." if Path(c["teachers"]) == DEMO_TEACHERS else "."),
+           f"meanings of seeds 0-{DEMO_TEACHERS_SEEDS - 1}: see its README)."
+           if Path(c["teachers"]) == DEMO_TEACHERS else "."),
         "",
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), load average at the end {m['load_average'][0]:.2f}. "

@@ -64,6 +64,18 @@ def test_demo_without_teachers_says_how_to_get_them(tmp_path):
     assert result.exit_code == 2 and "--retrain-teachers" in result.output
 
 
+def test_shipped_teachers_refuse_a_seed_whose_test_meanings_they_saw(tmp_path):
+    """They hold out the val/test meanings of seeds 0-4 only: seed 5's test could hold their training scenes."""
+    from helpers import assert_one_line_error
+    from mcad.jobs.demo import shipped_teachers
+    from mcad.pipeline.shapes import DEMO_TEACHERS_SEEDS
+
+    assert_one_line_error(CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--seed",
+                                                    str(DEMO_TEACHERS_SEEDS)]), "seed 5", "--retrain-teachers")
+    assert not (tmp_path / "d").exists()
+    assert shipped_teachers(DemoConfig(seed=DEMO_TEACHERS_SEEDS - 1))[2] == 0.5  # the beta chosen on val
+
+
 def test_a_failing_student_is_one_line_and_stops_the_others(tiny_store, shapes_data, tmp_path):
     def job(name, data):
         return StudentJob(store=str(tiny_store), data=str(data), out=str(tmp_path / name), preset="smoke",

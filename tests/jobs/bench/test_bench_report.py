@@ -260,3 +260,9 @@ def test_paired_chart_and_table_from_a_report_written_before_them(tmp_path):
     assert md.count("| student: full MCAD |") == 2  # against the baseline and against dual-only KD
     paired_plot(report, tmp_path / "paired.png")
     assert (tmp_path / "paired.png").stat().st_size > 5000
+
+
+def test_report_refuses_seeds_the_shipped_teachers_did_not_hold_out(tmp_path):
+    with pytest.raises(InputError, match="seed 5: the shipped demo teachers hold out"):
+        run_report(ReportConfig(out=str(tmp_path / "r"), seeds=6, skip_speed=True))
+    assert not (tmp_path / "r").exists()
