@@ -171,7 +171,7 @@ def run_sweep(sweep: SweepJob, *, progress: bool = True) -> dict:
                 # A new Tune experiment per invocation: resuming is ours (trial.json files),
                 # so no pickled Tune state is ever loaded back.
                 run_config=tune.RunConfig(storage_path=str(out / TUNE_DIR), name=f"run-{_runs(out)}",
-                                          verbose=1 if progress else 0, callbacks=[watchdog],
+                                          verbose=0, callbacks=[watchdog],  # progress: RunProgress below
                                           stop=watchdog.stopper))
             # Each trial's progress on the driver, tailed from its run's metrics.jsonl (jobs/progress.py).
             runs = {trial_name(p): _trial_dir(sweep, p) for p in pending}

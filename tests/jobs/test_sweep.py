@@ -52,7 +52,8 @@ def test_sweep_ranks_trials_exports_the_best_and_resumes(tiny_store, shapes_data
             "--grid", "preset=smoke", "--epochs", "2", "--parallel", "2", "--report-to", "tensorboard"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    # Each trial's progress on the driver (tailed from its metrics.jsonl) ...
+    # Each trial's progress on the driver (tailed from its metrics.jsonl), without Tune's status boxes ...
+    assert "Trial status" not in result.output and "== Status ==" not in result.output, result.output
     lines = result.stderr.replace("\r", "\n").splitlines()
     for trial in ("alpha=0.0,preset=smoke", "alpha=1.0,preset=smoke"):
         assert any(line.startswith(trial) and "samples/s" in line and "val rsum " in line
