@@ -66,7 +66,15 @@ def ablation(evals: dict[str, list[dict]]) -> dict:
 T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
-PAIRED_REFERENCES = ("baseline", "dual_kd")  # each student minus the same seed's run of these
+# Each student minus the same seed's run of these: the baseline and dual-only KD (what MCAD claims to
+# beat), then full MCAD (what each ablation loses). A pair already shown the other way round is not repeated.
+PAIRED_REFERENCES = ("baseline", "dual_kd", "mcad")
+
+
+def paired_names(names, references: tuple[str, ...] = PAIRED_REFERENCES) -> dict[str, list[str]]:
+    """reference -> the students compared with it: every other one, except an earlier reference
+    (their difference is already shown, with the other sign, under that reference)."""
+    return {ref: [n for n in names if n != ref and n not in references[:i]] for i, ref in enumerate(references)}
 
 
 def t975(df: int) -> float:
@@ -110,27 +118,27 @@ def bootstrap_differences(out: Path, seeds: list[int]) -> dict:
         ranks = {name: load_ranks(folder, name) for name in STUDENTS}
         result[str(seed)] = {ref: {name: paired_bootstrap(ranks[name], ranks[ref], n_boot=BOOTSTRAP_RESAMPLES,
                                                          seed=seed)
-                                   for name in STUDENTS if name != ref}
-                             for ref in PAIRED_REFERENCES}
+                                   for name in names}
+                             for ref, names in paired_names(STUDENTS).items()}
     return result
 
 
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def paired_differences(per_seed: dict) -> dict:
+def paired_differences(per_seed: dict, *, names: tuple[str, ...] = tuple(STUDENTS),
+                       references: tuple[str, ...] = PAIRED_REFERENCES) -> dict:
     """reference -> student -> metric -> paired_interval of (student - reference) over the seeds both ran.
 
     per_seed: report.json's "per_seed" (seed -> {"students": {name: EVAL}}); works on reports written
-    before this function existed. Metrics: i2t_R@1, t2i_R@1, mean_R@1 (their average), rsum."""
+    before this function existed. Metrics: i2t_R@1, t2i_R@1, mean_R@1 (their average), rsum. names and
+    references: the runs compared (default: the report's students, against PAIRED_REFERENCES)."""
     out: dict = {}
     blocks = [per_seed[k]["students"] for k in sorted(per_seed, key=int)]
-    names = [n for n in STUDENTS if any(n in b for b in blocks)]
-    for ref in PAIRED_REFERENCES:
+    names = [n for n in names if any(n in b for b in blocks)]
+    for ref, compared in paired_names(names, references).items():
         out[ref] = {}
-        for name in names:
-            if name == ref:
-                continue
+        for name in compared:
             pairs = [(b[name], b[ref]) for b in blocks if name in b and ref in b]
             if not pairs:
                 continue

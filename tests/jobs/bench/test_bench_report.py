@@ -91,7 +91,8 @@ def test_report_statistics_recompute_from_the_seeds(toy_report):
 
 @pytest.mark.ray
 def test_report_bootstrap_recomputes_from_each_seeds_test_ranks(toy_report):
-    """Per seed, each student minus baseline and minus dual-only KD over the test queries (paired)."""
+    """Per seed, each student minus baseline, minus dual-only KD and (the ablations) minus full MCAD over
+    the test queries (paired)."""
     import numpy as np
 
     from mcad.jobs.demo import load_ranks
@@ -107,9 +108,12 @@ def test_report_bootstrap_recomputes_from_each_seeds_test_ranks(toy_report):
             ranks, ev = load_ranks(folder, method), _eval_of(report, seed, method)
             assert 100 * np.mean(ranks["i2t"] < 1) == pytest.approx(ev["i2t"]["R@1"], abs=0.01)
             assert 100 * np.mean(ranks["t2i"] < 5) == pytest.approx(ev["t2i"]["R@5"], abs=0.01)
+        shown = {"baseline": set(STUDENTS) - {"baseline"}, "dual_kd": set(STUDENTS) - {"baseline", "dual_kd"},
+                 "mcad": {"alpha0", "beta0", "no_feat"}}  # each pair once: not again the other way round
+        assert {ref: set(block) for ref, block in report["bootstrap"][str(seed)].items()} == shown
+        assert {ref: set(block) for ref, block in report["paired_differences"].items()} == shown
         for ref in ("baseline", "dual_kd"):
             block = report["bootstrap"][str(seed)][ref]
-            assert set(block) == set(STUDENTS) - {ref}
             again = paired_bootstrap(load_ranks(folder, "mcad"), load_ranks(folder, ref), n_boot=2000, seed=seed)
             assert block["mcad"] == json.loads(json.dumps(again))
             diff = _eval_of(report, seed, "mcad")["i2t"]["R@1"] - _eval_of(report, seed, ref)["i2t"]["R@1"]
@@ -258,6 +262,7 @@ def test_paired_chart_and_table_from_a_report_written_before_them(tmp_path):
     report.pop("bootstrap", None)
     md = "\n".join(paired_markdown(report))
     assert md.count("| student: full MCAD |") == 2  # against the baseline and against dual-only KD
+    assert "Against student: full MCAD:" in md  # each ablation minus full MCAD
     paired_plot(report, tmp_path / "paired.png")
     assert (tmp_path / "paired.png").stat().st_size > 5000
 
