@@ -35,7 +35,7 @@ PAIRS = {
 SCOPE = {
     "pipeline/signals.py": {
         "pools", "dual_logits", "candidates", "gather_padded", "candidate_columns",
-        "_single_pass", "_pool_signals", "_to_numpy",
+        "single_pass", "_pool_signals", "_to_numpy",
     },
     "pipeline/projection.py": {
         "projection_target", "fit_projection", "project", "calibration_pairs",

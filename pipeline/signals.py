@@ -40,7 +40,7 @@ import torch
 from mcad.pipeline.pools import neighbour_order
 from mcad.pipeline.projection import project
 from mcad.pipeline.shards import Reject
-from mcad.pipeline.views import ViewConfig, empty_view_columns, pool_views
+from mcad.pipeline.views import ViewConfig, empty_view_columns, view_signals
 from mcad.storage.errors import InputError
 from mcad.storage.iters import batched
 from mcad.storage.schema import (
@@ -153,7 +153,7 @@ def candidate_columns(logits: torch.Tensor, itm: torch.Tensor, idx: dict[str, to
 
 # ------------------------------------------------------------- one pool
 
-def _single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, torch.Tensor],
+def single_pass(single, images: Sequence, texts: Sequence[str], idx: dict[str, torch.Tensor],
                  batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ITM logits of every candidate pair and the fused state of every positive.
 
@@ -203,7 +203,7 @@ def _pool_signals(dual, single, samples: Sequence, *, k: int, projection: torch.
     if not torch.isfinite(logits).all():
         raise RuntimeError("the dual teacher produced non-finite logits (half-precision overflow?)")
     idx = {dr: candidates(logits, k, dr) for dr in DIRECTIONS}
-    itm, fused, n_pairs = _single_pass(single, images, texts, idx, pair_batch)
+    itm, fused, n_pairs = single_pass(single, images, texts, idx, pair_batch)
     out: dict[str, Any] = {
         KEY: [s.key for s in samples],
         ROW: torch.arange(start, start + p),
@@ -269,7 +269,7 @@ def shard_signals_and_views(dual, single, items: Iterable, *, shard: str, config
     (single-teacher pair passes, views' included) and seconds. Only one pool
     of images (and its views) is held in memory at a time (neighbours: the
     shard's decoded samples, to group them). With
-    `config.views.n` > 1 the view columns come from `pool_views`, pool by pool.
+    `config.views.n` > 1 the view columns come from `view_signals`, pool by pool.
     """
     want = (single.dim_fused, dual.dim)
     if projection is None or tuple(projection.shape) != want:
@@ -294,7 +294,7 @@ def shard_signals_and_views(dual, single, items: Iterable, *, shard: str, config
         part[POOL] = np.full(len(pool), len(parts), dtype=np.int32)
         parts.append(part)
         if config.views.n > 1:
-            view_part, view_pairs = pool_views(dual, single, pool, part, views=config.views, shard=shard,
+            view_part, view_pairs = view_signals(dual, single, pool, part, views=config.views, shard=shard,
                                                projection=projection, pair_batch=config.pair_batch)
             view_parts.append(view_part)
             n_pairs += view_pairs

@@ -8,7 +8,7 @@ box, normalised (x0, y0, x1, y1) float32; the box is the truth, not the seed.
 
 `apply_box` is the one re-application rule, shared by the teacher pass and the
 student: image + box -> the view's pixels, before any model's processor.
-`pool_views` runs the teachers on a pool's views for the pass (the view table's
+`view_signals` runs the teachers on a pool's views for the pass (the view table's
 columns; pipeline/signals.py calls it pool by pool).
 
     cfg = ViewConfig(n=4, m=2, seed=0)
@@ -211,7 +211,7 @@ def check_recipe(recipe: dict[str, Any] | None, where: str = "store") -> None:
 
 # ------------------------------------------------ the teachers on the views (the pass)
 
-def pool_views(dual, single, samples: Sequence, columns: dict[str, Any], *, views: ViewConfig, shard: str,
+def view_signals(dual, single, samples: Sequence, columns: dict[str, Any], *, views: ViewConfig, shard: str,
                projection: torch.Tensor, pair_batch: int = 256) -> tuple[dict[str, Any], int]:
     """View columns (storage.schema.VIEW_COLUMNS but SHARD) of one pool, rows in (row, view) order, and the
     single-teacher pairs scored.
@@ -220,12 +220,12 @@ def pool_views(dual, single, samples: Sequence, columns: dict[str, Any], *, view
     1..n-1 are cut from its box (`ViewConfig.boxes`, keyed by shard and row;
     `apply_box`); the dual teacher embeds every view, and for views v < m the
     single teacher scores the view's image against row i's view-0 candidates
-    both ways (the pairs of `_single_pass`): fused_proj and itm_pos of (view v
+    both ways (the pairs of `single_pass`): fused_proj and itm_pos of (view v
     of image i, text i), i2t_itm over texts j of C_i^i2t, t2i_itm = m(view v of
     image j, text i) over images j of C_i^t2i. Those columns are NaN for v >= m.
     """
     from mcad.pipeline.projection import project
-    from mcad.pipeline.signals import _single_pass, gather_padded  # signals imports this module
+    from mcad.pipeline.signals import single_pass, gather_padded  # signals imports this module
 
     p, per, start = len(samples), views.n - 1, int(columns[ROW][0])
     images, texts = [s.image for s in samples], [s.caption for s in samples]
@@ -241,7 +241,7 @@ def pool_views(dual, single, samples: Sequence, columns: dict[str, Any], *, view
         crops = [apply_box(image, boxes[i, v - 1]) for i, image in enumerate(images)]
         out[IMG_EMB][:, v - 1] = dual.encode_images(crops).cpu().float().numpy()
         if v < views.m:
-            itm, fused, n_pairs = _single_pass(single, crops, texts, idx, pair_batch)
+            itm, fused, n_pairs = single_pass(single, crops, texts, idx, pair_batch)
             out[FUSED_PROJ][:, v - 1] = project(fused, projection.cpu()).numpy()
             out[ITM_POS][:, v - 1] = itm.diagonal().numpy()
             for dr, rows in (("i2t", itm), ("t2i", itm.T)):

@@ -55,7 +55,7 @@ from mcad.storage.manifest import (
     file_digest, pass_pool_mode, rejects_path, signals_path, store_file, verify_projection,
 )
 from mcad.storage.parquet_files import decode_file, parquet_file, read_checked
-from mcad.storage.views import check_view_file, pool_views
+from mcad.storage.views import check_view_file, view_arrays
 
 _OPEN_FILES = 4  # Parquet files kept open at once by one iterator (pool-shuffled replay)
 
@@ -274,11 +274,11 @@ class _Files:
         return to_numpy(self._table(shard, index, cols))
 
     def views(self, shard: str, index: int) -> Batch:
-        """A pool's view rows as {view_key(column): (rows, views, ...) array} (storage/views.pool_views)."""
+        """A pool's view rows as {view_key(column): (rows, views, ...) array} (storage/views.view_arrays)."""
         p = self.store.pool_size
         rows = np.arange(index * p, min((index + 1) * p, self.store.shard_rows[shard]))
         table = self._table(shard, index, list(schema.VIEW_COLUMNS))
-        return pool_views(table, rows=rows, n=self.store.num_views, m=self.store.single_views,
+        return view_arrays(table, rows=rows, n=self.store.num_views, m=self.store.single_views,
                           where=self.store.file_where(shard, VIEWS_DIR))
 
     def _table(self, shard: str, index: int, cols: list[str]) -> pa.Table:

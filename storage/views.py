@@ -8,7 +8,7 @@ recipe (N, M, crop ranges, seed, box rule and Pillow versions).
 
 - `check_view_file`: from the footer, at `open_store`: schema, widths, and
   N-1 rows per kept row;
-- `pool_views`: a pool's view rows as arrays shaped (rows, views, ...), for the
+- `view_arrays`: a pool's view rows as arrays shaped (rows, views, ...), for the
   reader to attach to the pool under `schema.view_key(column)`;
 - `view_stats`: views per sample and store bytes per sample by table.
 
@@ -67,7 +67,7 @@ def check_view_file(store, name: str, manifest: Manifest) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
 
-def pool_views(table: pa.Table, *, rows: np.ndarray, n: int, m: int, where: str) -> dict[str, np.ndarray]:
+def view_arrays(table: pa.Table, *, rows: np.ndarray, n: int, m: int, where: str) -> dict[str, np.ndarray]:
     """The view rows of consecutive sample rows `rows` as {view_key(column): array}.
 
     `table` holds exactly those rows' views, in (row, view) order. BOX and

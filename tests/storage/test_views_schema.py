@@ -250,19 +250,19 @@ def test_stable_id_is_a_fixed_64_bit_number():
 
 @pytest.mark.parametrize("column", [schema.ITM_POS, schema.FUSED_PROJ])
 def test_a_null_where_the_single_teacher_scored_is_refused_when_a_pool_is_read(tmp_path, build_view_store, column):
-    from mcad.storage.views import pool_views
+    from mcad.storage.views import view_arrays
 
     root, _ = build_view_store(tmp_path / "s")
     table = pq.read_table(views_path(root, "00000"))
     rows = np.arange(POOL)
     first = table.slice(0, POOL * 2)  # rows 0..POOL-1, views 1 and 2 (the single teacher scored view 1)
-    assert set(pool_views(first, rows=rows, n=3, m=2, where="x")) >= {schema.view_key(column)}
+    assert set(view_arrays(first, rows=rows, n=3, m=2, where="x")) >= {schema.view_key(column)}
     values = first.column(column).to_pylist()
     values[0] = None  # row 0, view 1: scored
     damaged = first.set_column(first.schema.get_field_index(column), column,
                                pa.array(values, first.schema.field(column).type))
     with pytest.raises(InputError, match=f"column {column} is null for a view the single teacher scored"):
-        pool_views(damaged, rows=rows, n=3, m=2, where="x")
+        view_arrays(damaged, rows=rows, n=3, m=2, where="x")
 
 
 def test_a_signals_file_must_carry_the_signals_version():
