@@ -21,7 +21,7 @@ from mcad.storage.manifest import FUSION_PROJ_NAME, store_file
 class OnlineSignals:
     """Replace a pool's stored signals with the teachers' own, computed now."""
 
-    def __init__(self, dual, single, projection: torch.Tensor, *, k: int, pair_batch: int = 256):
+    def __init__(self, dual, single, projection: torch.Tensor, *, k: int, pair_batch: int = 0):
         self.dual, self.single, self.projection = dual, single, projection
         self.k, self.pair_batch = k, pair_batch
 

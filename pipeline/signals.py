@@ -219,7 +219,7 @@ def _pool_signals(dual, single, samples: Sequence, *, k: int, projection: torch.
 
 
 def compute_pool(dual, single, samples: Sequence, *, k: int, projection: torch.Tensor | None = None,
-                 pair_batch: int = 256, start: int = 0) -> dict[str, Any]:
+                 pair_batch: int = 0, start: int = 0) -> dict[str, Any]:
     """Signal columns (schema names) of one pool whose first sample has shard row `start`.
 
     KEY (list), ROW, IMG_EMB, TXT_EMB, FUSED, ITM_POS and per direction

@@ -212,7 +212,7 @@ def check_recipe(recipe: dict[str, Any] | None, where: str = "store") -> None:
 # ------------------------------------------------ the teachers on the views (the pass)
 
 def view_signals(dual, single, samples: Sequence, columns: dict[str, Any], *, views: ViewConfig, shard: str,
-               projection: torch.Tensor, pair_batch: int = 256) -> tuple[dict[str, Any], int]:
+               projection: torch.Tensor, pair_batch: int = 0) -> tuple[dict[str, Any], int]:
     """View columns (storage.schema.VIEW_COLUMNS but SHARD) of one pool, rows in (row, view) order, and the
     single-teacher pairs scored.
 
