@@ -235,7 +235,7 @@ def iter_shard(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             checked = (group if isinstance(group, Reject) else _check(group, seen)
                        for group in _read_groups(tf, name, refs))
             if not decode:
-                yield from (_encoded(item) for item in checked)
+                yield from checked
             elif decode_threads > 0:
                 yield from _decode_in_threads(checked, decode_threads, max_pixels)
             else:
@@ -301,18 +301,9 @@ def _add_member(tf: tarfile.TarFile, group: _Group, info: tarfile.TarInfo, suffi
         group.data[suffix] = tf.extractfile(info).read()
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """A sample whose members passed every check but the image's: the image still encoded."""
-
-    key: str
-    raw: bytes | MemberRef
-    captions: tuple[str, ...]
-    meta: dict
-
-
-def _check(group: _Group, seen: set[str]) -> _Checked | Reject:
-    """Every check but decoding, in the order of the module doc (first failure wins)."""
+def _check(group: _Group, seen: set[str]) -> EncodedSample | Reject:
+    """Every check but decoding, in the order of the module doc (first failure wins): the sample with
+    its image still encoded, or its Reject."""
     key = group.key
     try:
         if group.unsafe:
@@ -326,22 +317,18 @@ def _check(group: _Group, seen: set[str]) -> _Checked | Reject:
         captions, meta = _read_captions(group.data)
     except _Unusable as bad:
         return Reject(key, bad.reason, bad.detail)
-    return _Checked(key, group.data[image_ext], captions, meta)
+    return EncodedSample(key, group.data[image_ext], captions, meta)
 
 
-def _finish(item: _Checked | Reject, max_pixels: int) -> Sample | Reject:
+def _finish(item: EncodedSample | Reject, max_pixels: int) -> Sample | Reject:
     """Decode a checked sample's image: the Sample, or the image's Reject."""
     if isinstance(item, Reject):
         return item
     try:
-        image = _decode_image(item.raw, max_pixels)
+        image = _decode_image(item.data, max_pixels)
     except UnusableImage as bad:
         return Reject(item.key, bad.reason, bad.detail)
     return Sample(key=item.key, image=image, captions=item.captions, meta=item.meta)
-
-
-def _encoded(item: _Checked | Reject) -> EncodedSample | Reject:
-    return item if isinstance(item, Reject) else EncodedSample(item.key, item.raw, item.captions, item.meta)
 
 
 def _read_captions(data: dict) -> tuple[tuple[str, ...], dict]:
