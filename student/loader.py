@@ -207,13 +207,3 @@ class BatchLoader:
             iterator._shutdown_workers()
             self.loader._iterator = None
 
-
-def epoch_batches(parts: Callable[[], Iterable[tuple[list[dict], bool]]], *, processor, decode: Callable,
-                  workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2) -> Iterator[dict]:
-    """One epoch's batches from parts() (a BatchLoader of its own, closed at the end)."""
-    loader = BatchLoader(lambda _: parts(), processor=processor, decode=decode, workers=workers,
-                         pin_memory=pin_memory, prefetch_factor=prefetch_factor, stop=1)
-    try:
-        yield from loader(0)
-    finally:
-        loader.close()

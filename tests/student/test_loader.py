@@ -23,7 +23,7 @@ from mcad.storage.errors import InputError
 from mcad.storage.reader import open_store
 from mcad.student.config import TrainConfig
 from mcad.student.data import student_batches, student_parts
-from mcad.student.loader import BatchLoader, Deferred, defer_crop, epoch_batches
+from mcad.student.loader import BatchLoader, Deferred, defer_crop
 
 ROWS = (10, 7, 9)  # three shards, one rejected sample each, pools of 4
 
@@ -80,7 +80,11 @@ def _loader(store, tars, cfg, processor, *, epoch, workers, mode="full", rank=0,
     decode = sample_decoder(mode, processor)
     parts = functools.partial(student_parts, store, cfg, samples=_samples(tars, decode=False), epoch=epoch,
                               rank=rank, world_size=world_size)
-    return list(epoch_batches(parts, processor=processor, decode=decode, workers=workers))
+    loader = BatchLoader(lambda _: parts(), processor=processor, decode=decode, workers=workers, stop=1)
+    try:
+        return list(loader(0))  # one epoch's batches
+    finally:
+        loader.close()
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
