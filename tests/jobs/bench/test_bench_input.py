@@ -10,7 +10,8 @@ import tarfile
 import pytest
 from click.testing import CliRunner
 
-from mcad.jobs.bench.input import DRAFT_BOUND, InputBenchConfig, gpu_host
+from mcad.jobs.bench.input import InputBenchConfig, gpu_host
+from mcad.jobs.bench.input_decode import DRAFT_BOUND
 from mcad.jobs.cli.bench import input_bench
 from mcad.pipeline.shapes.synth import SynthConfig, write_benchmark
 from mcad.storage.errors import InputError
