@@ -43,11 +43,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-TERMS = ("loss", "con", "dist", "feat")  # the total, then each MCAD term (student/losses.py)
+TERMS = ("loss", "con", "dist", "feat", "rank")  # the total, then each MCAD term (student/losses.py)
 
 
 def plot_curves(run: str | os.PathLike) -> Path | None:
-    """RUN/loss_curve.png: one panel per loss term that was logged (the total, con, dist, feat), each on
+    """RUN/loss_curve.png: one panel per loss term that was logged (the total, con, dist, feat, rank), each on
     a log y axis (the distillation term is scaled by T² and would flatten the others on one linear
     axis), then the validation rsum per epoch."""
     import matplotlib
