@@ -19,6 +19,7 @@ PRESETS = functools.partial(field_option, "mcad.jobs.bench.presets:PresetsBenchC
 SWEEP = functools.partial(field_option, "mcad.jobs.bench.sweep:SweepBenchConfig")
 INPUT = functools.partial(field_option, "mcad.jobs.bench.input:InputBenchConfig")
 REPORT = functools.partial(field_option, "mcad.jobs.bench.report:ReportConfig")
+VIEWS = functools.partial(field_option, "mcad.jobs.bench.views:ViewsBenchConfig")
 SIZES = click.Choice(["smoke", "demo", "base", "large"])  # pipeline.shapes.teacher_models.TEACHER_SIZES
 
 # Options several benches take.
@@ -262,6 +263,37 @@ def report_cmd(out, seeds, quick, epochs, preset, teachers, skip_speed, ray_addr
     cfg = ReportConfig(out=out, seeds=seeds, quick=quick, epochs=epochs, preset=preset, teachers=teachers,
                        skip_speed=skip_speed, ray_address=ray_address, report_to=report_to)
     run_report(cfg, echo=click.echo)
+
+
+@bench.command("views", epilog="""\b
+Examples:
+  mcad bench views --report report/ --out views/     every seed of the report: 4x1, 8x1, 4x2 at the range val chose
+  mcad bench views --report report/ --out views/ --seeds 2 --settings 4x1    seeds 0 and 1, one setting
+  mcad bench views --report /tmp/r --out /tmp/v --crop-scales 0.3-1,0.8-1 --json /tmp/views.json
+""")
+@click.option("--report", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A `mcad bench report` folder: each seed's benchmark, teachers and one-view full-MCAD "
+                   "student are reused (the reference of every setting).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Views folder (the selection runs and (seed, setting) results already in it are kept).")
+@VIEWS("--settings", type=str, help="Views NxM measured on test: N views per sample, the first M scored by "
+       "the single teacher.")
+@VIEWS("--crop-scales", type=str, help="Candidate crop-scale ranges LO-HI (shares of the image area); the one "
+       "with the higher val rsum at 4x1 on seed 0 is used.")
+@VIEWS("--seeds", type=str, help="'all': every seed of the report; K: the first K.")
+@ray_address_option("Run the teacher passes and the students on this cluster ('auto', 'ray://host:port'); "
+                    "default: a local one.")
+@json_option
+def views_cmd(report, out, settings, crop_scales, seeds, ray_address, json_path):
+    """Stored views (crops, schema v2) against one view: caption truth of crop ranges, the range chosen on
+    val, then full-MCAD students from NxM views paired with the report's one-view student on test."""
+    from mcad.jobs.bench.views import ViewsBenchConfig, run_views_bench
+    from mcad.jobs.bench.views_tables import summary_text
+
+    cfg = ViewsBenchConfig(report=report, out=out, settings=settings, crop_scales=crop_scales, seeds=seeds,
+                           ray_address=ray_address)
+    result = run_views_bench(cfg, echo=click.echo)
+    _emit(summary_text(result), result, json_path)
 
 
 @bench.command("select", epilog="""\b

@@ -1,0 +1,209 @@
+"""`mcad bench views`'s figures: caption truth of crops, the comparison with N = 1, and views.md.
+
+- `caption_truth`: how often a crop keeps every caption true, from the scenes
+  alone (no rendering, no model): the val split's scenes of the benchmark are
+  regenerated from its SynthConfig (pipeline/shapes/synth.py split_scenes, the
+  shards' own generator), each crop is the box a pass would draw for that
+  shard and row (pipeline.views.draw_box / view_rng), cut as apply_box cuts it
+  (pipeline.views.pixel_box).
+- `compare`: per setting, mean and sd over seeds of the final val rsum, test
+  R@1 and rsum, pass and student seconds and bytes per sample; each setting
+  minus the same seed's N = 1 full MCAD (report_stats.paired_differences, and
+  per seed student.metrics.paired_bootstrap over the test queries).
+- `markdown`: OUT/views.md, tables a README can quote.
+
+The run itself is jobs/bench/views.py.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+VISIBLE = 0.5  # share of an object's bounding box a crop must keep for the object to count as visible
+TRUTH_DEFINITION = (
+    "a crop keeps its captions true when every object the captions name (every object of the scene: each "
+    f"caption names them all) keeps at least {VISIBLE:.0%} of its bounding box (centre ± the shape's half-width, "
+    "the box it is drawn in) inside the crop's pixel edges (pipeline.views.pixel_box, what apply_box cuts)")
+
+
+def caption_truth(data: Path, scales: list[tuple[float, float]], ratio: tuple[float, float], *, views: int,
+                  seed: int = 0) -> dict:
+    """Per crop-scale range, over views 1..views-1 of every val image of the benchmark in `data` (view seed
+    `seed`): the share of crops keeping every named object visible (TRUTH_DEFINITION), every object whole,
+    and the mean visible share of an object and mean area share of a crop."""
+    from mcad.pipeline.shapes.synth import CONFIG_NAME, SynthConfig, held_out_meanings, split_scenes
+    from mcad.pipeline.shapes.world import half_width, photo_width
+    from mcad.pipeline.views import draw_box, pixel_box, view_rng
+
+    synth = SynthConfig(**json.loads((Path(data) / CONFIG_NAME).read_text())["config"])
+    scenes = [scene for scene, _, _ in split_scenes("val", synth, held_out_meanings("val", synth))]
+    _check_scenes(Path(data) / "val", scenes)
+    side = synth.image_size
+    width = photo_width(side) if synth.texture == "photo" else side
+    offset = (width - side) // 2  # the photo frame draws the scene in its middle square
+    by_range = {}
+    for scale in scales:
+        crops = []  # per crop: (each object's visible share, the crop's area share)
+        for index, scene in enumerate(scenes):
+            shard, row = f"{index // synth.shard_size:06d}", index % synth.shard_size
+            for v in range(1, views):
+                box = draw_box(view_rng(seed, shard, row, v), width, side, scale=scale, ratio=ratio)
+                left, top, right, bottom = pixel_box(box, width, side)
+                shares = []
+                for o in scene.objects:
+                    h = half_width(o.size, side)
+                    dx = min(o.x + offset + h, right) - max(o.x + offset - h, left)
+                    dy = min(o.y + h, bottom) - max(o.y - h, top)
+                    shares.append(max(dx, 0.0) * max(dy, 0.0) / (2 * h) ** 2)
+                crops.append((shares, (right - left) * (bottom - top) / (width * side)))
+        by_range[f"{scale[0]:g}-{scale[1]:g}"] = {
+            "crop_scale": list(scale), "crops": len(crops),
+            "captions_true": statistics.fmean(min(s) >= VISIBLE for s, _ in crops),
+            "all_whole": statistics.fmean(min(s) >= 1.0 - 1e-9 for s, _ in crops),
+            "object_visible_mean": statistics.fmean(x for s, _ in crops for x in s),
+            "crop_area_mean": statistics.fmean(a for _, a in crops)}
+    return {"definition": TRUTH_DEFINITION, "split": "val", "images": len(scenes),
+            "views_per_image": views - 1, "view_seed": seed, "crop_ratio": list(ratio),
+            "image": [width, side], "by_range": by_range}
+
+
+def _check_scenes(split: Path, scenes: list) -> None:
+    """Refuse scenes that are not the ones the first val shard holds (its samples' "objects")."""
+    import dataclasses
+    import tarfile
+
+    from mcad.storage.errors import InputError
+
+    shard = split / "000000.tar"
+    with tarfile.open(shard) as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    for meta, scene in zip(sorted(metas, key=lambda m: m["key"]), scenes):
+        if meta["objects"] != [dataclasses.asdict(o) for o in scene.objects]:
+            raise InputError(f"{shard}: sample {meta['key']} is not the scene its synth_config.json draws")
+
+
+# ------------------------------------------------------------------ the comparison with N = 1
+
+def compare(report: Path, out: Path, seeds: list[int], per_seed: dict[int, dict], refs: dict[int, dict]) -> dict:
+    """{"settings": per setting (the reference first) its means over seeds, "paired": setting -> metric ->
+    paired_interval of (setting - reference), "bootstrap": seed -> setting -> paired_bootstrap}."""
+    from mcad.jobs.bench.report_stats import (
+        BOOTSTRAP_RESAMPLES, mean_r1, mean_std, paired_differences,
+    )
+    from mcad.jobs.bench.views import REFERENCE
+    from mcad.jobs.demo import load_ranks
+    from mcad.student.metrics import paired_bootstrap
+
+    names = list(per_seed[seeds[0]])
+    runs = {s: {REFERENCE: refs[s], **per_seed[s]} for s in seeds}
+    settings = {}
+    for name in [REFERENCE, *names]:
+        rows = [runs[s][name] for s in seeds]
+        settings[name] = {
+            "val_rsum": _mean_std([r["val_rsum"] for r in rows]),
+            "test_mean_R@1": mean_std([mean_r1(r["test"]) for r in rows]),
+            "test_i2t_R@1": mean_std([r["test"]["i2t"]["R@1"] for r in rows]),
+            "test_t2i_R@1": mean_std([r["test"]["t2i"]["R@1"] for r in rows]),
+            "test_rsum": mean_std([r["test"]["rsum"] for r in rows]),
+            "pass_seconds": _mean_std([r["pass_seconds"] for r in rows]),
+            "student_seconds": _mean_std([r["student_seconds"] for r in rows]),
+            "bytes_per_sample": {k: statistics.fmean(r["bytes_per_sample"][k] for r in rows)
+                                 for k in rows[0]["bytes_per_sample"]}}
+    blocks = {str(s): {"students": {k: r["test"] for k, r in runs[s].items()}} for s in seeds}
+    paired = paired_differences(blocks, names=tuple(names), references=(REFERENCE,))[REFERENCE]
+    bootstrap = {str(s): {name: paired_bootstrap(load_ranks(out / f"seed_{s}", name),
+                                                 load_ranks(report / f"seed_{s}", "mcad"),
+                                                 n_boot=BOOTSTRAP_RESAMPLES, seed=s)
+                          for name in names} for s in seeds}
+    return {"settings": settings, "paired": paired, "bootstrap": bootstrap}
+
+
+def _mean_std(values: list) -> dict | None:
+    from mcad.jobs.bench.report_stats import mean_std
+
+    values = [v for v in values if v is not None]
+    return mean_std(values) if values else None
+
+
+# ------------------------------------------------------------------ views.md
+
+def _label(name: str) -> str:
+    if name == "1x1":
+        return "1 view (the report's store)"
+    n, m = name.split("x")
+    return f"{n} views, {m} scored by the single teacher"
+
+
+def _bytes(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 1024:.1f} KiB"
+
+
+def _order(result: dict) -> list[str]:
+    """The reference, then the settings in the order given (views.json's keys are sorted)."""
+    return ["1x1", *result["config"]["settings"].split(",")]
+
+
+def main_table(result: dict) -> list[str]:
+    from mcad.jobs.bench.report_render import _ci, _md_table, _pm
+
+    rows = [["views NxM", "val rsum (last epoch)", "test mean R@1", "test rsum", "Δ mean R@1 vs 1 view",
+             "Δ rsum vs 1 view", "pass s", "student s", "store bytes / sample (signals + views = total)"]]
+    for name in _order(result):
+        s, d = result["settings"][name], result["paired"].get(name)
+        b = s["bytes_per_sample"]
+        rows.append([f"{name}: {_label(name)}", _pm(s["val_rsum"], 2) if s["val_rsum"] else "n/a",
+                     _pm(s["test_mean_R@1"]), _pm(s["test_rsum"]),
+                     _ci(d["mean_R@1"]) if d else "reference", _ci(d["rsum"]) if d else "reference",
+                     _pm(s["pass_seconds"], 0) if s["pass_seconds"] else "n/a",
+                     _pm(s["student_seconds"], 0) if s["student_seconds"] else "n/a",
+                     f"{_bytes(b['signals'])} + {_bytes(b['views'])} = {_bytes(b['total'])}"])
+    return _md_table(rows)
+
+
+def markdown(result: dict) -> str:
+    from mcad.jobs.bench.report_render import _boot, _md_table
+
+    truth, sel, seeds = result["caption_truth"], result["selection"], result["seeds"]
+    lines = ["# Stored views on the shapes benchmark (issue #17)", "",
+             f"    {result['command']}", "",
+             f"Reuses the report in `{result['pinned']['report']}` (seeds {', '.join(map(str, seeds))}): its "
+             "benchmark, teachers, and its full-MCAD student from the one-view store, the reference each setting "
+             "is paired with (same seed, same data, same student settings and initialisation; only the store "
+             "differs). Crop ratio "
+             f"{truth['crop_ratio'][0]:.3g}-{truth['crop_ratio'][1]:.3g} (the pass's default).", "",
+             "## Which crop range keeps the captions true", "",
+             f"Over seed 0's {truth['images']} val images, {truth['views_per_image']} crops each (the boxes a pass "
+             f"with view seed {truth['view_seed']} draws): {truth['definition']}.", ""]
+    rows = [["crop scale", "crops", "captions true", "every object whole", "mean object visible",
+             "mean crop area"]]
+    rows += [[k, str(r["crops"]), f"{r['captions_true']:.1%}", f"{r['all_whole']:.1%}",
+              f"{r['object_visible_mean']:.1%}", f"{r['crop_area_mean']:.1%}"] for k, r in truth["by_range"].items()]
+    lines += [*_md_table(rows), "", "## The crop range, chosen on val", "",
+              f"Seed {sel['seed']}, {_label(sel['setting'])} ({sel['setting']}), one full-MCAD student per range, "
+              f"val split only (test not read). Rule: {sel['rule']}. **Chosen: {sel['chosen']}.**", ""]
+    rows = [["crop scale", "val rsum (last epoch)", "pass s", "student s"]]
+    rows += [[k, f"{c['val_rsum']:.2f}", f"{c['pass_seconds']:.0f}", f"{c['student_seconds']:.0f}"]
+             for k, c in sel["candidates"].items()]
+    lines += [*_md_table(rows), "",
+              f"## Test: full MCAD from stored views, crop scale {sel['chosen']}, {len(seeds)} seed(s)", "",
+              "Mean ± sd over seeds; Δ: each setting minus the same seed's one-view student, mean and its 95 % "
+              "interval over seeds (mean ± t(0.975, n−1)·sd/√n; \"not significant\": it covers 0). Mean R@1 is "
+              "the average of i2t and t2i R@1. Seconds on this machine "
+              f"({result['machine'].get('cpus')} CPUs); student s: the wall time of the students trained side by "
+              "side over their number (the machine's seconds per student, as the report's cost). "
+              f"Seed {sel['seed']}'s {sel['setting']} is the selection's winning run, evaluated on test once.", "",
+              *main_table(result), ""]
+    boot = result["bootstrap"]
+    first = next(iter(boot[str(seeds[0])].values()))
+    lines += ["## Per seed: paired bootstrap over the test queries", "",
+              f"Δ mean R@1 against the same seed's one-view student, {first['level']:.0%} percentile interval from "
+              f"{first['n_boot']} paired resamples of the test images (an image with its captions is the unit).", ""]
+    rows = [["views NxM", *(f"seed {s}" for s in seeds)]]
+    rows += [[name, *(_boot(boot[str(s)][name]["mean"]) for s in seeds)] for name in _order(result)[1:]]
+    return "\n".join(lines + [*_md_table(rows), ""])
+
+
+def summary_text(result: dict) -> str:
+    """The test table, for the terminal."""
+    return "\n".join(main_table(result))
