@@ -11,11 +11,11 @@ FIGURES = (("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2
 
 # ------------------------------------------------------------------ tables
 
-def _pm(s: dict, digits: int = 1) -> str:
+def pm_text(s: dict, digits: int = 1) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
-def _md_table(rows: list[list[str]]) -> list[str]:
+def md_table(rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
@@ -24,7 +24,7 @@ def quality_rows(report: dict) -> list[list[str]]:
     rows = [["method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"]]
     for m in report["methods"]:
         s = report["summary"][m]
-        rows.append([report["labels"][m], *(_pm(s[d][k]) for d, k in FIGURES), _pm(s["rsum"])])
+        rows.append([report["labels"][m], *(pm_text(s[d][k]) for d, k in FIGURES), pm_text(s["rsum"])])
     return rows
 
 
@@ -70,12 +70,12 @@ def markdown(report: dict) -> str:
         f"Seed stages {report['stage_seconds_total']:.0f} s in all; this invocation {report['seconds']:.0f} s "
         f"(seeds kept from an earlier run: {report['skipped_seeds'] or 'none'}).", "",
         "## Quality (test split, recall %, mean ± sample std over seeds)", "",
-        *_md_table(quality_rows(report)), "",
+        *md_table(quality_rows(report)), "",
         "R@1 of each seed (image→text / text→image); `mcad eval --model seed_N/runs/METHOD/model "
         "--data seed_N/data/test` prints a student's, `mcad eval --model TEACHERS/dual --single "
         f"TEACHERS/single --beta {d.get('teacher_beta', 'BETA')} --data seed_N/data/test` the teachers' "
         "(β of the combined score, chosen on val by `mcad teachers bootstrap`).", "",
-        *_md_table(per_seed_rows(report)), "",
+        *md_table(per_seed_rows(report)), "",
         "## Ablations against the contrastive baseline",
         "",
         "Differences to the baseline student of the same seed (same data, same store), mean ± std over seeds.",
@@ -83,8 +83,8 @@ def markdown(report: dict) -> str:
     ]
     rows = [["student", "Δ i2t R@1", "Δ t2i R@1", "Δ rsum"]]
     for method, a in report["ablation_vs_baseline"].items():
-        rows.append([report["labels"][method], _pm(a["i2t_R@1"]), _pm(a["t2i_R@1"]), _pm(a["rsum"])])
-    lines += [*_md_table(rows), ""]
+        rows.append([report["labels"][method], pm_text(a["i2t_R@1"]), pm_text(a["t2i_R@1"]), pm_text(a["rsum"])])
+    lines += [*md_table(rows), ""]
     lines += paired_markdown(report)
     lines += ["## Speed", ""]
     speed = report["speed"]
@@ -96,7 +96,7 @@ def markdown(report: dict) -> str:
             for ratio, value in speed[name]["ratios"].items():
                 rows.append([name, f"`{ratio}`", f"{value:.3f}", f"`{speed[name]['command']}`"])
         f = speed["student"]["figures"]
-        lines += [*_md_table(rows), "",
+        lines += [*md_table(rows), "",
                   f"Student step (ms): {f['plain_ms_per_step']:.1f} contrastive, {f['mcad_stored_ms_per_step']:.1f} "
                   f"MCAD from the store, {f['mcad_online_ms_per_step']:.1f} MCAD with the teachers online "
                   f"(batch {f['batch_size']}). Store: {speed['store']['figures']['bytes_per_sample']:.0f} bytes "
@@ -108,7 +108,7 @@ def markdown(report: dict) -> str:
                       f"{', '.join(kept)}.", ""]
     co = report["cost"]
     lines += ["## Cost", "",
-              *_md_table([["figure", "value"],
+              *md_table([["figure", "value"],
                           ["teacher pass (s, mean over seeds)", f"{co['teacher_pass_s']:.1f}"],
                           ["student run from the store (machine s: students stage / students)",
                            f"{co['student_s']:.1f}"],
@@ -127,7 +127,7 @@ def markdown(report: dict) -> str:
         lines += ["Skipped (`--skip-speed`).", ""]
     else:
         p = speed["presets"]
-        lines += [*_md_table(table_rows(p)), "",
+        lines += [*md_table(table_rows(p)), "",
                   f"`{p['command']}`. Parameters: the exported CLIPModel (student heads dropped); FLOPs: torch's "
                   f"count, 2 per multiply-add, one image / one caption of the maximum length; images/s and "
                   f"captions/s: batches of {p['config']['batch']}, model forward only; latency: one text query "
@@ -143,7 +143,7 @@ def _paired(report: dict) -> dict:
     return report.get("paired_differences") or paired_differences(report["per_seed"])
 
 
-def _ci(c: dict, digits: int = 1) -> str:
+def ci_text(c: dict, digits: int = 1) -> str:
     if c["low"] is None:
         return f"{c['mean']:+.{digits}f} (1 seed: no interval)"
     text = f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
@@ -160,14 +160,14 @@ def paired_markdown(report: dict) -> list[str]:
     for ref, students in paired.items():
         lines += [f"Against {report['labels'].get(ref, ref)}:", ""]
         rows = [["student", "Δ mean R@1", "Δ i2t R@1", "Δ t2i R@1", "Δ rsum"]]
-        rows += [[report["labels"].get(m, m), _ci(d["mean_R@1"]) if "mean_R@1" in d else "n/a",
-                  _ci(d["i2t_R@1"]), _ci(d["t2i_R@1"]), _ci(d["rsum"])]
+        rows += [[report["labels"].get(m, m), ci_text(d["mean_R@1"]) if "mean_R@1" in d else "n/a",
+                  ci_text(d["i2t_R@1"]), ci_text(d["t2i_R@1"]), ci_text(d["rsum"])]
                  for m, d in students.items()]
-        lines += [*_md_table(rows), ""]
+        lines += [*md_table(rows), ""]
     return lines + bootstrap_markdown(report)
 
 
-def _boot(c: dict, digits: int = 1) -> str:
+def boot_text(c: dict, digits: int = 1) -> str:
     text = f"{c['diff']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
     return text if c["significant"] else text + " not significant"
 
@@ -187,8 +187,8 @@ def bootstrap_markdown(report: dict) -> list[str]:
         lines += [f"Against {report['labels'].get(ref, ref)} (Δ mean R@1):", ""]
         rows = [["student", *(f"seed {s}" for s in seeds)]]
         for m in boot[seeds[0]][ref]:
-            rows.append([report["labels"].get(m, m), *(_boot(boot[s][ref][m]["mean"]) for s in seeds)])
-        lines += [*_md_table(rows), ""]
+            rows.append([report["labels"].get(m, m), *(boot_text(boot[s][ref][m]["mean"]) for s in seeds)])
+        lines += [*md_table(rows), ""]
     return lines
 
 

@@ -145,24 +145,24 @@ def _order(result: dict) -> list[str]:
 
 
 def main_table(result: dict) -> list[str]:
-    from mcad.jobs.bench.report_render import _ci, _md_table, _pm
+    from mcad.jobs.bench.report_render import ci_text, md_table, pm_text
 
     rows = [["views NxM", "val rsum (last epoch)", "test mean R@1", "test rsum", "Δ mean R@1 vs 1 view",
              "Δ rsum vs 1 view", "pass s", "student s", "store bytes / sample (signals + views = total)"]]
     for name in _order(result):
         s, d = result["settings"][name], result["paired"].get(name)
         b = s["bytes_per_sample"]
-        rows.append([f"{name}: {_label(name)}", _pm(s["val_rsum"], 2) if s["val_rsum"] else "n/a",
-                     _pm(s["test_mean_R@1"]), _pm(s["test_rsum"]),
-                     _ci(d["mean_R@1"]) if d else "reference", _ci(d["rsum"]) if d else "reference",
-                     _pm(s["pass_seconds"], 0) if s["pass_seconds"] else "n/a",
-                     _pm(s["student_seconds"], 0) if s["student_seconds"] else "n/a",
+        rows.append([f"{name}: {_label(name)}", pm_text(s["val_rsum"], 2) if s["val_rsum"] else "n/a",
+                     pm_text(s["test_mean_R@1"]), pm_text(s["test_rsum"]),
+                     ci_text(d["mean_R@1"]) if d else "reference", ci_text(d["rsum"]) if d else "reference",
+                     pm_text(s["pass_seconds"], 0) if s["pass_seconds"] else "n/a",
+                     pm_text(s["student_seconds"], 0) if s["student_seconds"] else "n/a",
                      f"{_bytes(b['signals'])} + {_bytes(b['views'])} = {_bytes(b['total'])}"])
-    return _md_table(rows)
+    return md_table(rows)
 
 
 def markdown(result: dict) -> str:
-    from mcad.jobs.bench.report_render import _boot, _md_table
+    from mcad.jobs.bench.report_render import boot_text, md_table
 
     truth, sel, seeds = result["caption_truth"], result["selection"], result["seeds"]
     lines = ["# Stored views on the shapes benchmark (issue #17)", "",
@@ -179,13 +179,13 @@ def markdown(result: dict) -> str:
              "mean crop area"]]
     rows += [[k, str(r["crops"]), f"{r['captions_true']:.1%}", f"{r['all_whole']:.1%}",
               f"{r['object_visible_mean']:.1%}", f"{r['crop_area_mean']:.1%}"] for k, r in truth["by_range"].items()]
-    lines += [*_md_table(rows), "", "## The crop range, chosen on val", "",
+    lines += [*md_table(rows), "", "## The crop range, chosen on val", "",
               f"Seed {sel['seed']}, {_label(sel['setting'])} ({sel['setting']}), one full-MCAD student per range, "
               f"val split only (test not read). Rule: {sel['rule']}. **Chosen: {sel['chosen']}.**", ""]
     rows = [["crop scale", "val rsum (last epoch)", "pass s", "student s"]]
     rows += [[k, f"{c['val_rsum']:.2f}", f"{c['pass_seconds']:.0f}", f"{c['student_seconds']:.0f}"]
              for k, c in sel["candidates"].items()]
-    lines += [*_md_table(rows), "",
+    lines += [*md_table(rows), "",
               f"## Test: full MCAD from stored views, crop scale {sel['chosen']}, {len(seeds)} seed(s)", "",
               "Mean ± sd over seeds; Δ: each setting minus the same seed's one-view student, mean and its 95 % "
               "interval over seeds (mean ± t(0.975, n−1)·sd/√n; \"not significant\": it covers 0). Mean R@1 is "
@@ -200,8 +200,8 @@ def markdown(result: dict) -> str:
               f"Δ mean R@1 against the same seed's one-view student, {first['level']:.0%} percentile interval from "
               f"{first['n_boot']} paired resamples of the test images (an image with its captions is the unit).", ""]
     rows = [["views NxM", *(f"seed {s}" for s in seeds)]]
-    rows += [[name, *(_boot(boot[str(s)][name]["mean"]) for s in seeds)] for name in _order(result)[1:]]
-    return "\n".join(lines + [*_md_table(rows), ""])
+    rows += [[name, *(boot_text(boot[str(s)][name]["mean"]) for s in seeds)] for name in _order(result)[1:]]
+    return "\n".join(lines + [*md_table(rows), ""])
 
 
 def summary_text(result: dict) -> str:
