@@ -175,13 +175,14 @@ def shipped_teachers(cfg: DemoConfig) -> tuple[Path, Path, float]:
     return dual, single, combined_beta(single)
 
 
-def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path, **views) -> Path:
-    """The demo's pass over data/train into store; `views`: TeacherPassJob's view fields (views,
-    single_views, crop_scale, crop_ratio, seed; `mcad bench views`), none: one view (a v1 store)."""
+def _teacher_pass(cfg: DemoConfig, data: Path, dual: Path, single: Path, store: Path, **fields) -> Path:
+    """The demo's pass over data/train into store; `fields`: other TeacherPassJob fields (the arms of
+    jobs/bench/arms.py: view fields for `mcad bench views`, pools for `mcad bench levers`), none: the
+    demo's own pass (one view, consecutive pools)."""
     from mcad.jobs.teacher_pass import TeacherPassJob, run_teacher_pass
 
     job = TeacherPassJob(data=str(data / "train"), dual=str(dual), single=str(single), out=str(store),
-                         pool_size=cfg.pool, topk=cfg.topk, mode="overwrite", ray_address=cfg.ray_address, **views)
+                         pool_size=cfg.pool, topk=cfg.topk, mode="overwrite", ray_address=cfg.ray_address, **fields)
     run_teacher_pass(job)
     return store
 

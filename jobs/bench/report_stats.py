@@ -5,7 +5,7 @@ From each seed's results (the demo's results.json, regrouped per method by
 student minus the same seed's baseline (`ablation`), the paired difference
 against the baseline and dual-only KD with a 95 % interval over seeds (t:
 `paired_differences`, `paired_interval`, `t975`), and per seed a paired
-bootstrap over the test queries (`bootstrap_differences`,
+bootstrap over the test queries (`bootstrap_differences`, `bootstrap_pairs`,
 student.metrics.paired_bootstrap). Pure Python (statistics, math); the
 bootstrap imports its pieces when called.
 """
@@ -108,7 +108,6 @@ def bootstrap_differences(out: Path, seeds: list[int]) -> dict:
     """seed -> reference -> student -> paired_bootstrap over that seed's test queries (ranks kept by
     the seed's run, OUT/seed_N/ranks/); a seed run before ranks were kept is left out."""
     from mcad.jobs.demo import RANKS_DIR, load_ranks
-    from mcad.student.metrics import paired_bootstrap
 
     result = {}
     for seed in seeds:
@@ -116,11 +115,18 @@ def bootstrap_differences(out: Path, seeds: list[int]) -> dict:
         if not (folder / RANKS_DIR).is_dir():
             continue
         ranks = {name: load_ranks(folder, name) for name in STUDENTS}
-        result[str(seed)] = {ref: {name: paired_bootstrap(ranks[name], ranks[ref], n_boot=BOOTSTRAP_RESAMPLES,
-                                                         seed=seed)
-                                   for name in names}
-                             for ref, names in paired_names(STUDENTS).items()}
+        result[str(seed)] = bootstrap_pairs(ranks, paired_names(STUDENTS), seed)
     return result
+
+
+def bootstrap_pairs(ranks: dict[str, dict], pairs: dict[str, list[str]], seed: int) -> dict:
+    """reference -> name -> paired_bootstrap of (name - reference) over one seed's test queries; `ranks`:
+    name -> its kept ranks (jobs.demo.load_ranks), `pairs`: reference -> the names compared with it."""
+    from mcad.student.metrics import paired_bootstrap
+
+    return {ref: {name: paired_bootstrap(ranks[name], ranks[ref], n_boot=BOOTSTRAP_RESAMPLES, seed=seed)
+                  for name in names}
+            for ref, names in pairs.items()}
 
 
 BOOTSTRAP_RESAMPLES = 2000

@@ -20,7 +20,8 @@ Three phases, then the tables (jobs/bench/views_tables.py):
    with view seed N (OUT/seed_N/store_NxM), then the seed's students trained
    side by side (jobs.demo.train_side_by_side) with the report's full-MCAD
    settings (checked against the report's runs/mcad/train_config.json), each
-   evaluated once on test (OUT/seed_N/ranks/NxM.npz). Seed 0's 4x1 is the
+   evaluated once on test (OUT/seed_N/ranks/NxM.npz): one arm per setting of
+   jobs/bench/arms.py (its passes, students, results and resume). Seed 0's 4x1 is the
    selection's winning run (the same pass and student), evaluated on test here.
    Each setting minus the same seed's N = 1 full MCAD: the paired difference
    with a 95 % t-interval over seeds (report_stats.paired_differences), and per
@@ -45,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcad.jobs.bench.report_methods import STUDENTS
+from mcad.jobs.bench.arms import parse_seeds
 from mcad.jobs.teacher_pass_job import TeacherPassJob
 from mcad.storage.errors import InputError
 
@@ -69,10 +70,7 @@ class ViewsBenchConfig:
     def __post_init__(self):  # canonical spellings, so the pinned values compare
         object.__setattr__(self, "settings", ",".join(f"{n}x{m}" for n, m in parse_settings(self.settings)))
         object.__setattr__(self, "crop_scales", ",".join(_scale_name(s) for s in parse_scales(self.crop_scales)))
-        seeds = str(self.seeds).strip().lower()
-        if seeds != "all" and not (seeds.isdigit() and int(seeds) >= 1):
-            raise InputError(f"seeds must be 'all' or a positive number, got {self.seeds!r}")
-        object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "seeds", parse_seeds(self.seeds))
         object.__setattr__(self, "crop_ratio", tuple(float(x) for x in self.crop_ratio))
 
     def setting_list(self) -> list[tuple[int, int]]:
@@ -139,130 +137,22 @@ def setting_name(n: int, m: int) -> str:
     return f"{n}x{m}"
 
 
-# ------------------------------------------------------------------ the report it reuses
-
-def report_seeds(cfg: ViewsBenchConfig) -> list[int]:
-    """The report's seeds this run covers; refused when the report is not one, or one is not finished."""
-    report = Path(cfg.report)
-    path = report / "report_config.json"
-    if not path.is_file():
-        raise InputError(f"{report}: not a report folder (no report_config.json; made by mcad bench report)")
-    n = int(json.loads(path.read_text())["seeds"])
-    if cfg.seeds != "all" and int(cfg.seeds) > n:
-        raise InputError(f"--seeds {cfg.seeds}: the report in {report} has {n} seed(s)")
-    seeds = list(range(n if cfg.seeds == "all" else int(cfg.seeds)))
-    missing = [s for s in seeds if not _finished(report / f"seed_{s}")]
-    if missing:
-        raise InputError(f"{report}: seed(s) {', '.join(map(str, missing))} not finished (no results.json with "
-                         f"the full-MCAD student, its ranks and its store); wait for the report or pass --seeds K")
-    return seeds
-
-
-def _finished(folder: Path) -> bool:
-    from mcad.jobs.demo import RANKS_DIR
-
-    results = folder / "results.json"
-    return (results.is_file() and "mcad" in json.loads(results.read_text()).get("students", {})
-            and (folder / RANKS_DIR / "mcad.npz").is_file() and (folder / "store" / "manifest.json").is_file()
-            and (folder / "runs" / "mcad" / "train_config.json").is_file())
-
-
-def seed_demo_config(cfg: ViewsBenchConfig, seed: int):
-    """The report's DemoConfig of a seed (its demo_config.json), on this run's Ray cluster."""
-    from mcad.jobs.demo import DemoConfig
-
-    folder = Path(cfg.report) / f"seed_{seed}"
-    saved = json.loads((folder / "demo_config.json").read_text())
-    names = {f.name for f in dataclasses.fields(DemoConfig)}
-    return DemoConfig(**{**{k: v for k, v in saved.items() if k in names}, "out": str(folder), "report_to": (),
-                         "ray_address": cfg.ray_address})
-
-
-def mcad_job(demo, store: Path, run: Path):
-    """The full-MCAD student of the report (STUDENTS["mcad"] on the seed's DemoConfig) from `store`."""
-    from mcad.jobs.demo import _student_job
-
-    return _student_job(demo, Path(demo.out) / "data", store, run, STUDENTS["mcad"])
-
-
-def student_settings(demo) -> dict:
-    """The full-MCAD student's settings this run trains with; refused unless they are the report's own
-    (every setting its train_config.json records but `views`, which a one-view store ignores)."""
-    run = Path(demo.out) / "runs" / "mcad"
-    job = mcad_job(demo, Path(demo.out) / "store", run)
-    ours = json.loads(json.dumps(dataclasses.asdict(job.train)))
-    saved = json.loads((run / "train_config.json").read_text())
-    theirs = {k: v for k, v in saved["train"].items() if k != "views"}
-    differ = [f"{k}: {theirs[k]!r} here {ours.get(k, 'absent')!r}" for k in theirs if ours.get(k, ...) != theirs[k]]
-    if saved.get("preset") != job.preset:
-        differ.append(f"preset: {saved.get('preset')!r} here {job.preset!r}")
-    if differ:
-        raise InputError(f"{run}: the report's full-MCAD student was trained with other settings "
-                         f"({'; '.join(differ)}); the views students would not be paired with it")
-    return {"preset": job.preset, **{k: v for k, v in ours.items() if k != "seed"}}
-
+# ------------------------------------------------------------------ the report it reuses (jobs/bench/arms.py)
 
 def reference(folder: Path) -> dict:
     """The report's N = 1 full MCAD of a seed: test EVAL, val rsum, pass and student seconds, store bytes."""
-    from mcad.jobs.train_student import last_epoch_record
-    from mcad.storage.reader import open_store
-    from mcad.storage.views import view_stats
+    from mcad.jobs.bench.arms import report_row
 
-    results = json.loads((folder / "results.json").read_text())
-    return {"setting": REFERENCE, "n": 1, "m": 1, "store": str(folder / "store"),
-            "pass_seconds": results["seconds"]["teacher_pass"],
-            **student_seconds(results["seconds"]["students"], len(results["student_seconds"]),
-                              results["student_seconds"]["mcad"]),
-            "val_rsum": last_epoch_record(folder / "runs" / "mcad").get("val_rsum"),
-            "bytes_per_sample": view_stats(open_store(folder / "store"))["bytes_per_sample"],
-            "test": results["students"]["mcad"]}
+    return {"setting": REFERENCE, "n": 1, "m": 1, **report_row(folder)}
 
-
-# ------------------------------------------------------------------ passes and students
 
 def train_views(demo, runs: dict[str, tuple[Path, Path, dict]], *, echo=print, tag: str) -> dict[str, dict]:
-    """name -> (store, run, TeacherPassJob view fields): each pass in turn, then the students trained
-    side by side, all in one Ray session; name -> the run's figures (no test)."""
-    from mcad.jobs.demo import _teacher_pass, shipped_teachers, train_side_by_side
-    from mcad.jobs.ray_cluster import ray_session
-    from mcad.jobs.train_student import last_epoch_record
+    """name -> (store, run, TeacherPassJob view fields): each pass in turn, then the full-MCAD students
+    trained side by side (arms.train_arms); name -> the run's figures (no test)."""
+    from mcad.jobs.bench.arms import train_arms
 
-    dual, single, _ = shipped_teachers(demo)
-    data, seconds = Path(demo.out) / "data", {}
-    with ray_session(demo.ray_address):
-        for name, (store, _, views) in runs.items():
-            echo(f"[{tag}] teacher pass {name} ({views}) ...")
-            t0 = time.perf_counter()
-            _teacher_pass(demo, data, dual, single, store, **views)
-            seconds[name] = round(time.perf_counter() - t0, 2)
-        jobs = {name: mcad_job(demo, store, run) for name, (store, run, _) in runs.items()}
-        t0 = time.perf_counter()
-        trained = train_side_by_side(jobs, ray_address=demo.ray_address, echo=echo, tag=tag)
-        stage = time.perf_counter() - t0
-    return {name: {"store": str(store), "run": str(run), "model": trained[name][0], "pass_seconds": seconds[name],
-                   **student_seconds(stage, len(jobs), trained[name][1]),
-                   "val_rsum": last_epoch_record(run).get("val_rsum"), **store_figures(store, Path(demo.out) / "store")}
-            for name, (store, run, _) in runs.items()}
-
-
-def student_seconds(stage: float, students: int, own: float) -> dict:
-    """A student's cost: the side-by-side stage's wall time over its students (the machine's seconds per
-    student, the report's cost S: comparable however many shared the cores), and its own wall time."""
-    return {"student_seconds": round(stage / students, 2), "student_wall_seconds": round(own, 2),
-            "students_side_by_side": students}
-
-
-def store_figures(store: Path, report_store: Path) -> dict:
-    """Bytes per sample by table (as `mcad signals stats`), and whether view 0 is the report's N = 1 store
-    (every signals file with the same sha256)."""
-    from mcad.storage.manifest import SIGNALS_SHA256, Manifest
-    from mcad.storage.reader import open_store
-    from mcad.storage.views import view_stats
-
-    ours, theirs = Manifest.load(store).shards, Manifest.load(report_store).shards
-    same = ours.keys() == theirs.keys() and all(ours[k].get(SIGNALS_SHA256) == theirs[k].get(SIGNALS_SHA256)
-                                                 for k in ours)
-    return {**view_stats(open_store(store)), "view0_is_report_store": same}
+    return train_arms(demo, {name: (store, run, views, {}) for name, (store, run, views) in runs.items()},
+                      echo=echo, tag=tag)
 
 
 def _views(n: int, m: int, scale: tuple[float, float], cfg: ViewsBenchConfig, seed: int) -> dict:
@@ -298,78 +188,52 @@ def select_range(cfg: ViewsBenchConfig, demo, *, echo=print) -> dict:
 
 
 def run_seed(cfg: ViewsBenchConfig, demo, selection: dict, *, echo=print) -> tuple[dict, list[str]]:
-    """Phase 3 for one seed: setting name -> its result (kept, adopted from the selection, or run now)."""
-    from mcad.jobs.demo import RANKS_DIR, _eval, keep_ranks
-    from mcad.storage.atomic import atomic_write_json
+    """Phase 3 for one seed: setting name -> its result (kept, adopted from the selection, or run now),
+    one arm per setting (arms.run_arms)."""
+    from mcad.jobs.bench.arms import Arm, result_path, run_arms
 
     seed, folder = demo.seed, Path(cfg.out) / f"seed_{demo.seed}"
     scale = parse_scales(selection["chosen"])[0]
-    results, todo, adopted, kept = {}, {}, {}, []
+    arms, adopted = [], {}
     for n, m in cfg.setting_list():
         name = setting_name(n, m)
-        path = folder / f"result_{name}.json"
+        path = result_path(folder, name)
         if path.is_file():
-            results[name], kept = json.loads(path.read_text()), kept + [name]
-            if results[name]["crop_scale"] != list(scale):  # the selection was run again and chose another
-                raise InputError(f"{path} was made at crop scale {_scale_name(results[name]['crop_scale'])}, "
+            kept = json.loads(path.read_text())
+            if kept["crop_scale"] != list(scale):  # the selection was run again and chose another
+                raise InputError(f"{path} was made at crop scale {_scale_name(kept['crop_scale'])}, "
                                  f"the selection now chose {selection['chosen']}; use another --out")
-            echo(f"[views seed {seed}] {name}: finished before, kept ({path})")
         elif seed == selection["seed"] and (n, m) == SELECT_SETTING:  # the same pass and student
             adopted[name] = selection["candidates"][selection["chosen"]]
-        else:
-            todo[name] = (folder / f"store_{name}", folder / "runs" / name, _views(n, m, scale, cfg, seed))
-    trained = train_views(demo, todo, echo=echo, tag=f"views seed {seed}") if todo else {}
-    for name, run in {**adopted, **trained}.items():
-        n, m = parse_settings(name)[0]
-        ev = _eval(Path(run["model"]), Path(demo.out) / "data" / "test")
-        keep_ranks({name: ev}, folder / RANKS_DIR)
-        results[name] = {**run, "seed": seed, "setting": name, "n": n, "m": m, "crop_scale": list(scale),
-                         "crop_ratio": list(cfg.crop_ratio), "view_seed": seed, "from_selection": name in adopted,
-                         "test": ev}
-        atomic_write_json(folder / f"result_{name}.json", results[name])
-    return {setting_name(n, m): results[setting_name(n, m)] for n, m in cfg.setting_list()}, kept
+        arms.append(Arm(name, passes=_views(n, m, scale, cfg, seed), store=f"store_{name}",
+                        fields={"setting": name, "n": n, "m": m, "crop_scale": list(scale),
+                                "crop_ratio": list(cfg.crop_ratio), "view_seed": seed,
+                                "from_selection": name in adopted}))
+    return run_arms(demo, arms, folder, adopted=adopted, echo=echo, tag=f"views seed {seed}")
 
 
 # ------------------------------------------------------------------ the whole bench
 
 def pinned(cfg: ViewsBenchConfig, demo0) -> dict:
     """What views_config.json pins: the report (its path and pinned settings), the ranges, the student."""
-    from mcad.jobs.bench.report import PINNED as REPORT_PINNED
+    from mcad.jobs.bench.arms import report_pins
 
-    report = json.loads((Path(cfg.report) / "report_config.json").read_text())
-    return {"report": str(Path(cfg.report).resolve()), "report_config": {k: report.get(k) for k in REPORT_PINNED},
-            "crop_scales": cfg.crop_scales, "crop_ratio": list(cfg.crop_ratio),
-            "select_setting": setting_name(*SELECT_SETTING), "student": student_settings(demo0)}
-
-
-def check_config(out: Path, now: dict) -> None:
-    """Refuse an OUT whose results were made with other pinned values."""
-    path = out / CONFIG_NAME
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text())
-    now = json.loads(json.dumps(now))
-    diff = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in PINNED if before.get(k) != now[k]]
-    if diff:
-        raise InputError(f"{out} holds a views run made with other settings ({'; '.join(diff)}); "
-                         f"use another --out or delete it")
+    return {**report_pins(Path(cfg.report), demo0, "views"), "crop_scales": cfg.crop_scales,
+            "crop_ratio": list(cfg.crop_ratio), "select_setting": setting_name(*SELECT_SETTING)}
 
 
 def run_views_bench(cfg: ViewsBenchConfig, *, echo=print) -> dict:
     """The three phases and the tables into cfg.out; returns views.json's dict."""
+    from mcad.jobs.bench.arms import check_config, open_report, write_outputs
     from mcad.jobs.bench.machine import machine_info
     from mcad.jobs.bench.views_tables import caption_truth, compare, markdown
-    from mcad.jobs.demo import shipped_teachers
     from mcad.storage.atomic import atomic_write_json
 
-    seeds = report_seeds(cfg)
-    demos = {s: seed_demo_config(cfg, s) for s in seeds}
-    for s in seeds:  # teachers missing, a seed they did not hold out, other student settings: before any work
-        shipped_teachers(demos[s])
-        student_settings(demos[s])
+    demos = open_report(Path(cfg.report), cfg.seeds, cfg.ray_address, "views")
+    seeds = list(demos)
     out = Path(cfg.out)
     pins = pinned(cfg, demos[0])
-    check_config(out, pins)
+    check_config(out / CONFIG_NAME, pins, PINNED, "views")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_NAME, {**pins, "settings": cfg.settings, "seeds": cfg.seeds,
                                           "ray_address": cfg.ray_address})
@@ -387,8 +251,4 @@ def run_views_bench(cfg: ViewsBenchConfig, *, echo=print) -> dict:
               "per_seed": {str(s): {REFERENCE: refs[s], **per_seed[s]} for s in seeds},
               "kept": {str(s): kept[s] for s in seeds}, "machine": machine_info(),
               "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(out / "views.json", result)
-    result = json.loads((out / "views.json").read_text())  # as the file holds it
-    (out / "views.md").write_text(markdown(result))
-    echo(f"[views] {out / 'views.json'}, {out / 'views.md'} ({result['seconds']:.0f} s)")
-    return result
+    return write_outputs(out, "views", result, markdown, echo=echo, tag="views")

@@ -8,8 +8,9 @@
   (pipeline.views.pixel_box).
 - `compare`: per setting, mean and sd over seeds of the final val rsum, test
   R@1 and rsum, pass and student seconds and bytes per sample; each setting
-  minus the same seed's N = 1 full MCAD (report_stats.paired_differences, and
-  per seed student.metrics.paired_bootstrap over the test queries).
+  minus the same seed's N = 1 full MCAD (jobs/bench/arms_tables.compare: a
+  95 % t-interval over seeds, and per seed a paired bootstrap over the test
+  queries).
 - `markdown`: OUT/views.md, tables a README can quote.
 
 The run itself is jobs/bench/views.py.
@@ -87,43 +88,15 @@ def _check_scenes(split: Path, scenes: list) -> None:
 
 def compare(report: Path, out: Path, seeds: list[int], per_seed: dict[int, dict], refs: dict[int, dict]) -> dict:
     """{"settings": per setting (the reference first) its means over seeds, "paired": setting -> metric ->
-    paired_interval of (setting - reference), "bootstrap": seed -> setting -> paired_bootstrap}."""
-    from mcad.jobs.bench.report_stats import (
-        BOOTSTRAP_RESAMPLES, mean_r1, mean_std, paired_differences,
-    )
+    paired_interval of (setting - reference), "bootstrap": seed -> setting -> paired_bootstrap}
+    (arms_tables.compare with the report's one-view full MCAD as the one reference)."""
+    from mcad.jobs.bench.arms_tables import compare as compare_arms
     from mcad.jobs.bench.views import REFERENCE
-    from mcad.jobs.demo import load_ranks
-    from mcad.student.metrics import paired_bootstrap
 
-    names = list(per_seed[seeds[0]])
     runs = {s: {REFERENCE: refs[s], **per_seed[s]} for s in seeds}
-    settings = {}
-    for name in [REFERENCE, *names]:
-        rows = [runs[s][name] for s in seeds]
-        settings[name] = {
-            "val_rsum": _mean_std([r["val_rsum"] for r in rows]),
-            "test_mean_R@1": mean_std([mean_r1(r["test"]) for r in rows]),
-            "test_i2t_R@1": mean_std([r["test"]["i2t"]["R@1"] for r in rows]),
-            "test_t2i_R@1": mean_std([r["test"]["t2i"]["R@1"] for r in rows]),
-            "test_rsum": mean_std([r["test"]["rsum"] for r in rows]),
-            "pass_seconds": _mean_std([r["pass_seconds"] for r in rows]),
-            "student_seconds": _mean_std([r["student_seconds"] for r in rows]),
-            "bytes_per_sample": {k: statistics.fmean(r["bytes_per_sample"][k] for r in rows)
-                                 for k in rows[0]["bytes_per_sample"]}}
-    blocks = {str(s): {"students": {k: r["test"] for k, r in runs[s].items()}} for s in seeds}
-    paired = paired_differences(blocks, names=tuple(names), references=(REFERENCE,))[REFERENCE]
-    bootstrap = {str(s): {name: paired_bootstrap(load_ranks(out / f"seed_{s}", name),
-                                                 load_ranks(report / f"seed_{s}", "mcad"),
-                                                 n_boot=BOOTSTRAP_RESAMPLES, seed=s)
-                          for name in names} for s in seeds}
-    return {"settings": settings, "paired": paired, "bootstrap": bootstrap}
-
-
-def _mean_std(values: list) -> dict | None:
-    from mcad.jobs.bench.report_stats import mean_std
-
-    values = [v for v in values if v is not None]
-    return mean_std(values) if values else None
+    found = compare_arms(report, out, seeds, runs, {REFERENCE: "mcad"})
+    return {"settings": found["summary"], "paired": found["paired"][REFERENCE],
+            "bootstrap": {s: block[REFERENCE] for s, block in found["bootstrap"].items()}}
 
 
 # ------------------------------------------------------------------ views.md

@@ -20,6 +20,7 @@ SWEEP = functools.partial(field_option, "mcad.jobs.bench.sweep:SweepBenchConfig"
 INPUT = functools.partial(field_option, "mcad.jobs.bench.input:InputBenchConfig")
 REPORT = functools.partial(field_option, "mcad.jobs.bench.report:ReportConfig")
 VIEWS = functools.partial(field_option, "mcad.jobs.bench.views:ViewsBenchConfig")
+LEVERS = functools.partial(field_option, "mcad.jobs.bench.levers:LeversBenchConfig")
 SIZES = click.Choice(["smoke", "demo", "base", "large"])  # pipeline.shapes.teacher_models.TEACHER_SIZES
 
 # Options several benches take.
@@ -293,6 +294,36 @@ def views_cmd(report, out, settings, crop_scales, seeds, ray_address, json_path)
     cfg = ViewsBenchConfig(report=report, out=out, settings=settings, crop_scales=crop_scales, seeds=seeds,
                            ray_address=ray_address)
     result = run_views_bench(cfg, echo=click.echo)
+    _emit(summary_text(result), result, json_path)
+
+
+@bench.command("levers", epilog="""\b
+Examples:
+  mcad bench levers --report report/ --out levers/ --arm rank:w_rank=1 --arm neighbours:pools=neighbours
+  mcad bench levers --report report/ --out levers/ --arm best:pools=neighbours,w_rank=1,itm_norm=pool --seeds 2
+  mcad bench levers --report /tmp/r --out /tmp/l --arm t:itm_temperature=2 --json /tmp/levers.json
+""")
+@click.option("--report", required=True, type=click.Path(file_okay=False, exists=True),
+              help="A `mcad bench report` folder: each seed's benchmark, teachers, store, full-MCAD and dual-only "
+                   "KD students and dual-teacher evaluation are reused (the references of every arm).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Levers folder (the (seed, arm) results already in it are kept).")
+@click.option("--arm", "arms", multiple=True, required=True, metavar="NAME:KEY=V[,KEY=V...]",
+              help="A variant of the report's full MCAD: KEY a TrainConfig field (w_rank, rank_by, itm_norm, "
+                   "itm_temperature, alpha, beta, ...) or the pass's pools (neighbours: a new pass per seed). "
+                   "Repeat for more arms.")
+@LEVERS("--seeds", type=str, help="'all': every seed of the report; K: the first K.")
+@ray_address_option("Run the teacher passes and the students on this cluster ('auto', 'ray://host:port'); "
+                    "default: a local one.")
+@json_option
+def levers_cmd(report, out, arms, seeds, ray_address, json_path):
+    """The single-teacher levers (issue #18) on test: one full-MCAD student per arm and seed, paired with the
+    report's full MCAD, dual-only KD and dual teacher of that seed, with each arm's pass and store cost."""
+    from mcad.jobs.bench.levers import LeversBenchConfig, run_levers_bench
+    from mcad.jobs.bench.levers_tables import summary_text
+
+    cfg = LeversBenchConfig(report=report, out=out, arms=tuple(arms), seeds=seeds, ray_address=ray_address)
+    result = run_levers_bench(cfg, echo=click.echo)
     _emit(summary_text(result), result, json_path)
 
 
