@@ -20,6 +20,11 @@ def md_table(rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
+def _shipped(teachers: str) -> bool:
+    """The shipped demo teachers' folder, in this checkout or another (a report run from a clone)."""
+    return Path(teachers).parts[-3:] == DEMO_TEACHERS.parts[-3:]
+
+
 def quality_rows(report: dict) -> list[list[str]]:
     rows = [["method", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum"]]
     for m in report["methods"]:
@@ -63,7 +68,7 @@ def markdown(report: dict) -> str:
         f"per seed, every student of a seed from that one store. Teachers: `{c['teachers']}`"
         + (" (the shipped demo teachers, bootstrapped on a seed-0 train split that holds out the val and test "
            f"meanings of seeds 0-{DEMO_TEACHERS_SEEDS - 1}: see its README)."
-           if Path(c["teachers"]) == DEMO_TEACHERS else "."),
+           if _shipped(c["teachers"]) else "."),
         "",
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), load average at the end {m['load_average'][0]:.2f}. "

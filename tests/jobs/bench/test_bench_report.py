@@ -271,3 +271,15 @@ def test_report_refuses_seeds_the_shipped_teachers_did_not_hold_out(tmp_path):
     with pytest.raises(InputError, match="seed 5: the shipped demo teachers hold out"):
         run_report(ReportConfig(out=str(tmp_path / "r"), seeds=6, skip_speed=True))
     assert not (tmp_path / "r").exists()
+
+
+def test_report_names_the_shipped_teachers_also_from_another_checkout():
+    from pathlib import Path
+
+    from mcad.jobs.bench.report_render import markdown
+
+    report = json.loads((Path(__file__).parents[3] / "docs" / "results" / "report.json").read_text())
+    for teachers, shipped in (("/elsewhere/clone/pipeline/shapes/demo_teachers", True), ("/tmp/my_teachers", False),
+                              ("/tmp/demo_teachers", False)):
+        report["config"]["teachers"] = teachers
+        assert ("(the shipped demo teachers" in markdown(report)) == shipped, teachers
