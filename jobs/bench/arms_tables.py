@@ -67,8 +67,8 @@ def compare(report: Path, out: Path, seeds: list[int], runs: dict[int, dict[str,
     names = list(runs[seeds[0]])
     order = tuple(references)
     blocks = {str(s): {"students": {k: r["test"] for k, r in runs[s].items()}} for s in seeds}
-    paired = paired_differences(blocks, names=tuple(names), references=order)
     pairs = paired_names(names, order)
+    paired = paired_differences(blocks, pairs)
     bootstrap = {}
     for s in seeds:
         ranks = {name: (load_ranks(report / f"seed_{s}", references[name]) if name in references

@@ -268,16 +268,18 @@ def curves_plot(out: Path, method: str, seeds: list[int], path: Path) -> None:
 
 
 def paired_plot(report: dict, path: Path) -> None:
-    """Each student minus its seed's baseline (top) and dual-only KD (bottom): the mean difference with its
-    95 % interval over seeds, R@1 both ways (left) and rsum (right); a 0 line; "n.s." where it covers 0."""
+    """Each run minus the same seed's reference, one row of panels per reference (the baseline, dual-only KD,
+    full MCAD, then full MCAD against each teacher): the mean difference with its 95 % interval over seeds,
+    R@1 both ways (left) and rsum (right); a 0 line; "n.s." where it covers 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paired = _paired(report)
-    fig, axes = plt.subplots(len(paired), 2, figsize=(11, 1.2 + 1.9 * len(paired)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 2]})
+    heights = [len(students) + 1.2 for students in paired.values()]  # a panel's height follows its rows
+    fig, axes = plt.subplots(len(paired), 2, figsize=(11, 1.0 + 0.38 * sum(heights)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2], "height_ratios": heights})
     panels = ((("i2t_R@1", "image→text R@1", "tab:blue", -0.15), ("t2i_R@1", "text→image R@1", "tab:orange", 0.15)),
               (("rsum", "rsum", "tab:gray", 0.0),))
     for row, (ref, students) in zip(axes, paired.items()):

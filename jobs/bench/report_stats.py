@@ -71,6 +71,16 @@ T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622,
 PAIRED_REFERENCES = ("baseline", "dual_kd", "mcad")
 
 
+# Full MCAD against each teacher of the same seed: is the student above the dual teacher, how far below the
+# combined one it learns from.
+TEACHER_PAIRS = {f"teacher_{t}": ["mcad"] for t in ("dual", "single", "combined")}
+
+
+def report_pairs() -> dict[str, list[str]]:
+    """reference -> the runs compared with it in the report: the students (paired_names), then the teachers."""
+    return {**paired_names(STUDENTS), **TEACHER_PAIRS}
+
+
 def paired_names(names, references: tuple[str, ...] = PAIRED_REFERENCES) -> dict[str, list[str]]:
     """reference -> the students compared with it: every other one, except an earlier reference
     (their difference is already shown, with the other sign, under that reference)."""
@@ -114,8 +124,10 @@ def bootstrap_differences(out: Path, seeds: list[int]) -> dict:
         folder = out / f"seed_{seed}"
         if not (folder / RANKS_DIR).is_dir():
             continue
-        ranks = {name: load_ranks(folder, name) for name in STUDENTS}
-        result[str(seed)] = bootstrap_pairs(ranks, paired_names(STUDENTS), seed)
+        pairs = report_pairs()
+        ranks = {name: load_ranks(folder, name) for name in {*pairs, *(n for v in pairs.values() for n in v)}
+                 if (folder / RANKS_DIR / f"{name}.npz").is_file()}
+        result[str(seed)] = bootstrap_pairs(ranks, pairs, seed)
     return result
 
 
@@ -124,34 +136,35 @@ def bootstrap_pairs(ranks: dict[str, dict], pairs: dict[str, list[str]], seed: i
     name -> its kept ranks (jobs.demo.load_ranks), `pairs`: reference -> the names compared with it."""
     from mcad.student.metrics import paired_bootstrap
 
-    return {ref: {name: paired_bootstrap(ranks[name], ranks[ref], n_boot=BOOTSTRAP_RESAMPLES, seed=seed)
-                  for name in names}
-            for ref, names in pairs.items()}
+    out = {ref: {name: paired_bootstrap(ranks[name], ranks[ref], n_boot=BOOTSTRAP_RESAMPLES, seed=seed)
+                 for name in names if name in ranks}
+           for ref, names in pairs.items() if ref in ranks}
+    return {ref: block for ref, block in out.items() if block}
 
 
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def paired_differences(per_seed: dict, *, names: tuple[str, ...] = tuple(STUDENTS),
-                       references: tuple[str, ...] = PAIRED_REFERENCES) -> dict:
-    """reference -> student -> metric -> paired_interval of (student - reference) over the seeds both ran.
+def paired_differences(per_seed: dict, pairs: dict[str, list[str]] | None = None) -> dict:
+    """reference -> run -> metric -> paired_interval of (run - reference) over the seeds both ran.
 
-    per_seed: report.json's "per_seed" (seed -> {"students": {name: EVAL}}); works on reports written
-    before this function existed. Metrics: i2t_R@1, t2i_R@1, mean_R@1 (their average), rsum. names and
-    references: the runs compared (default: the report's students, against PAIRED_REFERENCES)."""
+    per_seed: report.json's "per_seed" (seed -> {"students": {name: EVAL}, "teachers": {name: EVAL}}; a
+    teacher is named teacher_<name>); works on reports written before this function existed. Metrics:
+    i2t_R@1, t2i_R@1, mean_R@1 (their average), rsum. pairs: reference -> the runs compared with it
+    (default: report_pairs()); a pair no seed ran is left out."""
     out: dict = {}
-    blocks = [per_seed[k]["students"] for k in sorted(per_seed, key=int)]
-    names = [n for n in names if any(n in b for b in blocks)]
-    for ref, compared in paired_names(names, references).items():
+    blocks = [{**per_seed[k]["students"], **{f"teacher_{t}": ev for t, ev in per_seed[k].get("teachers", {}).items()}}
+              for k in sorted(per_seed, key=int)]
+    for ref, compared in (report_pairs() if pairs is None else pairs).items():
         out[ref] = {}
         for name in compared:
-            pairs = [(b[name], b[ref]) for b in blocks if name in b and ref in b]
-            if not pairs:
+            both = [(b[name], b[ref]) for b in blocks if name in b and ref in b]
+            if not both:
                 continue
             out[ref][name] = {
-                "i2t_R@1": paired_interval([r["i2t"]["R@1"] - b["i2t"]["R@1"] for r, b in pairs]),
-                "t2i_R@1": paired_interval([r["t2i"]["R@1"] - b["t2i"]["R@1"] for r, b in pairs]),
-                "mean_R@1": paired_interval([mean_r1(r) - mean_r1(b) for r, b in pairs]),
-                "rsum": paired_interval([r["rsum"] - b["rsum"] for r, b in pairs]),
+                "i2t_R@1": paired_interval([r["i2t"]["R@1"] - b["i2t"]["R@1"] for r, b in both]),
+                "t2i_R@1": paired_interval([r["t2i"]["R@1"] - b["t2i"]["R@1"] for r, b in both]),
+                "mean_R@1": paired_interval([mean_r1(r) - mean_r1(b) for r, b in both]),
+                "rsum": paired_interval([r["rsum"] - b["rsum"] for r, b in both]),
             }
-    return out
+    return {ref: block for ref, block in out.items() if block}

@@ -109,7 +109,8 @@ def test_report_bootstrap_recomputes_from_each_seeds_test_ranks(toy_report):
             assert 100 * np.mean(ranks["i2t"] < 1) == pytest.approx(ev["i2t"]["R@1"], abs=0.01)
             assert 100 * np.mean(ranks["t2i"] < 5) == pytest.approx(ev["t2i"]["R@5"], abs=0.01)
         shown = {"baseline": set(STUDENTS) - {"baseline"}, "dual_kd": set(STUDENTS) - {"baseline", "dual_kd"},
-                 "mcad": {"alpha0", "beta0", "no_feat"}}  # each pair once: not again the other way round
+                 "mcad": {"alpha0", "beta0", "no_feat"},  # each pair once: not again the other way round
+                 "teacher_dual": {"mcad"}, "teacher_single": {"mcad"}, "teacher_combined": {"mcad"}}
         assert {ref: set(block) for ref, block in report["bootstrap"][str(seed)].items()} == shown
         assert {ref: set(block) for ref, block in report["paired_differences"].items()} == shown
         for ref in ("baseline", "dual_kd"):
@@ -261,8 +262,19 @@ def test_paired_chart_and_table_from_a_report_written_before_them(tmp_path):
     report.pop("paired_differences", None)
     report.pop("bootstrap", None)
     md = "\n".join(paired_markdown(report))
-    assert md.count("| student: full MCAD |") == 2  # against the baseline and against dual-only KD
+    assert md.count("| student: full MCAD |") == 5  # against the baseline, dual-only KD and each of the 3 teachers
     assert "Against student: full MCAD:" in md  # each ablation minus full MCAD
+    assert "Against teacher dual (CLIP):" in md  # full MCAD minus each teacher of its seed
+    import statistics
+
+    from mcad.jobs.bench.report_stats import paired_differences
+
+    per_seed = report["per_seed"]
+    diffs = [(e["students"]["mcad"]["i2t"]["R@1"] + e["students"]["mcad"]["t2i"]["R@1"]
+              - e["teachers"]["dual"]["i2t"]["R@1"] - e["teachers"]["dual"]["t2i"]["R@1"]) / 2
+             for e in per_seed.values()]
+    c = paired_differences(per_seed)["teacher_dual"]["mcad"]["mean_R@1"]
+    assert c["n"] == len(per_seed) and c["mean"] == pytest.approx(statistics.fmean(diffs))
     paired_plot(report, tmp_path / "paired.png")
     assert (tmp_path / "paired.png").stat().st_size > 5000
 
