@@ -18,6 +18,7 @@ The run itself is jobs/bench/views.py.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -25,7 +26,11 @@ VISIBLE = 0.5  # share of an object's bounding box a crop must keep for the obje
 TRUTH_DEFINITION = (
     "a crop keeps its captions true when every object the captions name (every object of the scene: each "
     f"caption names them all) keeps at least {VISIBLE:.0%} of its bounding box (centre ± the shape's half-width, "
-    "the box it is drawn in) inside the crop's pixel edges (pipeline.views.pixel_box, what apply_box cuts)")
+    "the box it is drawn in) inside the crop's pixel edges (pipeline.views.pixel_box, what apply_box cuts), and "
+    "keeps its size word: resized back to the image's size, its half-width along each axis stays on the same "
+    "side of the geometric mean of the small and large half-widths. Relations cannot change: a scene's pair is "
+    "at most ~27 degrees off its main axis (world.is_valid), and a crop's aspect change (at most 4/3 over 3/4) "
+    "would need a factor of 2 to swap the axes")
 
 
 def caption_truth(data: Path, scales: list[tuple[float, float]], ratio: tuple[float, float], *, views: int,
@@ -34,7 +39,7 @@ def caption_truth(data: Path, scales: list[tuple[float, float]], ratio: tuple[fl
     `seed`): the share of crops keeping every named object visible (TRUTH_DEFINITION), every object whole,
     and the mean visible share of an object and mean area share of a crop."""
     from mcad.pipeline.shapes.synth import CONFIG_NAME, SynthConfig, held_out_meanings, split_scenes
-    from mcad.pipeline.shapes.world import half_width, photo_width
+    from mcad.pipeline.shapes.world import SIZES, half_width, photo_width
     from mcad.pipeline.views import draw_box, pixel_box, view_rng
 
     synth = SynthConfig(**json.loads((Path(data) / CONFIG_NAME).read_text())["config"])
@@ -43,27 +48,36 @@ def caption_truth(data: Path, scales: list[tuple[float, float]], ratio: tuple[fl
     side = synth.image_size
     width = photo_width(side) if synth.texture == "photo" else side
     offset = (width - side) // 2  # the photo frame draws the scene in its middle square
+    boundary = math.sqrt(SIZES["small"] * SIZES["large"]) * side  # a half-width above it reads as large
+
+    def size_kept(o, h: float, sx: float, sy: float) -> bool:
+        return all((h * f > boundary) == (o.size == "large") for f in (sx, sy))
+
     by_range = {}
     for scale in scales:
-        crops = []  # per crop: (each object's visible share, the crop's area share)
+        crops = []  # per crop: (each object's visible share, the crop's area share, every size word kept)
         for index, scene in enumerate(scenes):
             shard, row = f"{index // synth.shard_size:06d}", index % synth.shard_size
             for v in range(1, views):
                 box = draw_box(view_rng(seed, shard, row, v), width, side, scale=scale, ratio=ratio)
                 left, top, right, bottom = pixel_box(box, width, side)
-                shares = []
+                sx, sy = width / (right - left), side / (bottom - top)  # the crop resized back to the image
+                shares, sizes = [], True
                 for o in scene.objects:
                     h = half_width(o.size, side)
                     dx = min(o.x + offset + h, right) - max(o.x + offset - h, left)
                     dy = min(o.y + h, bottom) - max(o.y - h, top)
                     shares.append(max(dx, 0.0) * max(dy, 0.0) / (2 * h) ** 2)
-                crops.append((shares, (right - left) * (bottom - top) / (width * side)))
+                    sizes = sizes and size_kept(o, h, sx, sy)
+                crops.append((shares, (right - left) * (bottom - top) / (width * side), sizes))
         by_range[f"{scale[0]:g}-{scale[1]:g}"] = {
             "crop_scale": list(scale), "crops": len(crops),
-            "captions_true": statistics.fmean(min(s) >= VISIBLE for s, _ in crops),
-            "all_whole": statistics.fmean(min(s) >= 1.0 - 1e-9 for s, _ in crops),
-            "object_visible_mean": statistics.fmean(x for s, _ in crops for x in s),
-            "crop_area_mean": statistics.fmean(a for _, a in crops)}
+            "captions_true": statistics.fmean(min(s) >= VISIBLE and k for s, _, k in crops),
+            "objects_visible": statistics.fmean(min(s) >= VISIBLE for s, _, _ in crops),
+            "sizes_kept": statistics.fmean(k for _, _, k in crops),
+            "all_whole": statistics.fmean(min(s) >= 1.0 - 1e-9 for s, _, _ in crops),
+            "object_visible_mean": statistics.fmean(x for s, _, _ in crops for x in s),
+            "crop_area_mean": statistics.fmean(a for _, a, _ in crops)}
     return {"definition": TRUTH_DEFINITION, "split": "val", "images": len(scenes),
             "views_per_image": views - 1, "view_seed": seed, "crop_ratio": list(ratio),
             "image": [width, side], "by_range": by_range}
@@ -148,9 +162,10 @@ def markdown(result: dict) -> str:
              "## Which crop range keeps the captions true", "",
              f"Over seed 0's {truth['images']} val images, {truth['views_per_image']} crops each (the boxes a pass "
              f"with view seed {truth['view_seed']} draws): {truth['definition']}.", ""]
-    rows = [["crop scale", "crops", "captions true", "every object whole", "mean object visible",
-             "mean crop area"]]
-    rows += [[k, str(r["crops"]), f"{r['captions_true']:.1%}", f"{r['all_whole']:.1%}",
+    rows = [["crop scale", "crops", "captions true", "objects visible", "size words kept", "every object whole",
+             "mean object visible", "mean crop area"]]
+    rows += [[k, str(r["crops"]), f"{r['captions_true']:.1%}", f"{r.get('objects_visible', r['captions_true']):.1%}",
+              f"{r['sizes_kept']:.1%}" if "sizes_kept" in r else "n/a", f"{r['all_whole']:.1%}",
               f"{r['object_visible_mean']:.1%}", f"{r['crop_area_mean']:.1%}"] for k, r in truth["by_range"].items()]
     lines += [*md_table(rows), "", "## The crop range, chosen on val", "",
               f"Seed {sel['seed']}, {_label(sel['setting'])} ({sel['setting']}), one full-MCAD student per range, "

@@ -67,27 +67,36 @@ def test_caption_truth_is_whole_for_whole_images_and_lower_for_small_crops(shape
 
 
 def test_caption_truth_counts_an_object_by_its_box_in_the_crop(shapes_data):
-    """Recomputed for one crop by hand: the box the pass draws for val shard 000000, row 3, view 1."""
+    """Recomputed by hand for the boxes the pass draws for val shard 000000, view 1: an object counts as
+    visible with half its box inside the crop, and keeps its size word when, resized back, its half-width
+    stays on its side of the geometric mean of the two sizes."""
     from mcad.jobs.bench.views_tables import caption_truth
     from mcad.pipeline.shapes.synth import SynthConfig, held_out_meanings, split_scenes
-    from mcad.pipeline.shapes.world import half_width
+    from mcad.pipeline.shapes.world import SIZES, half_width
     from mcad.pipeline.views import ViewConfig, pixel_box
 
     cfg = SynthConfig(train=60, val=10, test=10, shard_size=20, seed=0)
     scenes = [s for s, _, _ in split_scenes("val", cfg, held_out_meanings("val", cfg))]
     views = ViewConfig(n=2, crop_scale=(0.2, 0.4), seed=0)
     boxes = views.boxes("000000", range(10), [(48, 48)] * 10)[:, 0]  # the pass's own boxes
-    kept = 0
+    visible = true = sized = 0
     for scene, box in zip(scenes, boxes):
         left, top, right, bottom = pixel_box(box, 48, 48)
-        ok = True
+        ok, size_ok = True, True
         for o in scene.objects:
             h = half_width(o.size, 48)
             inside = max(0, min(o.x + h, right) - max(o.x - h, left)) * max(0, min(o.y + h, bottom) - max(o.y - h, top))
             ok &= inside >= 0.5 * (2 * h) ** 2
-        kept += ok
+            for zoom in (48 / (right - left), 48 / (bottom - top)):
+                size_ok &= (h * zoom / 48 > (0.10 * 0.17) ** 0.5) == (o.size == "large")
+        visible, sized, true = visible + ok, sized + size_ok, true + (ok and size_ok)
+    assert SIZES == {"small": 0.10, "large": 0.17}
     got = caption_truth(shapes_data, [(0.2, 0.4)], (0.75, 4 / 3), views=2)["by_range"]["0.2-0.4"]
-    assert got["crops"] == 10 and got["captions_true"] == pytest.approx(kept / 10)
+    assert got["crops"] == 10 and got["objects_visible"] == pytest.approx(visible / 10)
+    assert got["sizes_kept"] == pytest.approx(sized / 10) and got["captions_true"] == pytest.approx(true / 10)
+    assert sized < 10  # zooms of 1.6-2.2: some small object reads as large
+    whole = caption_truth(shapes_data, [(1.0, 1.0)], (1.0, 1.0), views=2)["by_range"]["1-1"]
+    assert whole["sizes_kept"] == whole["captions_true"] == 1.0
 
 
 @pytest.mark.ray
