@@ -226,7 +226,8 @@ def run_views_bench(cfg: ViewsBenchConfig, *, echo=print) -> dict:
     """The three phases and the tables into cfg.out; returns views.json's dict."""
     from mcad.jobs.bench.arms import check_config, open_report, write_outputs
     from mcad.jobs.bench.machine import machine_info
-    from mcad.jobs.bench.views_tables import caption_truth, compare, markdown
+    from mcad.jobs.bench.views_tables import caption_truth, compare, markdown, teacher_on_crops
+    from mcad.jobs.demo import shipped_teachers
     from mcad.storage.atomic import atomic_write_json
 
     demos = open_report(Path(cfg.report), cfg.seeds, cfg.ray_address, "views")
@@ -240,13 +241,15 @@ def run_views_bench(cfg: ViewsBenchConfig, *, echo=print) -> dict:
     t0 = time.perf_counter()
     most = max(n for n, _ in cfg.setting_list() + [SELECT_SETTING])
     truth = caption_truth(Path(cfg.report) / "seed_0" / "data", cfg.scale_list(), cfg.crop_ratio, views=most)
+    crops = teacher_on_crops(Path(cfg.report) / "seed_0" / "data", shipped_teachers(demos[0])[0], cfg.scale_list(),
+                             cfg.crop_ratio, out / SELECT_DIR)
     selection = select_range(cfg, demos[0], echo=echo)
     per_seed, kept = {}, {}
     for s in seeds:
         per_seed[s], kept[s] = run_seed(cfg, demos[s], selection, echo=echo)
     refs = {s: reference(Path(cfg.report) / f"seed_{s}") for s in seeds}
     result = {"command": cfg.command(), "config": dataclasses.asdict(cfg), "pinned": pins, "seeds": seeds,
-              "caption_truth": truth, "selection": selection, "reference": REFERENCE,
+              "caption_truth": truth, "teacher_on_crops": crops, "selection": selection, "reference": REFERENCE,
               **compare(Path(cfg.report), out, seeds, per_seed, refs),
               "per_seed": {str(s): {REFERENCE: refs[s], **per_seed[s]} for s in seeds},
               "kept": {str(s): kept[s] for s in seeds}, "machine": machine_info(),

@@ -211,3 +211,29 @@ def test_views_cli_refuses_bad_input_before_any_work(toy_report, tmp_path):
     assert result.exit_code == 2 and "seed(s) 0 not finished" in result.output
     result = CliRunner().invoke(main, ["bench", "views", "--help"])
     assert result.exit_code == 0 and "Examples:" in result.output
+
+
+def test_teacher_on_crops_scores_the_crops_the_pass_would_cut(shapes_data, tiny_teachers, tmp_path):
+    """Whole images and an identity crop give the same recall; each written crop is apply_box of the
+    pass's own box for that shard and row (view 1), pixel for pixel."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from mcad.jobs.bench.views_tables import teacher_on_crops
+    from mcad.pipeline.views import ViewConfig, apply_box
+
+    got = teacher_on_crops(shapes_data, tiny_teachers[0], [(1.0, 1.0), (0.2, 0.3)], (1.0, 1.0), tmp_path)
+    assert {k: v for k, v in got["by_range"]["1-1"].items() if k != "crop_scale"} == got["whole"]
+    with tarfile.open(shapes_data / "val" / "000000.tar") as tar:
+        originals = [Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                     for m in tar.getmembers() if m.name.endswith(".jpg")]
+    boxes = ViewConfig(n=2, crop_scale=(0.2, 0.3), crop_ratio=(1.0, 1.0), seed=0).boxes(
+        "000000", range(len(originals)), [im.size for im in originals])[:, 0]
+    with tarfile.open(tmp_path / "crops_0.2-0.3" / "000000.tar") as tar:
+        crops = [Image.open(io.BytesIO(tar.extractfile(m).read())) for m in tar.getmembers() if m.name.endswith(".png")]
+    assert len(crops) == len(originals) == 10
+    for crop, image, box in zip(crops, originals, boxes):
+        assert np.array_equal(np.asarray(crop), np.asarray(apply_box(image, box)))
