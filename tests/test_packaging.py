@@ -24,8 +24,9 @@ import pytest
 import mcad
 
 ROOT = Path(__file__).resolve().parents[1]
-# A document named in the repository: a Markdown file, or a note named in capitals ending in "_NOTES".
-DOCUMENT = re.compile(r"\b([A-Za-z0-9_-]+\.md|[A-Z]+_NOTES)\b")
+# A document named in the repository: a Markdown file, or a note named in capitals ending in "_NOTES";
+# not an output a command writes, named as OUT/x.md (docs) or out / "x.md" (tests reading a run's output).
+DOCUMENT = re.compile(r"(?<!OUT/)(?<!out / \")\b([A-Za-z0-9_-]+\.md|[A-Z]+_NOTES)\b")
 SHARED = "../" + "shared"
 
 

@@ -1,4 +1,4 @@
-"""`mcad bench views`'s figures: caption truth of crops, the comparison with N = 1, and views.md.
+"""`mcad bench views`'s figures: caption truth of crops, the comparison with N = 1, and OUT/views.md.
 
 - `caption_truth`: how often a crop keeps every caption true, from the scenes
   alone (no rendering, no model): the val split's scenes of the benchmark are
@@ -159,7 +159,7 @@ def compare(report: Path, out: Path, seeds: list[int], per_seed: dict[int, dict]
             "bootstrap": {s: block[REFERENCE] for s, block in found["bootstrap"].items()}}
 
 
-# ------------------------------------------------------------------ views.md
+# ------------------------------------------------------------------ OUT/views.md
 
 def _label(name: str) -> str:
     if name == "1x1":
