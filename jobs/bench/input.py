@@ -12,11 +12,11 @@ before anything is timed) writes from them:
                            pass path: read, decode in full, both teachers' image processors.
                            At the models' own sizes (the student's and the teachers' processors)
                            and at the real sizes (CLIP 224 px for the student and the dual
-                           teacher, BLIP 384 px), pools of --pool samples.
+                           teacher, BLIP 384 px), pools of --pool samples (jobs/bench/input_rates.py).
   decode options           JPEG draft mode (the student's margin of 2, and 1) and the tensor path
                            of --decode gpu (student.loader.tensor_pixels: torch bicubic
                            antialiased resize, crop, normalise; here on the CPU) against the
-                           processor's PIL path:
+                           processor's PIL path (jobs/bench/input_decode.py):
                            ms per image, pixel difference, and the cosine of the dual teacher's
                            image embeddings (bound: input_decode.DRAFT_BOUND; a quality-95 re-encode for scale).
                            torchvision.io.decode_jpeg on CUDA where CUDA and torchvision exist.
@@ -48,10 +48,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mcad.jobs.bench.input_decode import decode_options
+from mcad.jobs.bench.input_rates import encoded_samples, per_worker_rates, rate
 from mcad.jobs.bench.machine import machine_info, peak_flops
 from mcad.pipeline.shapes import DEMO_TEACHERS
 
-REAL_STUDENT_SIDE, REAL_BLIP_SIDE = 224, 384
 TARGETS = {"loader_2_over_0": ">= 1.3", "pass_prefetch_over_serial": ">= 1.25", "data_wait_share": "<= 0.10"}
 # The GPU host of the issue: one H200 at 50 % MFU, the real-size rates it implies (computed).
 H200_PEAK, MFU = peak_flops("NVIDIA H200", "bfloat16"), 0.5
@@ -102,99 +102,6 @@ def build_store(root: Path, train: Path, cfg: InputBenchConfig, *, ray_address: 
                                     calibration_rows=min(cfg.calibration_rows, cfg.samples), ray_address=ray_address),
                      progress=progress)
     return root / "store"
-
-
-# ------------------------------------------------------------------ per-worker rates
-
-
-def _resized(image_processor, side: int, *, square: bool = False):
-    """The same processor class and settings at another side (CLIP: shortest edge + crop; BLIP: square)."""
-    settings = image_processor.to_dict()
-    settings.pop("image_processor_type", None)
-    if square or "shortest_edge" not in (settings.get("size") or {}):
-        settings["size"] = {"height": side, "width": side}
-    else:
-        settings["size"] = {"shortest_edge": side}
-        settings["crop_size"] = {"height": side, "width": side}
-    return type(image_processor)(**settings)
-
-
-def _encoded(train: Path, n: int) -> tuple[list, float]:
-    """The first n EncodedSamples of the photo shards (tars read, nothing decoded) and the read's seconds."""
-    from mcad.pipeline.shard_list import list_shards
-    from mcad.pipeline.store_data import kept_samples
-
-    t0, out = time.perf_counter(), []
-    for source in list_shards(str(train)):
-        out += [s for _, s in kept_samples(source, decode=False)][: n - len(out)]
-        if len(out) >= n:
-            break
-    return out, time.perf_counter() - t0
-
-
-def _rate(n: int, seconds: float) -> float:
-    return n / seconds if seconds > 0 else 0.0
-
-
-def per_worker_rates(samples: list, read_s: float, *, student_processor, dual_processor, single_processor,
-                     pool: int) -> dict:
-    """samples/s of one process on one core for each path and size (module doc)."""
-    from mcad.jobs.train_student import sample_decoder
-    from mcad.storage import schema
-    from mcad.student.loader import build_batch
-
-    n = len(samples)
-    pools = [samples[i:i + pool] for i in range(0, n, pool)]
-    sizes = {
-        "models": (student_processor, [dual_processor.image_processor, single_processor.image_processor]),
-        "real": (_StudentAt(student_processor, REAL_STUDENT_SIDE),
-                 [_resized(dual_processor.image_processor, REAL_STUDENT_SIDE),
-                  _resized(single_processor.image_processor, REAL_BLIP_SIDE, square=True)]),
-    }
-    rates: dict = {}
-    for size, (student, teachers) in sizes.items():
-        for mode in ("draft", "full"):
-            decode = sample_decoder(mode, student)
-            t0 = time.perf_counter()
-            for chunk in pools:
-                build_batch([{schema.DATA: chunk, **_no_signals(len(chunk))}], False, processor=student,
-                            decode=decode)
-            rates[f"student_{size}_{mode}"] = _rate(n, read_s + time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for chunk in pools:
-            images = [s.decoded().image for s in chunk]
-            for processor in teachers:
-                processor(images, return_tensors="pt")
-        rates[f"pass_{size}"] = _rate(n, read_s + time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for s in samples:
-        s.decoded()
-    rates["read_and_decode_full"] = _rate(n, read_s + time.perf_counter() - t0)
-    rates["read_only"] = _rate(n, read_s)
-    return rates
-
-
-class _StudentAt:
-    """A student processor at another image side: its tokenizer, a resized copy of its image processor."""
-
-    def __init__(self, processor, side: int):
-        self.tokenizer = processor.tokenizer
-        self.image_processor = _resized(processor.image_processor, side)
-
-
-def _no_signals(n: int) -> dict:
-    """Signal columns of zeros, so collate's signal half runs as in training (its cost is in the rate)."""
-    import numpy as np
-
-    from mcad.storage import schema
-
-    out = {schema.ROW: np.arange(n), schema.SHARD: ["x"] * n}
-    for name in (schema.IMG_EMB, schema.TXT_EMB, schema.FUSED_PROJ):
-        out[name] = np.zeros((n, 8), np.float16)
-    for d in schema.DIRECTIONS:
-        out[schema.col(d, schema.IDX)] = np.tile(np.arange(n, dtype=np.int32)[:, None], (1, 1))
-        out[schema.col(d, schema.ITM)] = np.zeros((n, 1), np.float32)
-    return out
 
 
 # ------------------------------------------------------------------ student epochs
@@ -249,7 +156,7 @@ def student_epochs(cfg: InputBenchConfig, store, processor_dir: str, variants: d
 
 def _summary(epochs: list[dict]) -> dict:
     seconds = sum(e["seconds"] for e in epochs)
-    return {"samples_per_s": _rate(sum(e["samples"] for e in epochs), seconds),
+    return {"samples_per_s": rate(sum(e["samples"] for e in epochs), seconds),
             "data_wait_share": sum(e["wait_seconds"] for e in epochs) / seconds if seconds else 0.0,
             "epochs": epochs}
 
@@ -304,7 +211,7 @@ def pass_serial_and_prefetch(cfg: InputBenchConfig, store, train: Path, root: Pa
     out = {"rows": rows, "files_identical": identical, "torch_threads": threads}
     for name, _, n_threads in variants:
         out[f"{name}_seconds"] = seconds[name]
-        out[f"{name}_samples_per_s"] = _rate(rows, seconds[name])
+        out[f"{name}_samples_per_s"] = rate(rows, seconds[name])
         out[f"{name}_torch_threads"] = n_threads
     return out
 
@@ -358,7 +265,7 @@ def run_input_bench(cfg: InputBenchConfig, *, workdir: str | None = None, ray_ad
         store = open_store(build_store(root, train, cfg, ray_address=ray_address, progress=progress))
         store.verify_files()
         dual_dir, single_dir = teachers / "dual", teachers / "single"
-        samples, read_s = _encoded(train, cfg.per_worker)
+        samples, read_s = encoded_samples(train, cfg.per_worker)
         mean_bytes = sum(len(s.data) for s in samples) / len(samples)
         torch.set_num_threads(1)  # one worker, one core
         try:
