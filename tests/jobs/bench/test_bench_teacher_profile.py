@@ -50,7 +50,12 @@ def test_profile_smoke(tmp_path):
     assert set(fig["stage_share"]) == set(STAGES) and sum(fig["stage_share"].values()) == pytest.approx(1)
     assert set(fig["flops_per_sample"]) == set(MODEL_STAGES)
     assert fig["flops_per_sample"]["itm_pairs"] < fig["uncached"]["flops_per_sample"]["itm_pairs"]
-    assert 0.95 <= fig["stage_sum_over_total"] <= 1.05
+    # The stages cover the loop's wall time. The read-ahead (prefetch=1) reads, decodes and prepares
+    # pixels beside the teachers, so only the other stages must also fit within it: a bound on the
+    # whole sum failed on a loaded machine (1.06), where the overlap grows.
+    share = fig["stage_share"]
+    assert fig["stage_sum_over_total"] >= 0.95
+    assert fig["stage_sum_over_total"] * (1 - share["read_decode"] - share["preprocess"]) <= 1.05
     for run in ("cached", "uncached"):
         assert fig[run]["samples_per_s"] == pytest.approx(12 / fig[run]["total_seconds"])
     assert got["ratios"]["pass_cached_over_uncached"] == pytest.approx(
