@@ -60,11 +60,12 @@ class TrainConfig:
     w_con: float = 1.0
     w_dist: float = 1.0           # (val)
     w_feat: float = 1.0           # (val)
-    # Issue #18, defaults keep the behaviour before it: no ranking term, ITM logits as stored.
-    w_rank: float = 0.0           # ranking distillation (ListMLE over the stored top-K' candidates)
+    # Issue #18's levers, chosen on val (docs/results/levers/select): no ranking term, and the
+    # ITM logits rescaled per pool to the dual logits' spread (502.2 against 499.6 val rsum).
+    w_rank: float = 0.0           # (val) ranking distillation (ListMLE over the stored top-K' candidates)
     rank_by: str = "itm"          # RANK_TARGETS: whose order of the candidates the ranking term follows
-    itm_temperature: float = 1.0  # the ITM part of the distribution target is beta * m / itm_temperature
-    itm_norm: str = "none"        # ITM_NORMS: "pool" rescales m to the dual logits' spread per pool first
+    itm_temperature: float = 1.0  # (val) the ITM part of the distribution target is beta * m / itm_temperature
+    itm_norm: str = "pool"        # (val) ITM_NORMS: "pool" rescales m to the dual logits' spread per pool first
     # Chosen on val from 6, 10, 15 with the other settings chosen (docs/results/val-sweep).
     epochs: int = 15
     pools_per_batch: int = 1      # replay
