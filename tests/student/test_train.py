@@ -151,8 +151,8 @@ def test_the_ranking_term_and_the_itm_scale_reach_the_loss(tiny_clip_dir, tmp_pa
     _, combined = batch_loss(TrainConfig(w_rank=0.5, rank_by="combined"), student, batch, 10.0)
     assert combined["rank"].item() != pytest.approx(ranked["rank"].item())
     _, scaled = batch_loss(TrainConfig(itm_temperature=4.0), student, batch, 10.0)
-    _, pooled = batch_loss(TrainConfig(itm_norm="pool"), student, batch, 10.0)
-    assert len({round(x["dist"].item(), 6) for x in (plain, scaled, pooled)}) == 3
+    _, as_stored = batch_loss(TrainConfig(itm_norm="none"), student, batch, 10.0)
+    assert len({round(x["dist"].item(), 6) for x in (plain, scaled, as_stored)}) == 3
     assert scaled["feat"].item() == pytest.approx(plain["feat"].item())  # the features do not read m
     cfg = TrainConfig(w_rank=1.0, w_dist=0.0, w_feat=0.0, epochs=1, log_every=1)
     train(cfg, student=student, batches=lambda epoch: iter([batch]), steps_per_epoch=1, teacher_logit_scale=10.0,
