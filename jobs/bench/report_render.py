@@ -203,6 +203,15 @@ def _num(x, digits: int) -> str:
 
 # ------------------------------------------------------------------ plots
 
+def _axis_from(ax, label: str, lowest: float, *, margin: float, step: float) -> float:
+    """Start `ax`'s y axis at the multiple of `step` at least `margin` under `lowest` (0 at the
+    least), and say in its label where it starts when that is not 0; returns the start."""
+    bottom = max(0.0, step * ((lowest - margin) // step))
+    ax.set_ylim(bottom, None)
+    ax.set_ylabel(f"{label}, axis from {bottom:g}" if bottom else label)
+    return bottom
+
+
 def recall_plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -222,15 +231,13 @@ def recall_plot(report: dict, path: Path) -> None:
     for a, title in ((ax, "R@1"), (ax_sum, "rsum")):
         a.set_xticks(xs, names, rotation=30, ha="right")
         a.set_title(f"{title}, mean ± std over {len(report['seeds'])} seed(s)", pad=24 if a is ax else 6)
-    # The axis starts at a round value under the lowest bar (a few points of difference stay visible);
-    # the legend sits above the bars, not on them.
+    # Each axis starts at a round value under its lowest bar (a few points of difference stay visible),
+    # and its label says so; the legend sits above the bars, not on them.
     lowest = min(s[m][d]["R@1"]["mean"] - s[m][d]["R@1"]["std"] for m in methods for d in ("i2t", "t2i"))
-    bottom = max(0.0, 5.0 * ((lowest - 2.0) // 5.0))
-    ax.set_ylim(bottom, None)
-    ax.set_ylabel(f"recall (%), axis from {bottom:g}" if bottom else "recall (%)")
+    _axis_from(ax, "recall (%)", lowest, margin=2.0, step=5.0)
     ax.legend(fontsize=8, ncol=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    low = min(s[m]["rsum"]["mean"] - s[m]["rsum"]["std"] for m in methods)
-    ax_sum.set_ylim(max(0.0, low - 10), None)
+    lowest_sum = min(s[m]["rsum"]["mean"] - s[m]["rsum"]["std"] for m in methods)
+    _axis_from(ax_sum, "rsum (%)", lowest_sum, margin=10.0, step=10.0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -295,3 +295,21 @@ def test_report_names_the_shipped_teachers_also_from_another_checkout():
                               ("/tmp/demo_teachers", False)):
         report["config"]["teachers"] = teachers
         assert ("(the shipped demo teachers" in markdown(report)) == shipped, teachers
+
+
+def test_recall_axes_start_at_a_round_value_and_say_so():
+    """Both panels of recall.png cut their axis under the lowest bar; a cut axis is named in its label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mcad.jobs.bench.report_render import _axis_from
+
+    fig, (a, b, c) = plt.subplots(1, 3)
+    assert _axis_from(a, "rsum (%)", 436.6, margin=10.0, step=10.0) == 420.0
+    assert a.get_ylim()[0] == 420.0 and a.get_ylabel() == "rsum (%), axis from 420"
+    assert _axis_from(b, "recall (%)", 40.2, margin=2.0, step=5.0) == 35.0
+    assert b.get_ylabel() == "recall (%), axis from 35"
+    assert _axis_from(c, "recall (%)", 1.5, margin=2.0, step=5.0) == 0.0 and c.get_ylabel() == "recall (%)"
+    plt.close(fig)
