@@ -212,17 +212,9 @@ def cost(per_seed: dict[int, dict], online_over_stored: float | None) -> dict:
 
 def check_config(cfg: ReportConfig) -> None:
     """Refuse an OUT folder whose finished seeds were made with other settings."""
-    from mcad.storage.errors import InputError
+    from mcad.jobs.bench.arms import check_config as check_pins
 
-    path = Path(cfg.out) / CONFIG_NAME
-    if not path.exists():
-        return
-    before = {k: json.loads(path.read_text()).get(k) for k in PINNED}
-    now = json.loads(json.dumps(cfg.pinned()))
-    if before != now:
-        diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in PINNED if before[k] != now[k])
-        raise InputError(f"{cfg.out} holds a report made with other settings ({diff}); "
-                         f"use another --out or delete it")
+    check_pins(Path(cfg.out) / CONFIG_NAME, cfg.pinned(), PINNED, "report")
 
 
 def run_report(cfg: ReportConfig, *, echo=print) -> dict:
